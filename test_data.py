@@ -1,0 +1,223 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import data
+from data import (check_answer, collate_pairs, demo_records, dsl_pairs, history_pairs, load_prompts, load_records,
+                  prompt_id, read_jsonl, tokenize_pair, write_jsonl)
+
+
+def _write(path, lines):
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
+    return str(path)
+
+
+# --- JSONL and formats
+
+
+def test_read_jsonl_bad_line_names_file_and_line(tmp_path):
+    """A malformed line raises ValueError starting with file:line."""
+    path = _write(tmp_path / "x.jsonl", [{"a": 1}, "{oops", {"b": 2}])
+    with pytest.raises(ValueError, match=rf"^{path}:2: invalid JSON"):
+        read_jsonl(path)
+    path = _write(tmp_path / "y.jsonl", [{"a": 1}, "[1, 2]"])
+    with pytest.raises(ValueError, match=rf"^{path}:2: expected a JSON object"):
+        read_jsonl(path)
+
+
+def test_write_jsonl_roundtrip_leaves_no_tmp(tmp_path):
+    """write_jsonl then read_jsonl returns the records (unicode kept) and leaves only the final file."""
+    records = [{"id": "1", "text": "héllo ✓"}, {"id": "2", "n": [1, 2]}]
+    write_jsonl(tmp_path / "sub" / "out.jsonl", records)
+    assert read_jsonl(tmp_path / "sub" / "out.jsonl") == records
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["out.jsonl"]
+
+
+def test_each_format_parses(tmp_path):
+    """Plain, UltraChat and SPIN lines normalise to the same id/prompt/response; a missing id is the prompt hash."""
+    path = _write(tmp_path / "d.jsonl", [
+        {"id": "a", "prompt": "P1", "response": "R1", "answer": "7"},
+        {"prompt_id": "b", "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "P2"},
+                                        {"role": "assistant", "content": "R2"}, {"role": "user", "content": "more"}]},
+        {"real": [{"role": "user", "content": "P3"}, {"role": "assistant", "content": "R3"}],
+         "generated": [{"role": "user", "content": "P3"}, {"role": "assistant", "content": "G3"}]},
+    ])
+    assert load_records(path) == [
+        {"id": "a", "prompt": "P1", "response": "R1", "answer": "7"},
+        {"id": "b", "prompt": "P2", "response": "R2"},
+        {"id": prompt_id("P3"), "prompt": "P3", "response": "R3"},
+    ]
+
+
+@pytest.mark.parametrize("line, reason", [
+    ({"prompt": "P"}, "missing field 'response'"),
+    ({"prompt": "  ", "response": "R"}, "empty or non-string prompt"),
+    ({"prompt": "P", "response": ""}, "empty or non-string response"),
+    ({"messages": [{"role": "user", "content": "P"}]}, "no assistant turn"),
+    ({"text": "x"}, "unknown format"),
+    ("not json", "invalid JSON"),
+    ({"id": "a", "prompt": "Q", "response": "R"}, "duplicate id 'a'"),
+])
+def test_bad_line_message_and_skip(tmp_path, line, reason):
+    """Each bad line gives "file:line: reason"; with skip_bad it is skipped and counted."""
+    path = _write(tmp_path / "d.jsonl", [{"id": "a", "prompt": "P0", "response": "R0"}, line,
+                                         {"id": "c", "prompt": "P2", "response": "R2"}])
+    with pytest.raises(ValueError, match=rf"^{path}:2: .*{reason}"):
+        load_records(path)
+    records, skipped = load_records(path, skip_bad=True, return_skipped=True)
+    assert skipped == 1 and [r["id"] for r in records] == ["a", "c"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow not installed: parquet is optional")
+def test_parquet_matches_jsonl(tmp_path):
+    """A parquet file with UltraChat rows loads to the same records as the equivalent JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [{"prompt_id": "x", "messages": [{"role": "user", "content": "P"}, {"role": "assistant", "content": "R"}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert load_records(str(tmp_path / "d.parquet")) == load_records(_write(tmp_path / "d.jsonl", rows))
+
+
+# --- the demo task
+
+
+def test_demo_deterministic_prefix_and_seeded():
+    """Same seed -> same records; the first k of n records equal demo_records(n=k); another seed differs."""
+    a = demo_records("train", n=300, seed=3)
+    assert a == demo_records("train", n=300, seed=3)
+    assert a[:50] == demo_records("train", n=50, seed=3)
+    assert a != demo_records("train", n=300, seed=4)
+    assert load_prompts("demo", "train", max_prompts=50, seed=3) == a[:50]
+
+
+def test_demo_train_eval_disjoint_across_seeds():
+    """No eval prompt appears in any train split (the split is a function of the prompt only)."""
+    train = {r["prompt"] for s in (0, 1) for r in demo_records("train", seed=s)}
+    evals = {r["prompt"] for s in (0, 1) for r in demo_records("eval", seed=s)}
+    assert len(evals) >= 200 and not train & evals
+    assert all(data.demo_split(p) == "eval" for p in evals)
+
+
+def test_demo_flaw_rate_matches_setting():
+    """The flawed fraction is within 4 binomial s.d. of flaw_rate; 0 and 1 are exact; every kind occurs."""
+    records = demo_records("train", seed=0, flaw_rate=0.3)
+    rate = sum(r["flawed"] for r in records) / len(records)
+    assert abs(rate - 0.3) < 4 * (0.3 * 0.7 / len(records)) ** 0.5
+    assert {r["flaw"] for r in records if r["flawed"]} == {"wrong_value", "refusal", "off_topic", "truncated"}
+    assert not any(r["flawed"] for r in demo_records("eval", n=100, flaw_rate=0.0))
+    assert all(r["flawed"] for r in demo_records("eval", n=100, flaw_rate=1.0))
+
+
+def test_demo_answers_checkable_and_short():
+    """Correct human answers pass check_answer, flawed ones fail; >= 6 families; ids unique; answers short."""
+    records = demo_records("train", seed=1) + demo_records("eval", seed=1)
+    assert len({r["family"] for r in records}) >= 6
+    assert len({r["id"] for r in records}) == len(records)
+    for r in records:
+        assert check_answer(r["response"], r["answer"], r["prompt"]) != r["flawed"], r
+        assert len(r["response"].split()) <= 20
+
+
+@pytest.mark.parametrize("response, answer, prompt, ok", [
+    ("7 + 5 = 12.", "12", "What is 7 + 5?", True),
+    ("12 is the sum of 7 and 5.", "12", "What is 7 + 5?", True),
+    ("There are 3,000 meters in 3 kilometers.", "3000", "How many meters are in 3 kilometers?", True),
+    ("7 x 12 = 70 + 14 = 84", "84", "What is 7 times 12?", True),
+    ("It appears three times.", "3", "How many times does 'e' appear?", True),
+    ("7 + 5 = 13.", "12", "What is 7 + 5?", False),
+    ("7 + 5 =", "12", "What is 7 + 5?", False),
+    ("No, 34 is smaller than 57. Yes, really.", "no", "Is 34 larger than 57?", True),
+    ("Yes.", "no", "Is 34 larger than 57?", False),
+    ("Nobody knows.", "no", "Is 34 larger than 57?", False),
+    ("The capital is Bogotá.", "bogota", "", True),
+    ("A Parisian cafe.", "paris", "", False),
+    ("'cat' backwards is 'tac'.", "tac", "", True),
+    ("", "12", "", False),
+])
+def test_check_answer_by_hand(response, answer, prompt, ok):
+    """check_answer follows the documented rule on hand-made cases."""
+    assert check_answer(response, answer, prompt) is ok
+
+
+# --- DSL pairing and history
+
+
+def test_dsl_pairs_hand_scores():
+    """Higher score -> chosen; tie and missing keep human chosen (counted); identical answers dropped; no-dsl keeps human."""
+    rows = [dict(id=str(i), prompt=f"p{i}", human=f"h{i}", generated=f"g{i}", human_score=h, generated_score=g)
+            for i, (h, g) in enumerate([(1, 9), (9, 1), (5, 5), (None, 3), (4, None), (2, 8)])]
+    rows.append(dict(id="6", prompt="p6", human="same", generated=" same ", human_score=1, generated_score=9))
+    pairs, stats = dsl_pairs(rows, dsl=True)
+    assert stats == dict(n=7, flips=2, ties=1, missing=2, identical=1)
+    assert [p["chosen_source"] for p in pairs] == ["generated", "human", "human", "human", "human", "generated"]
+    assert pairs[0] == {"id": "0", "prompt": "p0", "chosen": "g0", "rejected": "h0", "chosen_source": "generated"}
+    pairs, stats = dsl_pairs(rows, dsl=False)
+    assert all(p["chosen"] == f"h{p['id']}" for p in pairs) and stats["flips"] == 0 and len(pairs) == 6
+    with pytest.raises(ValueError, match="record 9: judged row is missing 'generated'"):
+        dsl_pairs([dict(id="9", prompt="p", human="h")], dsl=True)
+
+
+def test_history_pairs_window(tmp_path):
+    """history h at iteration k concatenates iterations max(0,k-h+1)..k in order; a missing one is an error."""
+    for j in range(3):
+        write_jsonl(tmp_path / f"iter{j}" / "pairs.jsonl", [{"id": f"{j}-{i}"} for i in range(2)])
+    assert [p["id"] for p in history_pairs(tmp_path, 2, 2)] == ["1-0", "1-1", "2-0", "2-1"]
+    assert [p["iter"] for p in history_pairs(tmp_path, 1, 5)] == [0, 0, 1, 1]
+    assert len(history_pairs(tmp_path, 2, 1)) == 2
+    with pytest.raises(ValueError, match="iter3"):
+        history_pairs(tmp_path, 3, 2)
+
+
+# --- tokenization and collation
+
+
+def _prompt_ids(tok, prompt):
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_tokenize_pair_labels_mask_exactly_prompt(tiny_tokenizer):
+    """Labels are -100 on exactly the chat-template prompt; the rest is answer + EOS and decodes to the answer."""
+    pair = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "five, I think"}
+    out = tokenize_pair(tiny_tokenizer, pair)
+    n_prompt = len(_prompt_ids(tiny_tokenizer, pair["prompt"]))
+    for side in ("chosen", "rejected"):
+        ids, labels = out[f"{side}_input_ids"], out[f"{side}_labels"]
+        assert labels[:n_prompt] == [-100] * n_prompt and -100 not in labels[n_prompt:]
+        assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tiny_tokenizer.eos_token_id
+        assert tiny_tokenizer.decode(ids[n_prompt:-1]) == pair[side]
+        assert tiny_tokenizer.decode(ids[:n_prompt]).endswith("<|im_start|>assistant\n")
+
+
+def test_tokenize_pair_truncation_rule(tiny_tokenizer):
+    """Too long: the prompt keeps its last max_prompt_length tokens, answers their first max_length - prompt."""
+    pair = {"prompt": "q" * 200, "chosen": "a" * 100, "rejected": "b" * 10}
+    full = _prompt_ids(tiny_tokenizer, pair["prompt"])
+    out = tokenize_pair(tiny_tokenizer, pair, max_length=64, max_prompt_length=40)
+    assert out["chosen_input_ids"][:40] == full[-40:] == out["rejected_input_ids"][:40]
+    a, b = (tiny_tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "ab")
+    assert out["chosen_labels"][40:] == [a] * 24 and len(out["chosen_input_ids"]) == 64
+    assert out["rejected_labels"][40:] == [b] * 10 + [tiny_tokenizer.eos_token_id]
+    short = tokenize_pair(tiny_tokenizer, {"prompt": "hi", "chosen": "x", "rejected": "y"}, max_length=64, max_prompt_length=4)
+    assert short["chosen_input_ids"][:-2] == list(_prompt_ids(tiny_tokenizer, "hi"))       # fits: untouched
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        tokenize_pair(tiny_tokenizer, pair, max_length=64, max_prompt_length=64)
+
+
+def test_collate_pairs_layout(tiny_tokenizer):
+    """Rows 0..B-1 chosen, B..2B-1 rejected, right padded with pad id, labels -100 and attention 0 on padding."""
+    ex = [tokenize_pair(tiny_tokenizer, {"prompt": p, "chosen": c, "rejected": r})
+          for p, c, r in [("a", "long chosen answer", "r"), ("bb", "c", "rejected!")]]
+    pad = tiny_tokenizer.pad_token_id
+    batch = collate_pairs(ex, pad)
+    rows = [e["chosen_input_ids"] for e in ex] + [e["rejected_input_ids"] for e in ex]
+    labels = [e["chosen_labels"] for e in ex] + [e["rejected_labels"] for e in ex]
+    width = max(map(len, rows))
+    assert batch["input_ids"].shape == (4, width) and batch["input_ids"].dtype == torch.long
+    for i in range(4):
+        n = len(rows[i])
+        assert batch["input_ids"][i].tolist() == rows[i] + [pad] * (width - n)
+        assert batch["labels"][i].tolist() == labels[i] + [-100] * (width - n)
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)

@@ -1,0 +1,185 @@
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import generate
+from conftest import make_tiny_model
+from data import read_jsonl, write_jsonl
+from generate import done_rows, generate_answers, main, merge_rows, partial_path, read_partial, shard_records
+
+KW = dict(max_new_tokens=3, batch_size=2)
+
+
+def _records(n=5):
+    # different prompt lengths, so the length sort reorders them
+    return [{"id": f"r{i}", "prompt": "q" * (1 + (i * 7) % 5), "response": f"human {i}", "answer": str(i)} for i in range(n)]
+
+
+@pytest.fixture()
+def tiny(tiny_tokenizer):
+    tok = tiny_tokenizer
+    tok.padding_side = "left"
+    return make_tiny_model(tok), tok
+
+
+def test_rows_in_input_order_one_per_id(tmp_path, tiny):
+    """Every record gets exactly one row, in input order, with human/answer passed through; no partial left."""
+    model, tok = tiny
+    records = _records()
+    rows = generate_answers(model, tok, records, tmp_path / "g.jsonl", **KW)
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    assert read_jsonl(tmp_path / "g.jsonl") == rows
+    assert all(r["human"] == f"human {i}" and r["answer"] == str(i) and isinstance(r["generated"], str)
+               for i, r in enumerate(rows))
+    assert os.listdir(tmp_path) == ["g.jsonl"]
+
+
+def test_batched_left_padding_matches_single(tmp_path, tiny):
+    """Greedy answers in a left-padded batch equal those generated one prompt at a time."""
+    model, tok = tiny
+    records = _records(4)
+    batched = generate_answers(model, tok, records, tmp_path / "a.jsonl", max_new_tokens=4, batch_size=4)
+    single = generate_answers(model, tok, records, tmp_path / "b.jsonl", max_new_tokens=4, batch_size=1)
+    assert [r["generated"] for r in batched] == [r["generated"] for r in single]
+
+
+def test_resume_after_interruption_no_duplicates(tmp_path, tiny, monkeypatch):
+    """A crash after the first batch leaves its rows in .partial; the rerun generates only the rest and the
+    final file equals an uninterrupted run, one row per id."""
+    model, tok = tiny
+    records, out = _records(), tmp_path / "g.jsonl"
+    real, seen = generate._generate_hf, []
+
+    def crash_on_second_batch(m, t, prompt_ids, *a):
+        if len(seen) == 1:
+            raise KeyboardInterrupt
+        seen.append(len(prompt_ids))
+        return real(m, t, prompt_ids, *a)
+
+    monkeypatch.setattr(generate, "_generate_hf", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate_answers(model, tok, records, out, **KW)
+    assert not out.exists() and len(read_partial(f"{out}.partial")) == 2
+
+    def counting(m, t, prompt_ids, *a):
+        seen.append(len(prompt_ids))
+        return real(m, t, prompt_ids, *a)
+
+    monkeypatch.setattr(generate, "_generate_hf", counting)
+    rows = generate_answers(model, tok, records, out, **KW)
+    assert sum(seen) == len(records)                                    # nothing generated twice
+    assert rows == generate_answers(model, tok, records, tmp_path / "ref.jsonl", **KW)
+    assert [r["id"] for r in read_jsonl(out)] == [r["id"] for r in records]
+    seen.clear()
+    assert generate_answers(model, tok, records, out, **KW) == rows and seen == []    # complete: no work
+
+
+def test_torn_partial_line_is_repaired(tmp_path, tiny):
+    """A partial file whose last line was cut mid-write is repaired: the good rows are kept, the torn one redone."""
+    model, tok = tiny
+    records, out = _records(3), tmp_path / "g.jsonl"
+    good = {"id": "r1", "prompt": records[1]["prompt"], "human": "human 1", "generated": "kept", "answer": "1"}
+    (tmp_path / "g.jsonl.partial").write_text(json.dumps(good) + "\n" + '{"id": "r2", "prompt": "qq')
+    assert read_partial(f"{out}.partial") == [good]
+    rows = generate_answers(model, tok, records, out, **KW)
+    assert rows[1] == good and len(rows) == 3 and rows[2]["id"] == "r2"
+
+
+def test_read_partial_rejects_corrupt_middle_line(tmp_path):
+    """Corruption before the last line is an error naming file:line, not a silent skip."""
+    path = tmp_path / "p"
+    path.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: corrupt line"):
+        read_partial(path)
+
+
+def test_changed_prompt_for_done_id_is_an_error(tmp_path, tiny):
+    """A partial row whose prompt differs from the input record with the same id is refused, by id."""
+    model, tok = tiny
+    write_jsonl(tmp_path / "g.jsonl.partial", [{"id": "r0", "prompt": "other", "human": "h", "generated": "g"}])
+    with pytest.raises(ValueError, match="record r0 has a different prompt"):
+        generate_answers(model, tok, _records(2), tmp_path / "g.jsonl", **KW)
+
+
+def test_empty_generation_kept(tmp_path, tiny, monkeypatch):
+    """An answer that is only EOS is recorded as "" rather than dropped."""
+    model, tok = tiny
+    monkeypatch.setattr(model, "generate", lambda input_ids, attention_mask, **kw: torch.cat(
+        [input_ids, torch.full((input_ids.shape[0], 2), tok.eos_token_id)], dim=1))
+    rows = generate_answers(model, tok, _records(3), tmp_path / "g.jsonl", **KW)
+    assert [r["generated"] for r in rows] == ["", "", ""]
+
+
+def test_sampling_reproducible_for_seed(tmp_path, tiny):
+    """Sampling with the same seed gives the same answers; another seed gives different ones."""
+    model, tok = tiny
+    kw = dict(max_new_tokens=8, batch_size=2, temperature=1.0, top_p=0.95)
+    a = generate_answers(model, tok, _records(), tmp_path / "a.jsonl", seed=1, **kw)
+    b = generate_answers(model, tok, _records(), tmp_path / "b.jsonl", seed=1, **kw)
+    c = generate_answers(model, tok, _records(), tmp_path / "c.jsonl", seed=2, **kw)
+    assert a == b and a != c
+
+
+def test_shards_cover_once_and_merge_in_order(tmp_path):
+    """Rank shards partition the records; rows from per-rank partial files merge back in input order."""
+    records = _records(7)
+    shards = [shard_records(records, r, 3) for r in range(3)]
+    assert sorted(r["id"] for s in shards for r in s) == sorted(r["id"] for r in records)
+    out = str(tmp_path / "g.jsonl")
+    assert partial_path(out, 0, 1) == out + ".partial" and partial_path(out, 2, 3) == out + ".partial.2"
+    for rank, shard in enumerate(shards):
+        write_jsonl(partial_path(out, rank, 3), [{"id": r["id"], "prompt": r["prompt"], "generated": "x"} for r in shard])
+    rows = merge_rows(records, done_rows(out, records))
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    with pytest.raises(ValueError, match=r"record r0: no generated answer \(7 missing\)"):
+        merge_rows(records, {})
+
+
+def test_two_ranks_generate_their_shards_and_rank0_merges(tmp_path, tiny, monkeypatch):
+    """Simulated torchrun with 2 ranks: each generates only its shard into its own partial file and rank 0
+    writes the full ordered file (rank 1 is stopped at its first barrier, as if waiting for rank 0)."""
+    model, tok = tiny
+    records, out = _records(6), tmp_path / "g.jsonl"
+    real, seen = generate._generate_hf, []
+    monkeypatch.setattr(generate, "_generate_hf", lambda m, t, ids, *a: (seen.extend(ids), real(m, t, ids, *a))[1])
+
+    class Waiting(Exception):
+        pass
+
+    def barrier_stop():
+        raise Waiting
+
+    monkeypatch.setattr(generate, "_dist", lambda: (1, 2))
+    monkeypatch.setattr(torch.distributed, "barrier", barrier_stop)
+    with pytest.raises(Waiting):
+        generate_answers(model, tok, records, out, **KW)
+    assert sorted(r["id"] for r in read_partial(f"{out}.partial.1")) == ["r1", "r3", "r5"] and len(seen) == 3
+    monkeypatch.setattr(generate, "_dist", lambda: (0, 2))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    rows = generate_answers(model, tok, records, out, **KW)
+    assert len(seen) == 6 and [r["id"] for r in rows] == [r["id"] for r in records]
+    assert sorted(os.listdir(tmp_path)) == ["g.jsonl"]
+
+
+def test_cli_demo_and_bad_file(tmp_path, tiny_model_dir, capsys):
+    """The CLI writes --max-prompts demo rows; a malformed data file exits with a file:line message."""
+    out = tmp_path / "g.jsonl"
+    main(["--model", tiny_model_dir, "--data", "demo", "--out", str(out), "--max-prompts", "3",
+          "--max-new-tokens", "2", "--device", "cpu"])
+    rows = read_jsonl(out)
+    assert len(rows) == 3 and all("answer" in r for r in rows)
+    assert "3 answers" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p2"}\n')
+    with pytest.raises(SystemExit, match=rf"{bad}:2: missing field 'response'"):
+        main(["--model", tiny_model_dir, "--data", str(bad), "--out", str(tmp_path / "x.jsonl")])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_vllm_backend_missing_is_one_line_error(tmp_path):
+    """--backend vllm without vLLM installed exits with a one-line message."""
+    with pytest.raises(SystemExit, match="needs vLLM installed"):
+        generate_answers("some-model", None, _records(1), tmp_path / "g.jsonl", backend="vllm")

