@@ -1,0 +1,413 @@
+"""The judge interface, the grading template, the reply parser and the OpenAI-compatible HTTP judge.
+
+`OpenAIJudge` POSTs `{base_url}/chat/completions` with httpx (async): OpenAI's gpt-4o-mini as in the
+paper, or any local server speaking the same shape (vLLM, llama.cpp `llama-server`, Ollama's `/v1`).
+Each answer is graded alone with `TEMPLATE` (question + answer -> "Rating: [[N]]", N in 1..10) and the
+reply is read by `parse_rating`. Requests run `concurrency` at a time; 429 / 408 / 5xx / timeouts /
+connection errors are retried with exponential backoff and jitter (a `Retry-After` in seconds or as an
+HTTP date is waited out as given), at most `max_retries` times per answer, then the run stops with a
+one-line `JudgeFatalError`; 401 / 403 / 404 stop it at once. The API key is read from an environment
+variable at request time and is never stored, logged or written; error texts are scrubbed of it.
+Scores are cached in an append-only JSONL file keyed by sha256(judge model, template version,
+prompt, answer), so a rerun or a resumed run never sends a request twice.
+
+Where this departs from, or fills a gap in, the paper:
+1. The paper's Appendix B grading template is lost from our copy of the text; `TEMPLATE` is our own
+   plain single-answer template in the style of MT-Bench's single-answer grading (1..10, "[[N]]"),
+   asking for the rating only (no explanation) so that a reply costs a few tokens.
+2. The cache is a JSONL file rather than sqlite: human-readable, greppable, "JSONL everywhere", and an
+   append of one line per score survives a kill (a torn last line is skipped on load). One writer
+   per cache file is assumed (judging is one process).
+3. A reply that cannot be parsed is asked again `parse_retries` times (default 1) and then recorded as
+   a `None` score with the reason; it is not cached, and a non-200 4xx other than 401/403/404 (e.g. 400
+   "context length exceeded") is an error for that answer only, not for the run.
+4. An empty (whitespace-only) answer gets the scale's minimum, 1, without asking any judge, and is
+   counted as `empty_answers`.
+"""
+import abc
+import asyncio
+import email.utils
+import hashlib
+import ipaddress
+import json
+import os
+import random
+import re
+import time
+import urllib.parse
+
+import httpx
+
+SCALE = (1.0, 10.0)          # every judge, rule and LLM, scores on this closed range
+EMPTY_SCORE = 1.0            # an empty answer is the worst answer (deviation 4)
+TEMPLATE = (
+    "Please act as an impartial judge and evaluate the quality of the response provided by an AI "
+    "assistant to the user question displayed below. Consider correctness first, then helpfulness, "
+    "relevance, accuracy, depth and level of detail. Be as objective as possible. Rate the response on "
+    "a scale of 1 to 10 and reply with the rating only, strictly in this format: \"Rating: [[N]]\", "
+    "for example \"Rating: [[5]]\".\n\n"
+    "[Question]\n{question}\n\n"
+    "[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]"
+)
+TEMPLATE_VERSION = "single-v1-" + hashlib.sha256(TEMPLATE.encode()).hexdigest()[:8]
+RATING_PREFIX = "Rating: [["  # the hf judge reads the next token after this
+# USD per 1M (prompt, completion) tokens, OpenAI pricing page as of 2024-10 (gpt-4o-mini unchanged since
+# its 2024-07-18 launch). Dated snapshots ("gpt-4o-mini-2024-07-18") match their family.
+PRICES_PER_MTOK = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00)}
+FATAL_STATUS = {401: "check the API key", 403: "the key may not use this model", 404: "check the base URL and model"}
+
+
+class JudgeFatalError(ValueError):
+    """The judge cannot work at all (bad key, wrong URL, server unreachable); CLIs turn it into SystemExit."""
+
+
+def build_prompt(question: str, answer: str) -> str:
+    """The user message that asks for one answer's rating."""
+    return TEMPLATE.format(question=question, answer=answer)
+
+
+def new_stats() -> dict:
+    return dict(requests=0, cache_hits=0, retries=0, parse_failures=0, empty_answers=0,
+                prompt_tokens=0, completion_tokens=0)
+
+
+# ---------------------------------------------------------------- reply parser
+_NUM = r"(-?\d+(?:\.\d+)?)"
+_BRACKETS = re.compile(r"\[\[\s*" + _NUM + r"\s*(?:/\s*10\s*)?\]\]")
+_LABELLED = re.compile(r"\b(?:rating|score|grade)\b\s*(?:is|of)?\s*[:=]?\s*\**\s*" + _NUM + r"(?:\s*(?:/|out\s+of)\s*(\d+))?",
+                       re.IGNORECASE)
+_OUT_OF_TEN = re.compile(_NUM + r"\s*(?:/|out\s+of)\s*10\b", re.IGNORECASE)
+_BARE = re.compile(r"^\s*\**\s*" + _NUM + r"\s*\**\s*\.?\s*$")
+
+
+def _one_value(values, text: str) -> float:
+    distinct = sorted(set(values))
+    if len(distinct) > 1:
+        raise ValueError(f"conflicting ratings {distinct} in reply {text[:80]!r}")
+    return distinct[0]
+
+
+def parse_rating(text) -> float:
+    """The rating in a judge reply, in [1, 10]; ValueError for anything else.
+
+    Accepted, most specific first: "[[7]]" anywhere (other numbers ignored), a JSON object with a
+    "score"/"rating" number, "Rating: 7" / "Score: 7.5" / "rating = 7/10", "7/10" / "7 out of 10",
+    and a reply that is a bare number ("7", "7."). Rejected: empty replies, numbers outside 1..10,
+    two different ratings, and prose whose numbers are not marked as a rating.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty reply" if isinstance(text, str) else "reply is not a chat completion with text")
+    value = None
+    if found := _BRACKETS.findall(text):
+        value = _one_value([float(v) for v in found], text)
+    elif (m := re.search(r"\{.*\}", text, re.DOTALL)) and (value := _json_rating(m.group(0))) is not None:
+        pass
+    elif found := _LABELLED.findall(text):
+        bad = [d for _, d in found if d and d != "10"]
+        if bad:
+            raise ValueError(f"rating on a scale of {bad[0]}, expected 10, in reply {text[:80]!r}")
+        value = _one_value([float(v) for v, _ in found], text)
+    elif found := _OUT_OF_TEN.findall(text):
+        value = _one_value([float(v) for v in found], text)
+    elif m := _BARE.match(text):
+        value = float(m.group(1))
+    if value is None:
+        raise ValueError(f"no rating in reply {text[:80]!r}")
+    if not SCALE[0] <= value <= SCALE[1]:
+        raise ValueError(f"rating {value:g} outside {SCALE[0]:g}..{SCALE[1]:g} in reply {text[:80]!r}")
+    return value
+
+
+def _json_rating(blob: str):
+    try:
+        obj = json.loads(blob)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    for key, val in obj.items():
+        if key.lower() in ("score", "rating") and isinstance(val, (int, float, str)) and not isinstance(val, bool):
+            try:
+                return float(val)
+            except ValueError:
+                raise ValueError(f"non-numeric {key!r} {val!r} in JSON reply") from None
+    return None
+
+
+# ---------------------------------------------------------------- files
+def read_jsonl_tolerant(path: str) -> list[dict]:
+    """JSON objects of an append-only file; a torn last line (a run killed mid-write) is skipped."""
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            assert isinstance(obj, dict)
+        except (json.JSONDecodeError, AssertionError):
+            if n == len(lines):  # no newline after it: torn by a kill
+                continue
+            raise ValueError(f"{path}:{n}: not a JSON object (delete the file to start over)") from None
+        out.append(obj)
+    return out
+
+
+def open_append(path: str):
+    """Open an append-only JSONL file, first cutting off a torn last line (a kill mid-write)."""
+    if os.path.exists(path):
+        with open(path, "rb+") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+class ScoreCache:
+    """Persistent scores keyed by sha256(judge model, template version, prompt, answer)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.entries = {e["key"]: e for e in read_jsonl_tolerant(self.path)} if os.path.exists(self.path) else {}
+        self._fh = None
+
+    @staticmethod
+    def key(model: str, prompt: str, answer: str) -> str:
+        blob = json.dumps([model, TEMPLATE_VERSION, prompt, answer], ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def get(self, key):
+        return self.entries.get(key)
+
+    def put(self, key, entry: dict):
+        entry = dict(entry, key=key)
+        if self._fh is None:
+            self._fh = open_append(self.path)
+        self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        self.entries[key] = entry
+
+    def close(self):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+# ---------------------------------------------------------------- judges
+class Judge(abc.ABC):
+    """score_many(items) -> [(score | None, error | None)]; item = {"prompt", "answer", "record"}."""
+
+    name = "judge"
+
+    def __init__(self):
+        self.stats = new_stats()
+
+    def score_many(self, items: list[dict]) -> list[tuple]:
+        results = [None] * len(items)
+        todo = []
+        for i, item in enumerate(items):
+            if not isinstance(item["answer"], str):
+                raise ValueError(f"record {item.get('record', {}).get('id')}: answer is not a string")
+            if item["answer"].strip():
+                todo.append(i)
+            else:
+                results[i] = (EMPTY_SCORE, None)  # deviation 4
+                self.stats["empty_answers"] += 1
+        for i, res in zip(todo, self._score([items[i] for i in todo]) if todo else []):
+            results[i] = res
+        assert all(r is not None and (r[0] is not None or r[1]) for r in results), "a None score needs a reason"
+        return results
+
+    @abc.abstractmethod
+    def _score(self, items: list[dict]) -> list[tuple]:
+        """(score, error) for non-empty answers."""
+
+    def estimate_cost(self, prompt_tokens: int, completion_tokens: int):
+        return 0.0  # local judges cost nothing per request
+
+    def close(self):
+        pass
+
+
+def is_local_url(url: str) -> bool:
+    """Loopback, private-network and single-label hosts: servers that need no API key."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost") or "." not in host:
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return addr.is_loopback or addr.is_private
+
+
+def parse_retry_after(value):
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date); None if absent/unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def redact(text: str, secret) -> str:
+    """One line, at most 200 characters, with the key and anything key-like removed."""
+    if secret:
+        text = text.replace(secret, "***")
+    text = re.sub(r"sk-[A-Za-z0-9_*\-.]{3,}", "sk-***", text)
+    text = re.sub(r"(?i)bearer\s+\S+", "Bearer ***", text)
+    return " ".join(text.split())[:200]
+
+
+class OpenAIJudge(Judge):
+    """Scores answers with an OpenAI-compatible chat-completions server (see the module docstring)."""
+
+    def __init__(self, model="gpt-4o-mini", base_url="https://api.openai.com/v1", cache_path=None, concurrency=8,
+                 api_key_env="OPENAI_API_KEY", timeout=60.0, max_retries=6, backoff_base=1.0, backoff_max=60.0,
+                 retry_after_max=600.0, parse_retries=1, max_tokens=16, sleep=asyncio.sleep):
+        super().__init__()
+        if concurrency < 1 or max_retries < 0 or parse_retries < 0:
+            raise ValueError(f"judge: concurrency must be >= 1 and retries >= 0 (got {concurrency}, {max_retries}, {parse_retries})")
+        self.model, self.base_url = model, base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
+        self.name = f"openai:{model}"
+        self.api_key_env = api_key_env  # the variable's name; its value is read per run and never stored
+        if not os.environ.get(api_key_env) and not is_local_url(self.base_url):
+            raise JudgeFatalError(f"${api_key_env} is not set; the judge at {self.base_url} needs an API key "
+                                  f"(export it, or name another variable with --api-key-env)")
+        self.cache = ScoreCache(cache_path) if cache_path else None
+        self.concurrency, self.timeout, self.max_tokens = concurrency, timeout, max_tokens
+        self.max_retries, self.parse_retries = max_retries, parse_retries
+        self.backoff_base, self.backoff_max, self.retry_after_max = backoff_base, backoff_max, retry_after_max
+        self._sleep, self._rng = sleep, random.Random()
+
+    def attach_cache(self, path):
+        self.cache = ScoreCache(path)
+
+    def estimate_cost(self, prompt_tokens, completion_tokens):
+        for family, (p_in, p_out) in PRICES_PER_MTOK.items():
+            if self.model == family or re.fullmatch(re.escape(family) + r"-\d{4}-\d{2}-\d{2}", self.model):
+                return (prompt_tokens * p_in + completion_tokens * p_out) / 1e6
+        return None  # unknown model: no estimate rather than a wrong one
+
+    def backoff_delay(self, attempt: int, retry_after=None) -> float:
+        """Retry-After when the server gave one, else min(max, base * 2^(attempt-1)) with 50-100 % jitter."""
+        if retry_after is not None:
+            return min(retry_after, self.retry_after_max)
+        cap = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+        return cap * (0.5 + 0.5 * self._rng.random())
+
+    def _score(self, items):
+        return asyncio.run(self._score_async(items))
+
+    async def _score_async(self, items):
+        results = [None] * len(items)
+        by_key = {}  # one request per distinct (prompt, answer) in this call
+        for i, item in enumerate(items):
+            key = ScoreCache.key(self.model, item["prompt"], item["answer"])
+            hit = self.cache.get(key) if self.cache else None
+            if hit is not None:
+                results[i] = (hit["score"], None)
+                self.stats["cache_hits"] += 1
+            else:
+                by_key.setdefault(key, []).append(i)
+        if not by_key:
+            return results
+        api_key = os.environ.get(self.api_key_env)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout, headers=headers, limits=limits) as client:
+                await self._run_all(client, items, by_key, results, api_key)
+        finally:
+            if self.cache:
+                self.cache.close()
+        return results
+
+    async def _run_all(self, client, items, by_key, results, api_key):
+        """Score every distinct key, `concurrency` at a time; the first fatal error cancels the rest."""
+        sem = asyncio.Semaphore(self.concurrency)
+
+        async def one(key, idx):
+            async with sem:  # held through backoff too, which slows a rate-limited run down as it should
+                res = await self._score_one(client, items[idx[0]], key, api_key)
+            for i in idx:
+                results[i] = res
+        tasks = [asyncio.create_task(one(k, idx)) for k, idx in by_key.items()]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        errors = [t.exception() for t in done if t.exception() is not None]
+        if errors:
+            raise errors[0]
+
+    async def _score_one(self, client, item, key, api_key):
+        payload = {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
+                   "messages": [{"role": "user", "content": build_prompt(item["prompt"], item["answer"])}]}
+        transient = garbled = 0
+        while True:
+            reason = retry_after = None
+            self.stats["requests"] += 1
+            try:
+                resp = await client.post(self.url, json=payload)
+            except httpx.TimeoutException:
+                reason = f"timeout after {self.timeout:g} s"
+            except httpx.TransportError as e:
+                reason = f"connection error ({type(e).__name__}: {redact(str(e), api_key)})"
+            else:
+                status = resp.status_code
+                if status in FATAL_STATUS:
+                    hint = FATAL_STATUS[status] + (f" in ${self.api_key_env}" if status == 401 else "")
+                    raise JudgeFatalError(f"judge {self.url} answered HTTP {status} ({hint}): "
+                                          f"{redact(_error_text(resp), api_key)}")
+                if status in (408, 429) or status >= 500:
+                    reason, retry_after = f"HTTP {status}", parse_retry_after(resp.headers.get("retry-after"))
+                elif status != 200:
+                    return None, f"HTTP {status}: {redact(_error_text(resp), api_key)}"
+                else:
+                    content, usage = _read_reply(resp)
+                    self.stats["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+                    self.stats["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+                    try:
+                        score = parse_rating(content)
+                    except ValueError as e:
+                        self.stats["parse_failures"] += 1
+                        if garbled < self.parse_retries:
+                            garbled += 1
+                            self.stats["retries"] += 1
+                            continue
+                        return None, f"unparseable judge reply ({garbled + 1} tries): {redact(str(e), api_key)}"
+                    if self.cache:
+                        self.cache.put(key, {"model": self.model, "template": TEMPLATE_VERSION, "score": score,
+                                             "reply": content, "usage": usage})
+                    return score, None
+            transient += 1
+            if transient > self.max_retries:
+                raise JudgeFatalError(f"judge {self.url} unreachable after {self.max_retries} retries: {reason}")
+            self.stats["retries"] += 1
+            await self._sleep(self.backoff_delay(transient, retry_after))
+
+
+def _error_text(resp) -> str:
+    try:
+        return str(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text
+
+
+def _read_reply(resp):
+    """(content | None, usage dict) of a chat-completion reply; None content when it is not one."""
+    try:
+        data = resp.json()
+        content = data["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None, {}
+    usage = data.get("usage")
+    return content, usage if isinstance(usage, dict) else {}
