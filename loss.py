@@ -1,0 +1,130 @@
+"""The SPIN/DPO margin and the DNPO joint loss, as pure functions of tensors and floats.
+
+Notation (used in every shape comment of loss.py and noise.py): B sequences (or pairs), T tokens per
+sequence, V vocabulary entries, d hidden size. A "sequence log-prob" is log π(y | x) summed over the
+answer tokens only (labels != -100); logits at position t score the token at t+1 (HF convention).
+
+    margin (Eq. 1–3)   m = β[(log π_θ(y⁺) − log π_ref(y⁺)) − (log π_θ(y⁻) − log π_ref(y⁻))],  ℓ(m) = −log σ(m)
+    noisy margin       m̃(θ, φ, ε) = m with log π_ref(y⁻) replaced by log π̃_ref(y⁻; φ, ε)   (Eq. 6, noise.py)
+    joint loss (Eq. 9) L = ℓ(m̃(θ, sg φ, ε₁)) − ℓ(m̃(sg θ, φ, ε₂)) + α·mean(σ²)
+
+Departures from, and gaps filled in, the paper:
+1. Eq. 9 is reconstructed (the paper's equations survive only as numbers): the min-max is solved in one
+   step by one scalar whose first term trains only the policy and whose second only the noise
+   generator; `sg` is implemented by `.detach()` inside `dnpo_loss`, so a caller cannot route a gradient
+   the wrong way by forgetting a detach (the ε₁ log-probs, the reference log-probs and, in the noise
+   term, the policy log-probs are detached here).
+2. The hinge variant is the SPIN repository's `relu(1 − m)`; the paper uses only the sigmoid loss.
+3. Rewards, margins and reward accuracy are logging quantities and are detached. `margins` is the clean
+   margin when `ref_rejected_logps` is passed, else the ε₁ noisy margin (identical for `--noise none`).
+4. Without a noise term (`--noise none|fixed`) `noise_loss` and `variance_penalty` are zero tensors and
+   `loss` is the model term itself (nothing added), so `--noise none` reproduces SPIN bit for bit.
+5. `sequence_logps` upcasts to at least float32 before the logsumexp; for bf16 logits this upcast is one
+   (B, T, V) float32 copy that autograd keeps; no log-softmax tensor is kept for the backward pass.
+"""
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LOSS_TYPES = ("sigmoid", "hinge")
+
+
+def sequence_logps(logits, labels):
+    """Summed answer-token log-probs.
+
+    logits (B, T, V) any float dtype; labels (B, T) long, -100 on prompt and padding.
+    Returns (B,) in float32 (float64 for float64 logits). A row without answer tokens gets 0.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
+    logits = logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+    labels = labels[:, 1:]  # (B, T-1)
+    mask = labels != IGNORE_INDEX  # (B, T-1)
+    safe_labels = labels.masked_fill(~mask, 0)  # any valid index; masked out below
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # compute in ≥ fp32
+    target_logits = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    token_logps = target_logits - torch.logsumexp(logits, dim=-1)  # Eq. 1–3: log π(y_t) = z_y − lse(z)
+    return (token_logps * mask).sum(-1)  # (B,)
+
+
+def spin_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+              beta, loss_type="sigmoid"):
+    """SPIN/DPO loss (Eq. 1–3). All inputs (B,) sequence log-probs; beta the temperature β.
+
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); rewards are detached.
+    loss_type: "sigmoid" −log σ(m) (the paper) or "hinge" relu(1 − m) (SPIN repository).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    pi_logratios = policy_chosen_logps - policy_rejected_logps  # (B,)
+    ref_logratios = ref_chosen_logps - ref_rejected_logps  # (B,)
+    margins = beta * (pi_logratios - ref_logratios)  # Eq. 1–3: m
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(margins)  # Eq. 1–3: ℓ(m) = −log σ(m)
+    else:
+        losses = torch.relu(1 - margins)  # SPIN repository's hinge alternative
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def _check_shapes(**tensors):
+    shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
+    if len(set(shapes.values())) > 1 or any(len(s) != 1 for s in shapes.values()):
+        raise ValueError(f"dnpo_loss expects (B,) log-probs of one shape, got {shapes}")
+
+
+def dnpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+              noisy_ref_rejected_logps_model, noisy_ref_rejected_logps_noise, variance_mean,
+              beta, alpha, loss_type="sigmoid", ref_rejected_logps=None):
+    """The DNPO joint loss (Eq. 9). Log-probs are (B,); variance_mean is a scalar.
+
+    noisy_ref_rejected_logps_model: log π̃_ref(y⁻) under ε₁ (the clean reference for --noise none);
+    noisy_ref_rejected_logps_noise: log π̃_ref(y⁻) under ε₂ with grad to the generator, None = no noise term;
+    variance_mean: mean σ² with grad to the generator, None = no α term;
+    ref_rejected_logps: the clean reference, only for logging the clean margins.
+    Returns dict(loss, model_loss, noise_loss, variance_penalty, margins, noisy_margins,
+    chosen_rewards, rejected_rewards, reward_accuracy); loss = model_loss + noise_loss + variance_penalty.
+    """
+    _check_shapes(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                  ref_chosen_logps=ref_chosen_logps, noisy_ref_rejected_logps_model=noisy_ref_rejected_logps_model,
+                  noisy_ref_rejected_logps_noise=noisy_ref_rejected_logps_noise,
+                  ref_rejected_logps=ref_rejected_logps)
+    if variance_mean is not None and variance_mean.dim() != 0:
+        raise ValueError(f"variance_mean must be a scalar tensor, got shape {tuple(variance_mean.shape)}")
+    ref_chosen_logps = ref_chosen_logps.detach()  # the reference is frozen
+
+    # Eq. 9, model term: ℓ(m̃(θ, sg φ, ε₁)), gradient to the policy only
+    model_losses, chosen_rewards, noisy_rejected_rewards = spin_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        noisy_ref_rejected_logps_model.detach(), beta, loss_type)
+    model_loss = model_losses.mean()
+    loss = model_loss
+    zero = torch.zeros((), dtype=model_loss.dtype, device=model_loss.device)
+
+    noise_loss = zero
+    if noisy_ref_rejected_logps_noise is not None:
+        # Eq. 9, noise term: −ℓ(m̃(sg θ, φ, ε₂)), gradient to the noise generator only
+        noise_losses, _, _ = spin_loss(
+            policy_chosen_logps.detach(), policy_rejected_logps.detach(), ref_chosen_logps,
+            noisy_ref_rejected_logps_noise, beta, loss_type)
+        noise_loss = -noise_losses.mean()
+        loss = loss + noise_loss
+
+    variance_penalty = zero
+    if variance_mean is not None:
+        variance_penalty = alpha * variance_mean  # Eq. 9, α·mean(σ²)
+        loss = loss + variance_penalty
+
+    noisy_margins = chosen_rewards - noisy_rejected_rewards  # β-scaled m̃ under ε₁, detached
+    if ref_rejected_logps is not None:
+        rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    else:
+        rejected_rewards = noisy_rejected_rewards
+    margins = chosen_rewards - rejected_rewards
+    return dict(
+        loss=loss, model_loss=model_loss, noise_loss=noise_loss, variance_penalty=variance_penalty,
+        margins=margins, noisy_margins=noisy_margins,
+        chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+        reward_accuracy=(chosen_rewards > rejected_rewards).float().mean(),
+    )

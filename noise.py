@@ -1,0 +1,171 @@
+"""The trainable noise generator (Eq. 5) and the noisy reference log-probs of rejected answers (Eq. 6).
+
+Notation as in loss.py: B sequences, T tokens, V vocabulary entries, d hidden size; N = number of answer
+tokens in the batch (labels != -100 after the shift), c = chunk_size.
+
+    Eq. 5   σ²_t = softplus(W h_t + b),  W ∈ R^{V×d}, b ∈ R^V, h_t the reference's last hidden state
+    Eq. 6   z̃_t = z_t + σ_t ⊙ ε_t,  ε_t ~ N(0, I);   log π̃_ref(y) = Σ_t log_softmax(z̃_t)[y_t]
+
+Departures from, and gaps filled in, the paper:
+1. Activation: softplus keeps σ² > 0 with a gradient everywhere (the paper names a fully connected
+   layer and no activation). σ = sqrt(max(σ², tiny)) so that the gradient stays finite if σ² underflows.
+2. Initialisation (not in the paper): W = 0 and b = softplus⁻¹(init_variance), so training starts with
+   the same small noise σ² = DEFAULT_INIT_VARIANCE = 1e-2 (σ = 0.1 logits) on every token and entry,
+   independent of h. That noise moves a token's expected log-prob by about −σ²/2·(1 − Σ_v p_v²) ≥ −0.005
+   nats: the start is essentially the clean reference and the generator learns how much noise to add.
+   W = 0 is no symmetry trap: ∂L/∂W = (∂L/∂(Wh+b)) hᵀ differs per row.
+3. Fixed noise (App. H, σ not given there): FixedNoise(σ) adds N(0, σ²) with no parameters;
+   DEFAULT_SIGMA = 0.1 = sqrt(DEFAULT_INIT_VARIANCE), i.e. the trainable generator frozen at its start.
+4. Default α (not given in the paper): DEFAULT_ALPHA = 1.0. With mean(σ²) over N·V entries the penalty
+   pulls each bias entry b_v with α/V·softplus'(b_v); to second order (E[lse(z + σε)] ≈ lse(z) +
+   Σ_v σ²_v p_v(1 − p_v)/2) the noise term pushes it up with β·σ(−m̃)·Σ_t p_tv(1 − p_tv)/2 per pair,
+   ≈ β·σ(−m̃)·T_ans/(2V) for an entry of average probability 1/V. The two balance at
+   α ≈ β·σ(−m̃)·T_ans/2, i.e. α ≈ 1 for β = 0.1, σ(−m̃) ≈ 0.5 and T_ans ≈ 40 answer tokens (the demo
+   task's scale): likely entries get noise, the many unlikely ones are held near zero. Scale α with the
+   answer length (about 10 for UltraChat-length answers).
+5. Detaching: the reference hidden states and logits are constants (detached here); with
+   generator_grad=False the generator runs under no_grad, so the model term of Eq. 9 cannot reach φ.
+6. Chunking: only answer tokens are computed, c at a time; with generator_grad=True each chunk runs under
+   torch.utils.checkpoint, so the (c, V) variance/noise/noisy-logit tensors are recomputed in backward and
+   peak extra memory stays O(c·V), not O(N·V), in forward and in backward.
+7. ε per chunk: chunk k draws ε from its own generator seeded base_seed + k, base_seed drawn from `rng`
+   (or from torch's global RNG when rng is None), on the logits' device. The checkpoint recompute therefore
+   sees the same ε; two calls (ε₁, ε₂) draw different base seeds; ε differs between CPU and CUDA.
+"""
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from loss import IGNORE_INDEX
+
+DEFAULT_INIT_VARIANCE = 1e-2
+DEFAULT_SIGMA = math.sqrt(DEFAULT_INIT_VARIANCE)
+DEFAULT_ALPHA = 1.0
+NOISE_KINDS = ("trainable", "fixed", "none")
+
+
+def inverse_softplus(y):
+    """x with softplus(x) = y, for y > 0 (float)."""
+    return y + math.log(-math.expm1(-y))  # log(exp(y) − 1), stable for small and large y
+
+
+class NoiseGenerator(nn.Module):
+    """Eq. 5: σ² = softplus(W h + b), one variance per token and vocabulary entry."""
+
+    def __init__(self, hidden_size, vocab_size, init_variance=DEFAULT_INIT_VARIANCE, init_std=0.0):
+        super().__init__()
+        if not init_variance > 0:
+            raise ValueError(f"init_variance must be > 0, got {init_variance}")
+        self.proj = nn.Linear(hidden_size, vocab_size)  # W (V, d), b (V,)
+        nn.init.normal_(self.proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.proj.weight)
+        nn.init.constant_(self.proj.bias, inverse_softplus(init_variance))  # softplus(b) = init_variance
+
+    def forward(self, hidden):  # (..., d) -> (..., V)
+        return nn.functional.softplus(self.proj(hidden))  # Eq. 5
+
+
+class FixedNoise(nn.Module):
+    """App. H ablation: constant variance σ², no parameters (so no noise term in Eq. 9)."""
+
+    def __init__(self, sigma=DEFAULT_SIGMA, vocab_size=None):
+        super().__init__()
+        if not sigma >= 0:
+            raise ValueError(f"fixed noise sigma must be >= 0, got {sigma}")
+        self.sigma, self.vocab_size = float(sigma), vocab_size
+
+    def forward(self, hidden):  # (..., d) -> (..., V), or (..., 1) broadcastable when vocab_size is None
+        width = self.vocab_size or 1
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        variance = torch.full((1,) * hidden.dim(), self.sigma ** 2, dtype=dtype, device=hidden.device)
+        return variance.expand(*hidden.shape[:-1], width)  # a view: no (..., V) memory
+
+
+def make_noise(kind, hidden_size, vocab_size, alpha=DEFAULT_ALPHA, sigma=DEFAULT_SIGMA,
+               init_variance=DEFAULT_INIT_VARIANCE):
+    """`--noise` flag -> NoiseGenerator (trainable), FixedNoise (fixed) or None (none).
+
+    alpha is validated and attached as `.alpha` to a trainable generator (noise.py never uses it).
+    """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {kind!r}; expected one of {NOISE_KINDS}")
+    if not alpha >= 0:
+        raise ValueError(f"noise alpha must be >= 0, got {alpha}")
+    if kind == "none":
+        return None
+    if kind == "fixed":
+        return FixedNoise(sigma, vocab_size)
+    generator = NoiseGenerator(hidden_size, vocab_size, init_variance=init_variance)
+    generator.alpha = float(alpha)
+    return generator
+
+
+def draw_base_seed(rng=None):
+    """One draw from rng (or torch's global RNG): the base of the per-chunk ε seeds of one call."""
+    device = rng.device if rng is not None else "cpu"  # a CUDA rng draws on CUDA
+    return int(torch.randint(0, 2 ** 62, (1,), generator=rng, device=device).item())
+
+
+def chunk_noise(base_seed, chunk_index, rows, vocab_size, dtype=torch.float32, device="cpu"):
+    """ε for chunk `chunk_index`: (rows, V) standard normal from its own seeded generator."""
+    gen = torch.Generator(device=device).manual_seed(base_seed + chunk_index)
+    return torch.randn(rows, vocab_size, generator=gen, dtype=dtype, device=device)
+
+
+def _chunk_logps(generator, logits, hidden, rows, cols, targets, base_seed, chunk_index, dtype):
+    """Eq. 5–6 on one chunk of c answer tokens -> (token logps (c,), Σ σ² over the (c, V) block)."""
+    z = logits[rows, cols].to(dtype)  # (c, V) reference logits, gathered here so checkpoint keeps no copy
+    h = hidden[rows, cols]  # (c, d)
+    params = next(generator.parameters(), None)
+    variance = generator(h.to(params.dtype) if params is not None else h).to(z.dtype)  # Eq. 5, (c, V)
+    variance = variance.expand_as(z)
+    eps = chunk_noise(base_seed, chunk_index, z.shape[0], z.shape[1], z.dtype, z.device)  # (c, V)
+    noisy = z + variance.clamp_min(torch.finfo(z.dtype).tiny).sqrt() * eps  # Eq. 6: z̃ = z + σ ⊙ ε
+    token_logps = noisy.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(noisy, dim=-1)  # Eq. 6
+    return token_logps, variance.sum()
+
+
+def noisy_sequence_logps(ref_logits, ref_hidden, labels, generator, generator_grad, chunk_size=256,
+                         rng=None, return_variance=False):
+    """Eq. 6 summed over answer tokens: log π̃_ref(y) for each of B sequences.
+
+    ref_logits (B, T, V), ref_hidden (B, T, d) of the reference (detached here), labels (B, T) with -100.
+    generator: NoiseGenerator or FixedNoise; generator_grad: keep the graph to its parameters.
+    rng: torch.Generator for ε (one draw per call); same state -> same numbers.
+    Returns (B,) float32 (float64 for float64 logits), and with return_variance also the scalar mean σ²
+    over answer tokens × V (with grad iff generator_grad; 0 when the batch has no answer tokens).
+    """
+    if ref_logits.shape[:-1] != labels.shape or ref_hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"ref_logits {tuple(ref_logits.shape)}, ref_hidden {tuple(ref_hidden.shape)} and "
+                         f"labels {tuple(labels.shape)} disagree on (B, T)")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    dtype = torch.promote_types(ref_logits.dtype, torch.float32)  # compute in ≥ fp32
+    logits = ref_logits[:, :-1].detach()  # (B, T-1, V): position t predicts token t+1
+    hidden = ref_hidden[:, :-1].detach()  # (B, T-1, d)
+    labels = labels[:, 1:]  # (B, T-1)
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,), (N,) answer positions, row-major
+    targets = labels[rows, cols]  # (N,)
+    base_seed = draw_base_seed(rng)
+
+    token_logps, variance_sums = [], []
+    for k, start in enumerate(range(0, rows.numel(), chunk_size)):
+        sl = slice(start, start + chunk_size)
+        args = (generator, logits, hidden, rows[sl], cols[sl], targets[sl], base_seed, k, dtype)
+        if generator_grad:  # recompute the (c, V) block in backward instead of keeping it (departure 6)
+            tl, vs = checkpoint(_chunk_logps, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            with torch.no_grad():
+                tl, vs = _chunk_logps(*args)
+        token_logps.append(tl)
+        variance_sums.append(vs)
+
+    out = torch.zeros(labels.shape[0], dtype=dtype, device=logits.device)
+    if token_logps:
+        out = out.index_add(0, rows, torch.cat(token_logps))  # Eq. 6: Σ_t over answer tokens, (B,)
+    if not return_variance:
+        return out
+    if not variance_sums:
+        return out, torch.zeros((), dtype=dtype, device=logits.device)
+    return out, torch.stack(variance_sums).sum() / (rows.numel() * logits.shape[-1])
