@@ -1,0 +1,212 @@
+"""Run-directory plumbing and resumable training state for train.py: which model an iteration starts
+from, the end-of-iteration summary, the few torch.distributed helpers, the data order, the learning-rate
+schedule, RNG states, and the one checkpoint dict, all written atomically so that a kill at any moment
+loses at most the steps since the last save and never leaves a half-written file.
+
+Where this departs from, or fills a gap in, the paper:
+1. The paper (Table 3) names a "linear" scheduler with warmup ratio 0.1; we use the Hugging Face
+   definition: lr rises linearly from 0 over ceil(0.1 · total) optimizer steps, then decays linearly
+   to 0 at the last step (so the very first step runs at lr 0, exactly as HF's trainer does).
+2. Data order: one permutation per epoch from a generator seeded with (seed, epoch), padded by
+   wrapping to a multiple of the world size and dealt out round-robin to ranks, as
+   torch.utils.data.DistributedSampler does; a rank's micro-batches are consecutive slices of its
+   share. With world size W and batch b, the W ranks of one step see exactly the examples that a
+   single process with batch W·b would see in that step.
+"""
+import datetime
+import json
+import math
+import os
+import pathlib
+import random
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------- run directory
+def start_model_of(run_dir, k, base_model, rerun_hint=""):
+    """The model iteration k starts from; a one-line error naming the command to run first."""
+    if k == 0:
+        return base_model
+    prev = pathlib.Path(run_dir) / f"iter{k - 1}" / "model"
+    if not (prev / "config.json").is_file():
+        raise SystemExit(f"train.py: {prev} does not exist; run `python train.py --iter {k - 1} "
+                         f"--run-dir {run_dir}{rerun_hint}` first")
+    return str(prev)
+
+
+def print_summary(it_dir):
+    """The one-screen summary of a finished iteration (from its summary.json)."""
+    path = pathlib.Path(it_dir) / "summary.json"
+    if not path.is_file():
+        return
+    s = json.loads(path.read_text())
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    print(f"\n=== iteration {s['iter']} done: {pathlib.Path(it_dir) / 'model'} ===")
+    print(f"start model   {s['start_model']}")
+    print(f"pairs         {s['pairs']}  (DSL {s['dsl']}: flips {s['dsl_flips']}, ties {s['ties']}, "
+          f"missing scores {s['missing_scores']}; judge flip rate {fmt(s['flip_rate'])})")
+    print(f"noise         {s['noise']}  (final σ² {fmt(s['final_sigma2'])})")
+    print(f"last epoch    loss {fmt(s['final_loss'])} | margin {fmt(s['final_margin'])} | noisy margin "
+          f"{fmt(s['final_noisy_margin'])} | reward acc {fmt(s['final_reward_acc'])}")
+    print(f"time          train {s['train_s']:.0f} s, wall {s['wall_s']:.0f} s ({s['steps']} steps)")
+
+
+# ----------------------------------------------------------------------------- distributed
+def setup_distributed(device=None):
+    """(rank, world, device); torchrun sets WORLD_SIZE > 1, a plain run never touches torch.distributed."""
+    from model import pick_device
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world == 1:
+        return 0, 1, pick_device(device)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    # rank 0 judges while the others wait at a barrier: far longer than the default 10-minute timeout
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12))
+    return rank, world, torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] (a collective: every rank must call it)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- resumable state
+
+
+def atomic_write_text(path, text):
+    """Write text to a temporary file beside path, then os.replace it into place."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def rewrite_jsonl(path, rows):
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def epoch_order(n, seed, epoch):
+    """The permutation of range(n) used in `epoch` (a fresh seeded generator: no hidden state to save)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def rank_microbatches(order, rank, world, batch_size):
+    """This rank's micro-batches (lists of example indices) for one epoch's order."""
+    total = math.ceil(len(order) / world) * world
+    padded = (order * math.ceil(total / max(len(order), 1)))[:total]   # wrap, as DistributedSampler
+    share = padded[rank:total:world]
+    return [share[i:i + batch_size] for i in range(0, len(share), batch_size)]
+
+
+def steps_per_epoch(n, world, batch_size, grad_accum):
+    """Optimizer steps per epoch: ceil(micro-batches per rank / grad_accum)."""
+    micro = math.ceil(math.ceil(n / world) / batch_size)
+    return math.ceil(micro / grad_accum)
+
+
+def linear_warmup_decay(warmup_steps, total_steps):
+    """LR multiplier of optimizer step s (HF get_linear_schedule_with_warmup)."""
+    def factor(step):
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+def rng_state():
+    """Every global RNG a training step may touch (python, numpy, torch CPU, CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def seed_everything(seed):
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state):
+    """torch.save the checkpoint dict to a temporary file beside path, then os.replace it into place."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path):
+    """The checkpoint dict at path, or None when there is none. Our own file: it holds RNG states
+    (numpy arrays, python tuples), hence weights_only=False."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def restore(state, path, args, keys, rank, policy, generator, optimizer, scheduler, noise_rng):
+    """Load a checkpoint dict into the live objects; refuse one written with other training flags."""
+    changed = [k for k in keys if state["args"].get(k) != getattr(args, k, None)]
+    if changed:
+        was = ", ".join(f"{k}={state['args'].get(k)}" for k in changed)
+        raise SystemExit(f"train.py: {path} was written with {was}; rerun with those flags or delete {path.parent}")
+    policy.load_state_dict(state["policy"])
+    if generator is not None:
+        generator.load_state_dict(state["generator"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    noise_rng.set_state(state["noise_rng"][rank])
+    return state["step"]
+
+
+def summarize(args, pairs, stats, rows, train_s, wall_s):
+    """summary.json of an iteration; final_* are means over the last epoch's optimizer steps."""
+    last = [r for r in rows if r["epoch"] == rows[-1]["epoch"]] if rows else []
+    mean = lambda key: sum(r[key] for r in last) / len(last) if last else None  # noqa: E731
+    return dict(iter=args.iter, start_model=args.start_model, pairs=len(pairs), dsl=args.dsl, noise=args.noise,
+                dsl_flips=stats.get("flips"), ties=stats.get("ties"), missing_scores=stats.get("missing"),
+                identical_dropped=stats.get("identical"),
+                flip_rate=stats.get("flip_rate"), steps=len(rows), final_loss=mean("loss"),
+                final_margin=mean("margin"), final_noisy_margin=mean("noisy_margin"),
+                final_reward_acc=mean("reward_acc"), final_sigma2=mean("sigma2"), train_s=train_s, wall_s=wall_s)
