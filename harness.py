@@ -1,0 +1,104 @@
+"""The paper's Table 1 benchmarks through EleutherAI's lm-evaluation-harness (`python eval.py benchmarks MODEL`).
+
+One `python -m lm_eval` run per benchmark group with the paper's few-shot settings (those of the Open LLM
+Leaderboard v1): ARC 25-shot, TruthfulQA 0-shot, Winogrande 5-shot, GSM8K 5-shot, HellaSwag 10-shot,
+MMLU 5-shot. Each group's results land in OUT/<group>/ (lm_eval nests them under the model name); a
+group with results already there is skipped, so a rerun resumes. The table is written to
+OUT/benchmarks.json. lm_eval is optional (not in requirements.txt) and downloads the benchmark
+datasets from the Hugging Face Hub, so it needs network access.
+
+Where this departs from, or fills a gap in, the paper:
+1. ARC = mean of arc_challenge and arc_easy and TruthfulQA = mean of mc1 and mc2 (the Open LLM
+   Leaderboard v1 used arc_challenge alone and mc2 alone; the paper does not say which it averaged).
+2. Each task's metric is acc_norm where the task reports it (ARC, HellaSwag), else acc (TruthfulQA,
+   Winogrande, MMLU), else exact_match with the strict-match filter (GSM8K).
+3. Average = mean of the six columns, reported only when all six exist.
+"""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from plots import markdown_table, read_json, write_json
+
+BENCHMARKS = [  # (name, lm_eval tasks, num_fewshot): the paper's settings (Open LLM Leaderboard v1)
+    ("arc", ["arc_challenge", "arc_easy"], 25),
+    ("truthfulqa", ["truthfulqa_mc1", "truthfulqa_mc2"], 0),
+    ("winogrande", ["winogrande"], 5),
+    ("gsm8k", ["gsm8k"], 5),
+    ("hellaswag", ["hellaswag"], 10),
+    ("mmlu", ["mmlu"], 5),
+]
+TABLE1 = [("ARC", ["arc_challenge", "arc_easy"]), ("TruthfulQA", ["truthfulqa_mc1", "truthfulqa_mc2"]),
+          ("Winogrande", ["winogrande"]), ("GSM8K", ["gsm8k"]), ("HellaSwag", ["hellaswag"]), ("MMLU", ["mmlu"])]
+
+
+def benchmark_commands(model_dir, out_dir, batch_size="auto", device=None, limit=None):
+    """[(name, argv)] of lm_eval invocations, one per benchmark group."""
+    commands = []
+    for name, tasks, shots in BENCHMARKS:
+        cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir}",
+               "--tasks", ",".join(tasks), "--num_fewshot", str(shots), "--batch_size", str(batch_size),
+               "--output_path", str(Path(out_dir) / name)]
+        cmd += ["--device", device] if device else []
+        cmd += ["--limit", str(limit)] if limit else []
+        commands.append((name, cmd))
+    return commands
+
+
+def task_metric(results, task, path):
+    """acc_norm where the task reports it, else acc, else exact_match (strict-match filter)."""
+    entry = results.get(task)
+    if entry is None:
+        raise ValueError(f"{path}: no results for task {task}")
+    for metric in ("acc_norm", "acc", "exact_match"):
+        for key in (f"{metric},none", f"{metric},strict-match", metric):
+            if isinstance(entry.get(key), (int, float)):
+                return float(entry[key])
+    raise ValueError(f"{path}: task {task} has none of acc_norm, acc, exact_match")
+
+
+def latest_results(out_dir):
+    """Newest lm_eval results*.json under out_dir (it nests them under the model name), or None."""
+    found = sorted(Path(out_dir).rglob("results*.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def benchmark_table(out_dir):
+    """Table 1 row from the results files under out_dir/{arc,truthfulqa,...}: column -> score (None if absent)."""
+    per_task = {}
+    for name, tasks, _ in BENCHMARKS:
+        if (path := latest_results(Path(out_dir) / name)) is not None:
+            results = read_json(path).get("results", {})
+            per_task.update({t: task_metric(results, t, path) for t in tasks})
+    row = {col: float(np.mean([per_task[t] for t in tasks])) if all(t in per_task for t in tasks) else None
+           for col, tasks in TABLE1}
+    row["Average"] = float(np.mean(list(row.values()))) if None not in row.values() else None
+    return row
+
+
+def run_benchmarks(args):
+    model_dir = Path(args.model)
+    out_dir = Path(args.out_dir or (model_dir.parent / "benchmarks" if model_dir.is_dir() else
+                                    Path("benchmarks") / args.model.replace("/", "__")))
+    commands = benchmark_commands(args.model, out_dir, args.batch_size, args.device, args.limit)
+    if args.dry_run:
+        print("\n".join(" ".join(cmd) for _, cmd in commands))
+        return commands
+    if importlib.util.find_spec("lm_eval") is None:
+        raise SystemExit("benchmarks need EleutherAI's lm-evaluation-harness: pip install lm-eval "
+                         "(and network access to the Hugging Face Hub for the benchmark datasets)")
+    for name, cmd in commands:
+        if latest_results(out_dir / name) is not None:
+            print(f"{name}: results already in {out_dir / name}", file=sys.stderr)
+            continue
+        print("+ " + " ".join(cmd), file=sys.stderr)
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"lm_eval failed on {name}; its datasets come from the Hugging Face Hub, "
+                             "so it needs network access (see the lm_eval output above)")
+    row = benchmark_table(out_dir)
+    write_json(out_dir / "benchmarks.json", row)
+    print(markdown_table(["model"] + list(row), [[args.model] + list(row.values())]))
+    return row

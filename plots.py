@@ -1,0 +1,348 @@
+"""Presenting DNPO run directories: figures (matplotlib, Agg; PNGs in RUN_DIR/plots/), Markdown tables
+and RUN_DIR/report.md. The computations behind the numbers live in eval.py; this file only renders them.
+
+    losses.png           model loss and noise loss per optimizer step, one panel per iteration (Fig. 9)
+    margins.png          clean and noisy margin and reward accuracy over all steps of all iterations
+    logps.png            histograms of summed sequence log-probs of chosen, rejected and generated
+                         answers, per iteration, at the start and end of training (Fig. 2 / Fig. 10)
+    logps_per_token.png  the same divided by the answer's token count (removes the length effect)
+    scores.png           held-out mean score (and accuracy) per iteration for one or more runs (Fig. 6)
+
+Inputs (written by train.py / `eval.py score`): iter{k}/metrics.jsonl, iter{k}/logps.jsonl, eval/scores.json.
+Used by `python eval.py plots RUN_DIR [RUN_DIR ...]` and `python eval.py report RUN_DIR` (write_report).
+
+Where this departs from, or fills a gap in, the paper:
+1. Fig. 2 / 10 show "generated data" as a third distribution; here it is the generated side of each
+   training pair (the rejected answer when the human one was chosen, else the chosen one), drawn as
+   an outline so its overlap with chosen/rejected stays visible. The paper does not say which
+   examples its histograms use; train.py records up to `--logp-examples` pairs per iteration.
+2. The paper's histograms are of summed sequence log-probs; the per-token version is an addition.
+3. Fig. 9 plots the recorded noise loss (−ℓ(m̃(sg θ, φ, ε₂)), a negative number) as is; its mirror
+   image of the model loss is the point of the figure.
+"""
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from data import read_jsonl  # noqa: E402
+
+COLORS = {"chosen": "tab:blue", "rejected": "tab:red", "generated": "black"}
+
+
+def iterations(run_dir) -> list[int]:
+    """Sorted k of every RUN_DIR/iter{k}/ directory."""
+    found = [int(m.group(1)) for p in Path(run_dir).glob("iter*") if p.is_dir() and (m := re.fullmatch(r"iter(\d+)", p.name))]
+    return sorted(found)
+
+
+def _values(rows, key):
+    """Column `key` of metric rows as floats; None/missing become NaN."""
+    return np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows], dtype=float)
+
+
+def _save(fig, path: Path) -> Path:
+    """Save a figure atomically (tmp file + rename) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _grid(n, ncols=3, w=5.0, h=3.6):
+    ncols = max(1, min(n, ncols))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False, layout="constrained")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def plot_losses(run_dir, out_dir) -> Path | None:
+    """Fig. 9: model loss and noise loss vs step, one panel per iteration; epoch boundaries dotted."""
+    run_dir = Path(run_dir)
+    runs = [(k, read_jsonl(run_dir / f"iter{k}" / "metrics.jsonl")) for k in iterations(run_dir)
+            if (run_dir / f"iter{k}" / "metrics.jsonl").is_file()]
+    runs = [(k, rows) for k, rows in runs if rows]
+    if not runs:
+        return None
+    fig, axes = _grid(len(runs))
+    for ax, (k, rows) in zip(axes, runs):
+        steps = _values(rows, "step")
+        ax.plot(steps, _values(rows, "model_loss"), color="tab:blue", label="model loss (Eq. 9, term 1)")
+        noise = _values(rows, "noise_loss")
+        if np.any(np.nan_to_num(noise) != 0):
+            ax.plot(steps, noise, color="tab:orange", label="noise loss (Eq. 9, term 2)")
+            ax.plot(steps, _values(rows, "loss"), color="0.6", lw=0.8, label="total loss")
+        epochs = _values(rows, "epoch")
+        for i in np.flatnonzero(np.diff(epochs) != 0):
+            ax.axvline((steps[i] + steps[i + 1]) / 2, color="0.5", ls=":", lw=1)
+        ax.set_title(f"iteration {k}: losses per step" + ("" if np.any(np.nan_to_num(noise) != 0) else " (no noise term)"))
+        ax.set_xlabel("optimizer step (dotted: new epoch)")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, Path(out_dir) / "losses.png")
+
+
+def plot_margins(run_dir, out_dir) -> Path | None:
+    """Clean/noisy margin and reward accuracy over the concatenated steps of all iterations."""
+    run_dir = Path(run_dir)
+    segments, offset = [], 0  # (k, x, rows) per iteration, x continuing across iterations
+    for k in iterations(run_dir):
+        path = run_dir / f"iter{k}" / "metrics.jsonl"
+        if path.is_file() and (rows := read_jsonl(path)):
+            segments.append((k, np.arange(offset + 1, offset + len(rows) + 1), rows))
+            offset += len(rows)
+    if not segments:
+        return None
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, layout="constrained")
+    for k, x, rows in segments:
+        margin, noisy = _values(rows, "margin"), _values(rows, "noisy_margin")
+        ax1.plot(x, margin, color="tab:blue", label="margin m (clean reference)")
+        if not np.allclose(np.nan_to_num(noisy), np.nan_to_num(margin)):
+            ax1.plot(x, noisy, color="tab:orange", label="noisy margin m̃")
+        ax2.plot(x, _values(rows, "reward_acc"), color="tab:green", label="reward accuracy")
+        for ax in (ax1, ax2):
+            ax.axvline(x[0] - 0.5, color="0.5", ls=":", lw=1)
+            ax.text(x[0], 1.0, f" iter {k}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        unique = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one legend entry per label
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
+    ax1.set_title(f"{run_dir.name}: margins over training (dotted: new iteration)")
+    ax1.set_ylabel("margin (β × log-ratio difference)")
+    ax2.set_ylabel("fraction of pairs with m > 0")
+    ax2.set_xlabel("optimizer step, all iterations")
+    return _save(fig, Path(out_dir) / "margins.png")
+
+
+def _logp_groups(rows, per_token):
+    """{"chosen", "rejected", "generated"} -> array of (per-token) log-probs."""
+    def value(row, side):
+        logp = float(row[f"{side}_logp"])
+        return logp / max(int(row[f"{side}_tokens"]), 1) if per_token else logp
+    generated_side = {"human": "rejected", "generated": "chosen"}
+    return {
+        "chosen": np.array([value(r, "chosen") for r in rows]),
+        "rejected": np.array([value(r, "rejected") for r in rows]),
+        "generated": np.array([value(r, generated_side[r.get("chosen_source", "human")]) for r in rows]),
+    }
+
+
+def plot_logps(run_dir, out_dir, per_token=False) -> Path | None:
+    """Fig. 2 / 10: per iteration (rows) and stage start/end (columns), histograms of log-probs."""
+    run_dir = Path(run_dir)
+    panels = []
+    for k in iterations(run_dir):
+        path = run_dir / f"iter{k}" / "logps.jsonl"
+        if path.is_file():
+            rows = read_jsonl(path)
+            for stage in ("start", "end"):
+                these = [r for r in rows if r.get("stage") == stage]
+                if these:
+                    panels.append((k, stage, _logp_groups(these, per_token)))
+    if not panels:
+        return None
+    fig, axes = _grid(len(panels), ncols=2)
+    everything = np.concatenate([g for _, _, groups in panels for g in groups.values()])
+    bins = np.linspace(everything.min(), everything.max() + 1e-9, 31)
+    unit = "mean log-prob per answer token" if per_token else "sequence log-prob (sum over answer tokens)"
+    for ax, (k, stage, groups) in zip(axes, panels):
+        for name in ("chosen", "rejected"):
+            ax.hist(groups[name], bins=bins, alpha=0.45, color=COLORS[name], label=f"{name} (n={len(groups[name])})")
+        ax.hist(groups["generated"], bins=bins, histtype="step", ls="--", lw=1.5, color=COLORS["generated"],
+                label="generated answers")
+        ax.set_title(f"iteration {k}, {stage} of training")
+        ax.set_xlabel(unit)
+        ax.set_ylabel("pairs")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{run_dir.name}: log-probs under the policy (Fig. 2 / 10)")
+    return _save(fig, Path(out_dir) / ("logps_per_token.png" if per_token else "logps.png"))
+
+
+def read_scores(run_dir) -> dict | None:
+    """RUN_DIR/eval/scores.json as written by `eval.py score`, or None when absent."""
+    path = Path(run_dir) / "eval" / "scores.json"
+    return read_json(path) if path.is_file() else None
+
+
+def plot_scores(run_dirs, out_path) -> Path | None:
+    """Fig. 6: held-out mean score (and accuracy when recorded) per model for one or more runs."""
+    series = [(Path(d).name, s) for d in run_dirs if (s := read_scores(d))]
+    if not series:
+        return None
+    names = []
+    for _, s in series:
+        names += [n for n in s["models"] if n not in names]
+    order = sorted(names, key=model_order)
+    has_acc = any(r.get("accuracy") is not None for _, s in series for r in s["models"].values())
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False, layout="constrained")
+    for col, (key, label) in enumerate([("mean_score", "mean judge score"), ("accuracy", "accuracy")][: 1 + has_acc]):
+        ax = axes[0][col]
+        for run, s in series:
+            xs = [i for i, n in enumerate(order) if n in s["models"] and s["models"][n].get(key) is not None]
+            ax.plot(xs, [s["models"][order[i]][key] for i in xs], marker="o", label=f"{run} ({s['settings']['judge']})")
+        human = series[0][1].get("human") or {}
+        if human.get(key) is not None:
+            ax.axhline(human[key], color="0.4", ls="--", lw=1, label="human answers (SFT data)")
+        ax.set_xticks(range(len(order)), order)
+        ax.set_xlabel("model (base: before training; iter k: after iteration k)")
+        ax.set_ylabel(label)
+        ax.set_title(f"held-out {label} per iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, Path(out_path))
+
+
+def make_plots(run_dirs, out_dir=None) -> list[Path]:
+    """Every figure for every run into RUN_DIR/plots/; the multi-run score figure into out_dir
+    (default: the first run's plots/). Returns the paths written."""
+    written = []
+    for run_dir in run_dirs:
+        plots_dir = Path(run_dir) / "plots"
+        written += [plot_losses(run_dir, plots_dir), plot_margins(run_dir, plots_dir),
+                    plot_logps(run_dir, plots_dir), plot_logps(run_dir, plots_dir, per_token=True)]
+    first = Path(out_dir) if out_dir else Path(run_dirs[0]) / "plots"
+    written.append(plot_scores(run_dirs, first / "scores.png"))
+    return [p for p in written if p is not None]
+
+
+# ----------------------------------------------------------------------------- tables and report.md
+
+def model_order(name):
+    """Sort key for scores.json model names: base, iter0, iter1, ..., then anything else."""
+    return -1 if name == "base" else int(name[4:]) if re.fullmatch(r"iter\d+", name) else 10**6
+
+
+def fmt(x, digits=3):
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    return "—" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows])
+
+
+def score_table(scores):
+    """`eval.py score` table: model | n | mean score | accuracy, plus the human answers' reference row."""
+    models = scores["models"]
+    rows = [[n, models[n]["n"], models[n]["mean_score"], models[n]["accuracy"]] for n in sorted(models, key=model_order)]
+    if scores.get("human"):
+        h = scores["human"]
+        rows.append(["human answers", h["n"], h["mean_score"], h["accuracy"]])
+    return markdown_table(["model", "n", "mean score", "accuracy (demo)"], rows)
+
+
+def similarity_table(rows):
+    """`eval.py similarity` table (App. F, Table 5)."""
+    return markdown_table(["iter t", "generated by", "reference", "n", "BLEU", "ROUGE-L", "embedding cos"],
+                          [[r["iter"], r["generated_by"], r["reference"], r["n"], r["bleu"], r["rougeL"], r["embedding"]] for r in rows])
+
+
+def write_json(path, obj):
+    """Atomic JSON write (tmp file in the same directory + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def iteration_rows(run_dir, scores=None):
+    """One dict per iteration: summary.json numbers, observed flip rate (judged.jsonl), held-out score."""
+    from judge import dsl_flip_rate
+
+    run_dir, rows = Path(run_dir), []
+    models = (scores or {}).get("models", {})
+    for k in iterations(run_dir):
+        it = run_dir / f"iter{k}"
+        summary = read_json(it / "summary.json") if (it / "summary.json").is_file() else {}
+        config = read_json(it / "config.json") if (it / "config.json").is_file() else {}
+        judged = read_jsonl(it / "judged.jsonl") if (it / "judged.jsonl").is_file() else None
+        pairs, flips = summary.get("pairs"), summary.get("dsl_flips")
+        rows.append({
+            "iter": k, "dsl": config.get("dsl"), "noise": config.get("noise"), "pairs": pairs, "dsl_flips": flips,
+            "flip_rate_applied": flips / pairs if pairs and flips is not None else None,
+            "generated_beats_human": dsl_flip_rate(judged) if judged else None,
+            "ties": summary.get("ties"), "missing_scores": summary.get("missing_scores"),
+            "final_margin": summary.get("final_margin"), "final_reward_acc": summary.get("final_reward_acc"),
+            "wall_s": summary.get("wall_s"),
+            "eval_mean_score": models.get(f"iter{k}", {}).get("mean_score"),
+            "eval_accuracy": models.get(f"iter{k}", {}).get("accuracy"),
+        })
+    return rows
+
+
+def write_report(run_dir) -> Path:
+    """RUN_DIR/report.md: flags, per-iteration table, DSL flip rates, scores, similarity, figures."""
+    run_dir = Path(run_dir)
+    ks = iterations(run_dir)
+    if not ks:
+        raise ValueError(f"{run_dir}: no iter*/ directory (is this a run directory?)")
+    plots_dir = run_dir / "plots"
+    make_plots([run_dir])  # cheap (a few seconds); keeps the figures in step with the data
+    scores = read_scores(run_dir)
+    configs = {k: read_json(p) for k in ks if (p := run_dir / f"iter{k}" / "config.json").is_file()}
+    out = [f"# DNPO run report: `{run_dir.name}`", "",
+           f"Run directory `{run_dir.resolve()}`, iterations {', '.join(map(str, ks))}. "
+           "Written by `python eval.py report`; numbers from each iteration's summary.json, judged.jsonl and eval/."]
+    if configs:
+        last = configs[max(configs)]
+        changing = sorted({key for c in configs.values() for key in c if any(c.get(key) != o.get(key) for o in configs.values())})
+        out += ["", "## Flags", "", f"From iter{max(configs)}/config.json"
+                + (f"; flags that change between iterations are listed after it." if changing else "."), "",
+                markdown_table(["flag", "value"], [[key, json.dumps(last[key])] for key in sorted(last) if key not in changing])]
+        if changing:
+            out += ["", markdown_table(["flag"] + [f"iter{k}" for k in configs],
+                                       [[key] + [json.dumps(c.get(key)) for c in configs.values()] for key in changing])]
+    rows = iteration_rows(run_dir, scores)
+    out += ["", "## Per iteration", "",
+            "Training pairs, DSL flips applied (pairs whose generated answer was labelled chosen), the last "
+            "step's margin and reward accuracy, and the held-out score of the model this iteration produced.", "",
+            markdown_table(["iter", "DSL", "noise", "pairs", "DSL flips", "final margin", "final reward acc",
+                            "wall s", "held-out mean score", "held-out accuracy"],
+                           [[r["iter"], r["dsl"], r["noise"], r["pairs"], r["dsl_flips"], r["final_margin"],
+                             r["final_reward_acc"], r["wall_s"], r["eval_mean_score"], r["eval_accuracy"]] for r in rows]),
+            "", "## DSL flip rates", "",
+            "Fraction of training prompts on which the judge scored the model's answer above the human answer "
+            "(observed, from judged.jsonl), and the fraction of pairs DSL actually flipped (applied, from "
+            "summary.json; 0 when DSL is off, e.g. iteration 0).", "",
+            markdown_table(["iter", "generated > human (observed)", "flipped (applied)", "ties", "missing scores"],
+                           [[r["iter"], r["generated_beats_human"], r["flip_rate_applied"], r["ties"], r["missing_scores"]] for r in rows])]
+    if scores:
+        out += ["", "## Held-out scores (`eval.py score`)", "", f"Settings: `{json.dumps(scores['settings'])}`.", "", score_table(scores)]
+    if (sim := run_dir / "eval" / "similarity.json").is_file():
+        out += ["", "## Similarity to the previous chosen answers (`eval.py similarity`, App. F)", "", similarity_table(read_json(sim))]
+    figures = [("losses.png", "Model loss and noise loss per step (Fig. 9)"), ("margins.png", "Margins and reward accuracy"),
+               ("logps.png", "Sequence log-probs of chosen / rejected / generated answers (Fig. 2 / 10)"),
+               ("logps_per_token.png", "The same per answer token"), ("scores.png", "Held-out score per iteration (Fig. 6)")]
+    present = [(f, caption) for f, caption in figures if (plots_dir / f).is_file()]
+    if present:
+        out += ["", "## Figures"]
+        out += [line for f, caption in present for line in ("", f"### {caption}", "", f"![{caption}](plots/{f})")]
+    path = run_dir / "report.md"
+    tmp = path.with_name("report.md.tmp")
+    tmp.write_text("\n".join(out) + "\n")
+    tmp.replace(path)
+    return path
