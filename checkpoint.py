@@ -88,29 +88,6 @@ def gather(obj, world):
 # ----------------------------------------------------------------------------- resumable state
 
 
-def atomic_write_text(path, text):
-    """Write text to a temporary file beside path, then os.replace it into place."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def rewrite_jsonl(path, rows):
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
 def epoch_order(n, seed, epoch):
     """The permutation of range(n) used in `epoch` (a fresh seeded generator: no hidden state to save)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -200,6 +177,11 @@ def restore(state, path, args, keys, rank, policy, generator, optimizer, schedul
     return state["step"]
 
 
+def finite_or_none(x):
+    """x, or None for a missing or NaN value (JSON has no NaN; a flip rate is NaN when no record has both scores)."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
 def summarize(args, pairs, stats, rows, train_s, wall_s):
     """summary.json of an iteration; final_* are means over the last epoch's optimizer steps."""
     last = [r for r in rows if r["epoch"] == rows[-1]["epoch"]] if rows else []
@@ -207,6 +189,6 @@ def summarize(args, pairs, stats, rows, train_s, wall_s):
     return dict(iter=args.iter, start_model=args.start_model, pairs=len(pairs), dsl=args.dsl, noise=args.noise,
                 dsl_flips=stats.get("flips"), ties=stats.get("ties"), missing_scores=stats.get("missing"),
                 identical_dropped=stats.get("identical"),
-                flip_rate=stats.get("flip_rate"), steps=len(rows), final_loss=mean("loss"),
+                flip_rate=finite_or_none(stats.get("flip_rate")), steps=len(rows), final_loss=mean("loss"),
                 final_margin=mean("margin"), final_noisy_margin=mean("noisy_margin"),
                 final_reward_acc=mean("reward_acc"), final_sigma2=mean("sigma2"), train_s=train_s, wall_s=wall_s)

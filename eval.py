@@ -14,7 +14,7 @@ Files: RUN_DIR/eval/{base,iter{k}}_generated.jsonl and _judged.jsonl (resumable)
 Where this departs from, or fills a gap in, the paper:
 1. The paper scores with GPT-4o-mini on its own test prompts; the default here is the judge named by
    --judge (rule for the demo) on the demo's held-out eval split, greedy decoding, and the training
-   run's max_new_tokens. "accuracy" (demo records) is data.check_answer on the answer, whatever the judge.
+   run's max_new_tokens. "accuracy" (demo records) is demo.check_answer on the answer, whatever the judge.
 2. The paper reports point win rates; we add 95% intervals: a paired bootstrap over prompts (each
    prompt's outcome is win/tie/loss, so resampling prompts is exactly a multinomial draw of the three
    counts; 2000 draws, seed 0, percentile interval) and a Wilson score interval for each rate. The
@@ -34,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data import write_json
 from harness import run_benchmarks
-from plots import (iterations, make_plots, markdown_table, read_json, score_table, similarity_table, write_json,
+from plots import (iterations, make_plots, markdown_table, read_json, score_table, similarity_table,
                    write_report)
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -48,8 +49,8 @@ def is_run_dir(path) -> bool:
 # ----------------------------------------------------------------------------- score
 
 def score_row(judged, text_key="generated", score_key="generated_score"):
-    """n scored, missing scores, mean score, and accuracy (data.check_answer on records with "answer")."""
-    from data import check_answer
+    """n scored, missing scores, mean score, and accuracy (demo.check_answer on records with "answer")."""
+    from demo import check_answer
 
     scores = [r[score_key] for r in judged if r.get(score_key) is not None]
     checkable = [r for r in judged if r.get("answer") is not None]

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from plots import markdown_table, read_json, write_json
+from data import write_json
+from plots import markdown_table, read_json
 
 BENCHMARKS = [  # (name, lm_eval tasks, num_fewshot): the paper's settings (Open LLM Leaderboard v1)
     ("arc", ["arc_challenge", "arc_easy"], 25),

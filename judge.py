@@ -5,7 +5,7 @@
     python judge.py --flip-report runs/demo          # DSL flip rate per iteration
 
 Three judges share one scale, 1..10 (higher is better):
-* `rule`  (demo records, offline, deterministic): 10 if `data.check_answer(response, record["answer"],
+* `rule`  (demo records, offline, deterministic): 10 if `demo.check_answer(response, record["answer"],
   prompt)` finds the record's canonical answer in the response, else 1. Records without "answer" are
   an error naming the record id.
 * `openai` (judge_http.py): any OpenAI-compatible chat-completions server; the reply "Rating: [[N]]" is
@@ -55,7 +55,7 @@ class RuleJudge(Judge):
     name = "rule"
 
     def _score(self, items):
-        import data  # lazy: data.py owns what "correct" means for each demo family
+        import demo  # lazy: demo.py owns what "correct" means for each demo family
 
         out = []
         for item in items:
@@ -64,7 +64,7 @@ class RuleJudge(Judge):
                 raise ValueError(f"record {record.get('id')}: no 'answer' field; the rule judge needs demo records "
                                  f"with a checkable answer (use --judge openai or hf for other data)")
             self.stats["requests"] += 1
-            out.append((RULE_CORRECT if data.check_answer(item["answer"], str(record["answer"]), item["prompt"])
+            out.append((RULE_CORRECT if demo.check_answer(item["answer"], str(record["answer"]), item["prompt"])
                         else RULE_WRONG, None))
         return out
 

@@ -22,7 +22,6 @@ Where this departs from, or fills a gap in, the paper:
 """
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -251,15 +250,6 @@ def similarity_table(rows):
                           [[r["iter"], r["generated_by"], r["reference"], r["n"], r["bleu"], r["rougeL"], r["embedding"]] for r in rows])
 
 
-def write_json(path, obj):
-    """Atomic JSON write (tmp file in the same directory + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def read_json(path):
     try:
         return json.loads(Path(path).read_text())
@@ -311,7 +301,7 @@ def write_report(run_dir) -> Path:
         last = configs[max(configs)]
         changing = sorted({key for c in configs.values() for key in c if any(c.get(key) != o.get(key) for o in configs.values())})
         out += ["", "## Flags", "", f"From iter{max(configs)}/config.json"
-                + (f"; flags that change between iterations are listed after it." if changing else "."), "",
+                + ("; flags that change between iterations are listed after it." if changing else "."), "",
                 markdown_table(["flag", "value"], [[key, json.dumps(last[key])] for key in sorted(last) if key not in changing])]
         if changing:
             out += ["", markdown_table(["flag"] + [f"iter{k}" for k in configs],

@@ -4,8 +4,7 @@ import json
 import pytest
 import torch
 
-import data
-from data import (check_answer, collate_pairs, demo_records, dsl_pairs, history_pairs, load_prompts, load_records,
+from data import (collate_pairs, dsl_pairs, history_pairs, load_records,
                   prompt_id, read_jsonl, tokenize_pair, write_jsonl)
 
 
@@ -33,6 +32,21 @@ def test_write_jsonl_roundtrip_leaves_no_tmp(tmp_path):
     write_jsonl(tmp_path / "sub" / "out.jsonl", records)
     assert read_jsonl(tmp_path / "sub" / "out.jsonl") == records
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["out.jsonl"]
+
+
+def test_atomic_writes_are_world_readable_and_survive_a_failure(tmp_path):
+    """write_json/write_jsonl give 0644 files; an exception mid-write keeps the old file and no tmp file."""
+    import data
+    path = tmp_path / "s.json"
+    data.write_json(path, {"b": 1, "a": "é"})
+    assert path.stat().st_mode & 0o777 == 0o644 and json.loads(path.read_text()) == {"a": "é", "b": 1}
+
+    def rows():
+        yield {"id": 1}
+        raise RuntimeError("killed")
+    with pytest.raises(RuntimeError):
+        write_jsonl(path, rows())
+    assert json.loads(path.read_text()) == {"a": "é", "b": 1} and [p.name for p in tmp_path.iterdir()] == ["s.json"]
 
 
 def test_each_format_parses(tmp_path):
@@ -78,67 +92,6 @@ def test_parquet_matches_jsonl(tmp_path):
     rows = [{"prompt_id": "x", "messages": [{"role": "user", "content": "P"}, {"role": "assistant", "content": "R"}]}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     assert load_records(str(tmp_path / "d.parquet")) == load_records(_write(tmp_path / "d.jsonl", rows))
-
-
-# --- the demo task
-
-
-def test_demo_deterministic_prefix_and_seeded():
-    """Same seed -> same records; the first k of n records equal demo_records(n=k); another seed differs."""
-    a = demo_records("train", n=300, seed=3)
-    assert a == demo_records("train", n=300, seed=3)
-    assert a[:50] == demo_records("train", n=50, seed=3)
-    assert a != demo_records("train", n=300, seed=4)
-    assert load_prompts("demo", "train", max_prompts=50, seed=3) == a[:50]
-
-
-def test_demo_train_eval_disjoint_across_seeds():
-    """No eval prompt appears in any train split (the split is a function of the prompt only)."""
-    train = {r["prompt"] for s in (0, 1) for r in demo_records("train", seed=s)}
-    evals = {r["prompt"] for s in (0, 1) for r in demo_records("eval", seed=s)}
-    assert len(evals) >= 200 and not train & evals
-    assert all(data.demo_split(p) == "eval" for p in evals)
-
-
-def test_demo_flaw_rate_matches_setting():
-    """The flawed fraction is within 4 binomial s.d. of flaw_rate; 0 and 1 are exact; every kind occurs."""
-    records = demo_records("train", seed=0, flaw_rate=0.3)
-    rate = sum(r["flawed"] for r in records) / len(records)
-    assert abs(rate - 0.3) < 4 * (0.3 * 0.7 / len(records)) ** 0.5
-    assert {r["flaw"] for r in records if r["flawed"]} == {"wrong_value", "refusal", "off_topic", "truncated"}
-    assert not any(r["flawed"] for r in demo_records("eval", n=100, flaw_rate=0.0))
-    assert all(r["flawed"] for r in demo_records("eval", n=100, flaw_rate=1.0))
-
-
-def test_demo_answers_checkable_and_short():
-    """Correct human answers pass check_answer, flawed ones fail; >= 6 families; ids unique; answers short."""
-    records = demo_records("train", seed=1) + demo_records("eval", seed=1)
-    assert len({r["family"] for r in records}) >= 6
-    assert len({r["id"] for r in records}) == len(records)
-    for r in records:
-        assert check_answer(r["response"], r["answer"], r["prompt"]) != r["flawed"], r
-        assert len(r["response"].split()) <= 20
-
-
-@pytest.mark.parametrize("response, answer, prompt, ok", [
-    ("7 + 5 = 12.", "12", "What is 7 + 5?", True),
-    ("12 is the sum of 7 and 5.", "12", "What is 7 + 5?", True),
-    ("There are 3,000 meters in 3 kilometers.", "3000", "How many meters are in 3 kilometers?", True),
-    ("7 x 12 = 70 + 14 = 84", "84", "What is 7 times 12?", True),
-    ("It appears three times.", "3", "How many times does 'e' appear?", True),
-    ("7 + 5 = 13.", "12", "What is 7 + 5?", False),
-    ("7 + 5 =", "12", "What is 7 + 5?", False),
-    ("No, 34 is smaller than 57. Yes, really.", "no", "Is 34 larger than 57?", True),
-    ("Yes.", "no", "Is 34 larger than 57?", False),
-    ("Nobody knows.", "no", "Is 34 larger than 57?", False),
-    ("The capital is Bogotá.", "bogota", "", True),
-    ("A Parisian cafe.", "paris", "", False),
-    ("'cat' backwards is 'tac'.", "tac", "", True),
-    ("", "12", "", False),
-])
-def test_check_answer_by_hand(response, answer, prompt, ok):
-    """check_answer follows the documented rule on hand-made cases."""
-    assert check_answer(response, answer, prompt) is ok
 
 
 # --- DSL pairing and history

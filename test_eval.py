@@ -13,18 +13,9 @@ import pytest
 import eval as ev
 import harness
 import plots
+from data import write_json, write_jsonl
 
 IDS = ["a", "b", "c", "d"]
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def write_json(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
 
 
 def judged_rows(generated_scores, human_scores, judge="rule", prefix="gen"):
@@ -287,7 +278,7 @@ def test_benchmarks_dry_run_and_missing_lm_eval(tmp_path, capsys):
 # ----------------------------------------------------------------------------- score
 
 def test_score_row_by_hand():
-    """Mean over non-null scores, missing counted, accuracy from data.check_answer on every checkable row."""
+    """Mean over non-null scores, missing counted, accuracy from demo.check_answer on every checkable row."""
     rows = [{"prompt": "What is 7 + 5?", "answer": "12", "generated": "7 + 5 = 12", "generated_score": 10.0},
             {"prompt": "What is 7 + 5?", "answer": "12", "generated": "It is 13.", "generated_score": 1.0},
             {"prompt": "What is 2 + 2?", "answer": "4", "generated": "5", "generated_score": None}]
@@ -298,6 +289,7 @@ def test_score_row_by_hand():
 def test_score_run_dir_with_tiny_model(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """`score RUN` evaluates base + iter0/model on the demo eval split, caches, and refuses other settings."""
     import data
+    import demo
     import generate
 
     run = tmp_path / "run"
@@ -310,7 +302,7 @@ def test_score_run_dir_with_tiny_model(tmp_path, tiny_model_dir, monkeypatch, ca
         assert [r["id"] for r in judged] == [r["id"] for r in data.load_prompts(None, split="eval", max_prompts=3)]
         row = scores["models"][name]
         assert row["n"] == 3 and row["mean_score"] == pytest.approx(np.mean([r["generated_score"] for r in judged]))
-        assert row["accuracy"] == pytest.approx(np.mean([data.check_answer(r["generated"], r["answer"], r["prompt"]) for r in judged]))
+        assert row["accuracy"] == pytest.approx(np.mean([demo.check_answer(r["generated"], r["answer"], r["prompt"]) for r in judged]))
     assert scores["human"]["mean_score"] == pytest.approx(np.mean([r["human_score"] for r in judged]))
     assert json.loads((run / "eval" / "scores.json").read_text()) == scores
     assert "| iter0 | 3 |" in capsys.readouterr().out

@@ -185,9 +185,9 @@ def test_rule_judge_hand_made_records(tmp_path):
 
 
 def test_rule_judge_matches_demo_flaws(tmp_path):
-    """On data.demo_records the human answer scores 10 exactly when it is not flawed."""
-    import data
-    recs = [dict(r, human=r["response"], generated=r["response"]) for r in data.demo_records("eval", n=60)]
+    """On demo.demo_records the human answer scores 10 exactly when it is not flawed."""
+    import demo
+    recs = [dict(r, human=r["response"], generated=r["response"]) for r in demo.demo_records("eval", n=60)]
     rows, _ = judge.judge_records(recs, judge.make_judge("rule"), tmp_path / "j.jsonl", progress=False)
     assert [r["human_score"] for r in rows] == [1.0 if r["flawed"] else 10.0 for r in recs]
 

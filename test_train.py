@@ -252,3 +252,11 @@ def test_two_process_ddp_matches_one_process_with_the_double_batch(iter0_run, tm
     a, b = model_weights(iter0_run / "iter0" / "model"), model_weights(run_dir / "iter0" / "model")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_summary_has_no_nan_when_no_record_has_both_scores():
+    """A NaN flip rate (no record with both scores) is written as null: summary.json stays valid JSON."""
+    args = types.SimpleNamespace(iter=1, start_model="m", dsl=True, noise="trainable")
+    summary = ckpt.summarize(args, [], {"flip_rate": float("nan")}, [], 0.0, 0.0)
+    assert summary["flip_rate"] is None
+    json.dumps(summary, allow_nan=False)

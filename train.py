@@ -306,11 +306,11 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         if main_proc:
             print(f"[4/5] train: resuming {state_path} at step {step}/{total_steps}")
             rows = data.read_jsonl(metrics_path) if metrics_path.is_file() else []
-            ckpt.rewrite_jsonl(metrics_path, [r for r in rows if r["step"] <= step])  # drop unsaved steps
+            data.write_jsonl(metrics_path, [r for r in rows if r["step"] <= step])  # drop unsaved steps
     elif main_proc:  # a fresh start: forget any metrics of a run killed before its first checkpoint
-        ckpt.rewrite_jsonl(metrics_path, [])
+        data.write_jsonl(metrics_path, [])
         if args.logp_examples:
-            ckpt.rewrite_jsonl(logps_path, policy_logps_rows(policy, examples, pairs, args.logp_examples, "start",
+            data.write_jsonl(logps_path, policy_logps_rows(policy, examples, pairs, args.logp_examples, "start",
                                                              pad_id, device, args.batch_size))
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -388,7 +388,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     bar.close()
     if main_proc and args.logp_examples:
         rows = [r for r in data.read_jsonl(logps_path) if r["stage"] == "start"] if logps_path.is_file() else []
-        ckpt.rewrite_jsonl(logps_path, rows + policy_logps_rows(policy, examples, pairs, args.logp_examples, "end",
+        data.write_jsonl(logps_path, rows + policy_logps_rows(policy, examples, pairs, args.logp_examples, "end",
                                                                 pad_id, device, args.batch_size))
     return data.read_jsonl(metrics_path) if main_proc else []
 
@@ -408,7 +408,7 @@ def main(argv=None):
         say(f"iter {args.iter}: {it_dir / 'model'} exists, nothing to do")
         return ckpt.print_summary(it_dir) if rank == 0 else None
     if rank == 0:
-        ckpt.write_json(it_dir / "config.json", vars(args))  # flags only: API keys are read from the environment
+        data.write_json(it_dir / "config.json", vars(args))  # flags only: API keys are read from the environment
     ckpt.seed_everything(args.seed + args.iter)
     say(f"iter {args.iter}: start {args.start_model} | dsl {args.dsl} | noise {args.noise} | world {world}")
 
@@ -425,7 +425,7 @@ def main(argv=None):
     if rank == 0:  # 5 save
         save_dtype = models.pick_dtype(device, args.dtype)
         models.save_model(policy.to(save_dtype), tokenizer, it_dir / "model")
-        ckpt.write_json(it_dir / "summary.json", ckpt.summarize(args, pairs, stats, rows, time.time() - t_train,
+        data.write_json(it_dir / "summary.json", ckpt.summarize(args, pairs, stats, rows, time.time() - t_train,
                                                                 time.time() - t_start))
         if not args.keep_checkpoint:
             (it_dir / "checkpoint" / "state.pt").unlink(missing_ok=True)

@@ -1,0 +1,64 @@
+"""The demo task: deterministic, disjoint splits, the flaw rate, and the answer-checking rule."""
+import pytest
+
+import demo
+from data import load_prompts
+from demo import check_answer, demo_records
+
+
+def test_demo_deterministic_prefix_and_seeded():
+    """Same seed -> same records; the first k of n records equal demo_records(n=k); another seed differs."""
+    a = demo_records("train", n=300, seed=3)
+    assert a == demo_records("train", n=300, seed=3)
+    assert a[:50] == demo_records("train", n=50, seed=3)
+    assert a != demo_records("train", n=300, seed=4)
+    assert load_prompts("demo", "train", max_prompts=50, seed=3) == a[:50]
+
+
+def test_demo_train_eval_disjoint_across_seeds():
+    """No eval prompt appears in any train split (the split is a function of the prompt only)."""
+    train = {r["prompt"] for s in (0, 1) for r in demo_records("train", seed=s)}
+    evals = {r["prompt"] for s in (0, 1) for r in demo_records("eval", seed=s)}
+    assert len(evals) >= 200 and not train & evals
+    assert all(demo.demo_split(p) == "eval" for p in evals)
+
+
+def test_demo_flaw_rate_matches_setting():
+    """The flawed fraction is within 4 binomial s.d. of flaw_rate; 0 and 1 are exact; every kind occurs."""
+    records = demo_records("train", seed=0, flaw_rate=0.3)
+    rate = sum(r["flawed"] for r in records) / len(records)
+    assert abs(rate - 0.3) < 4 * (0.3 * 0.7 / len(records)) ** 0.5
+    assert {r["flaw"] for r in records if r["flawed"]} == {"wrong_value", "refusal", "off_topic", "truncated"}
+    assert not any(r["flawed"] for r in demo_records("eval", n=100, flaw_rate=0.0))
+    assert all(r["flawed"] for r in demo_records("eval", n=100, flaw_rate=1.0))
+
+
+def test_demo_answers_checkable_and_short():
+    """Correct human answers pass check_answer, flawed ones fail; >= 6 families; ids unique; answers short."""
+    records = demo_records("train", seed=1) + demo_records("eval", seed=1)
+    assert len({r["family"] for r in records}) >= 6
+    assert len({r["id"] for r in records}) == len(records)
+    for r in records:
+        assert check_answer(r["response"], r["answer"], r["prompt"]) != r["flawed"], r
+        assert len(r["response"].split()) <= 20
+
+
+@pytest.mark.parametrize("response, answer, prompt, ok", [
+    ("7 + 5 = 12.", "12", "What is 7 + 5?", True),
+    ("12 is the sum of 7 and 5.", "12", "What is 7 + 5?", True),
+    ("There are 3,000 meters in 3 kilometers.", "3000", "How many meters are in 3 kilometers?", True),
+    ("7 x 12 = 70 + 14 = 84", "84", "What is 7 times 12?", True),
+    ("It appears three times.", "3", "How many times does 'e' appear?", True),
+    ("7 + 5 = 13.", "12", "What is 7 + 5?", False),
+    ("7 + 5 =", "12", "What is 7 + 5?", False),
+    ("No, 34 is smaller than 57. Yes, really.", "no", "Is 34 larger than 57?", True),
+    ("Yes.", "no", "Is 34 larger than 57?", False),
+    ("Nobody knows.", "no", "Is 34 larger than 57?", False),
+    ("The capital is Bogotá.", "bogota", "", True),
+    ("A Parisian cafe.", "paris", "", False),
+    ("'cat' backwards is 'tac'.", "tac", "", True),
+    ("", "12", "", False),
+])
+def test_check_answer_by_hand(response, answer, prompt, ok):
+    """check_answer follows the documented rule on hand-made cases."""
+    assert check_answer(response, answer, prompt) is ok
