@@ -60,7 +60,7 @@ class NoiseGenerator(nn.Module):
             raise ValueError(f"init_variance must be > 0, got {init_variance}")
         self.proj = nn.Linear(hidden_size, vocab_size)  # W (V, d), b (V,)
         nn.init.normal_(self.proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.proj.weight)
-        nn.init.constant_(self.proj.bias, inverse_softplus(init_variance))  # softplus(b) = init_variance
+        nn.init.constant_(self.proj.bias, inverse_softplus(init_variance))  # Eq. 5 init: softplus(b) = init_variance
 
     def forward(self, hidden):  # (..., d) -> (..., V)
         return nn.functional.softplus(self.proj(hidden))  # Eq. 5
@@ -79,7 +79,7 @@ class FixedNoise(nn.Module):
         width = self.vocab_size or 1
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         variance = torch.full((1,) * hidden.dim(), self.sigma ** 2, dtype=dtype, device=hidden.device)
-        return variance.expand(*hidden.shape[:-1], width)  # a view: no (..., V) memory
+        return variance.expand(*hidden.shape[:-1], width)  # App. H: constant σ², a view (no (..., V) memory)
 
 
 def make_noise(kind, hidden_size, vocab_size, alpha=DEFAULT_ALPHA, sigma=DEFAULT_SIGMA,
@@ -168,4 +168,4 @@ def noisy_sequence_logps(ref_logits, ref_hidden, labels, generator, generator_gr
         return out
     if not variance_sums:
         return out, torch.zeros((), dtype=dtype, device=logits.device)
-    return out, torch.stack(variance_sums).sum() / (rows.numel() * logits.shape[-1])
+    return out, torch.stack(variance_sums).sum() / (rows.numel() * logits.shape[-1])  # Eq. 9: mean(σ²)
