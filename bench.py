@@ -20,6 +20,10 @@ Notation as in loss.py: B sequences, T tokens, V vocabulary, d hidden size, N an
   ε₁ pass, ε₂ pass with grad, generator step) against one SPIN step on the same batch and model, a
   small random Llama. The generator costs about as much as the LM head (both d×V), so the overhead ratio
   grows with the head's share of the model's compute: far larger for a tiny model than for a 7B one.
+* judge_throughput: records/s of judge.judge_records with the openai judge against a loopback
+  chat-completions server (test_judge.FakeChat, in its own process) that waits a fixed latency before each
+  reply, at concurrency 1 and 16, fresh cache each run; ratios: c16 over c1, and each level's fraction of
+  the latency-bound ideal (concurrency / (2 requests × latency) records/s).
 
 Departures / choices:
 1. Timings are medians of a few repeats after a warm-up on whatever machine runs this; the CPU figures
@@ -213,7 +217,49 @@ def bench_dnpo_step(device, pairs=2, length=96, prompt=24, beta=0.1, alpha=1.0, 
             "generator_params_over_policy_params": n_generator / n_policy}
 
 
-BENCHMARKS = {"noisy_logps": bench_noisy_logps, "dnpo_step": bench_dnpo_step}
+def _serve_fake_chat(latency, conn):
+    """Run test_judge.FakeChat in this (spawned) process until told to stop."""
+    from test_judge import FakeChat
+    fake = FakeChat(latency=latency)
+    conn.send(fake.url)
+    conn.recv()
+    fake.close()
+
+
+def bench_judge_throughput(device, records=64, latency=0.05, concurrencies=(1, 16)):
+    """records/s of the openai judge at each concurrency against a loopback server with added latency."""
+    import multiprocessing
+    import tempfile
+
+    import judge
+    from test_judge import FAKE_KEY, records as make_records
+    os.environ.setdefault("OPENAI_API_KEY", FAKE_KEY)  # a fake key for the fake server; never a real one
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    server = ctx.Process(target=_serve_fake_chat, args=(latency, child), daemon=True)
+    server.start()
+    rates = {}
+    try:
+        url = parent.recv()
+        for c in concurrencies:
+            with tempfile.TemporaryDirectory() as d:
+                j = judge.make_judge("openai", model="bench", base_url=url, concurrency=c,
+                                     cache_path=os.path.join(d, "cache.jsonl"))
+                t0 = time.perf_counter()
+                judge.judge_records(make_records(records), j, os.path.join(d, "judged.jsonl"), progress=False)
+                rates[c] = records / (time.perf_counter() - t0)
+            print(f"judge_throughput | concurrency {c:>3} | {rates[c]:7.1f} records/s | latency {latency * 1000:.0f} ms")
+    finally:
+        parent.send("stop")
+        server.join(10)
+    lo, hi = concurrencies
+    ideal = lambda c: c / (2 * latency)  # noqa: E731  records/s if only latency mattered
+    return {f"records_per_s_c{hi}_over_c{lo}": rates[hi] / rates[lo],
+            f"c{lo}_fraction_of_ideal": rates[lo] / ideal(lo), f"c{hi}_fraction_of_ideal": rates[hi] / ideal(hi)}
+
+
+BENCHMARKS = {"noisy_logps": bench_noisy_logps, "dnpo_step": bench_dnpo_step,
+              "judge_throughput": bench_judge_throughput}
 
 
 def main(argv=None):
