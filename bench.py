@@ -21,7 +21,7 @@ Notation as in loss.py: B sequences, T tokens, V vocabulary, d hidden size, N an
   small random Llama. The generator costs about as much as the LM head (both d×V), so the overhead ratio
   grows with the head's share of the model's compute: far larger for a tiny model than for a 7B one.
 * judge_throughput: records/s of judge.judge_records with the openai judge against a loopback
-  chat-completions server (test_judge.FakeChat, in its own process) that waits a fixed latency before each
+  chat-completions server (test_judge_http.FakeChat, in its own process) that waits a fixed latency before each
   reply, at concurrency 1 and 16, fresh cache each run; ratios: c16 over c1, and each level's fraction of
   the latency-bound ideal (concurrency / (2 requests × latency) records/s).
 
@@ -218,8 +218,8 @@ def bench_dnpo_step(device, pairs=2, length=96, prompt=24, beta=0.1, alpha=1.0, 
 
 
 def _serve_fake_chat(latency, conn):
-    """Run test_judge.FakeChat in this (spawned) process until told to stop."""
-    from test_judge import FakeChat
+    """Run test_judge_http.FakeChat in this (spawned) process until told to stop."""
+    from test_judge_http import FakeChat
     fake = FakeChat(latency=latency)
     conn.send(fake.url)
     conn.recv()
@@ -232,7 +232,7 @@ def bench_judge_throughput(device, records=64, latency=0.05, concurrencies=(1, 1
     import tempfile
 
     import judge
-    from test_judge import FAKE_KEY, records as make_records
+    from test_judge_http import FAKE_KEY, records as make_records
     os.environ.setdefault("OPENAI_API_KEY", FAKE_KEY)  # a fake key for the fake server; never a real one
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
