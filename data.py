@@ -90,6 +90,39 @@ def append_jsonl(fh, record) -> None:
     fh.flush()
 
 
+def read_jsonl_tolerant(path) -> list[dict]:
+    """Rows of an append-only JSONL file that a kill may have cut mid-line (a partial output, a cache).
+
+    A line counts only once its newline is on disk, so a torn last line is ignored (open_append cuts it
+    off before the next append); a bad line before it is a ValueError naming file:line. No file: [].
+    """
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as fh:
+        blob = fh.read()
+    complete = blob[:blob.rfind(b"\n") + 1].decode("utf-8")  # the lines whose newline was written
+    rows = []
+    for lineno, line in enumerate(complete.split("\n")[:-1], 1):
+        if line.strip():
+            try:
+                rows.append(_parse_line(path, lineno, line))
+            except ValueError as e:
+                reason = str(e).removeprefix(f"{path}:{lineno}: ")
+                raise ValueError(f"{path}:{lineno}: corrupt line in an append-only file ({reason}); "
+                                 f"delete the file to start over") from None
+    return rows
+
+
+def open_append(path):
+    """Open an append-only JSONL file for appending, first cutting off a torn last line (a kill mid-write)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        with open(path, "rb+") as fh:
+            fh.truncate(fh.read().rfind(b"\n") + 1)  # no-op when the file ends with a newline
+    return open(path, "a", encoding="utf-8")
+
+
 def prompt_id(prompt: str) -> str:
     """Stable id of a prompt: the first 16 hex digits of its SHA-1."""
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]

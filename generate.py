@@ -20,7 +20,6 @@ import argparse
 import functools
 import glob
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import append_jsonl, load_prompts, read_jsonl, write_jsonl
+from data import append_jsonl, load_prompts, open_append, read_jsonl, read_jsonl_tolerant, write_jsonl
 
 # --- resumable bookkeeping (pure functions, tested without a model or a process group) ----------------
 
@@ -43,42 +42,13 @@ def partial_path(out_path, rank=0, world=1):
     return f"{out_path}.partial" if world == 1 else f"{out_path}.partial.{rank}"
 
 
-def read_partial(path, repair=False):
-    """Rows of a partial file. A torn last line (a crash mid-write) is ignored, and with repair=True cut
-    off the file so later appends start on a clean line; a bad line before the last is a ValueError."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as fh:
-        data = fh.read()
-    rows, offset, lines = [], 0, data.split(b"\n")
-    for i, line in enumerate(lines):
-        last = i == len(lines) - 1
-        try:
-            row = json.loads(line) if line.strip() else None
-            if row is not None and not isinstance(row, dict):
-                raise ValueError("not a JSON object")
-            if row is not None and last:                  # a complete object without its newline
-                raise ValueError("no trailing newline")
-        except ValueError:
-            if not last:
-                raise ValueError(f"{path}:{i + 1}: corrupt line in the middle of a partial file; delete it to start over") from None
-            if repair:
-                with open(path, "r+b") as fh:
-                    fh.truncate(offset)
-            break
-        if row is not None:
-            rows.append(row)
-        offset += len(line) + 1
-    return rows
-
-
 def done_rows(out_path, records):
     """{id: row} already generated for these records, from the final file and every partial file."""
     by_id = {r["id"]: r for r in records}
     paths = ([out_path] if os.path.exists(out_path) else []) + sorted(glob.glob(glob.escape(out_path) + ".partial*"))
     done = {}
     for path in paths:
-        for row in (read_jsonl(path) if path == out_path else read_partial(path)):
+        for row in (read_jsonl(path) if path == out_path else read_jsonl_tolerant(path)):
             rid = row.get("id")
             if rid in by_id and rid not in done:
                 if row.get("prompt") != by_id[rid]["prompt"]:
@@ -182,7 +152,6 @@ def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256,
     done = done_rows(out_path, records)
     todo = [r for r in shard_records(records, rank, world) if r["id"] not in done]
     mine = partial_path(out_path, rank, world)
-    read_partial(mine, repair=True)
     t0, n_tokens = time.perf_counter(), 0
     if todo:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -190,7 +159,7 @@ def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256,
             enc = {r["id"]: _chat_ids(tokenizer, r["prompt"]) for r in todo}
             todo.sort(key=lambda r: -len(enc[r["id"]]))                   # longest first: less padding, OOM early
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-        with open(mine, "a", encoding="utf-8") as fh, tqdm(total=len(todo), desc=f"generate[{rank}]",
+        with open_append(mine) as fh, tqdm(total=len(todo), desc=f"generate[{rank}]",
                                                           disable=rank != 0, file=sys.stderr) as bar:
             for b, batch in enumerate(batches):
                 if backend == "hf":

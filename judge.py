@@ -33,7 +33,6 @@ Where this departs from, or fills a gap in, the paper:
    scores; delete the row (or the file) to ask again.
 """
 import argparse
-import json
 import math
 import os
 import re
@@ -41,8 +40,9 @@ import re
 import torch
 from tqdm import tqdm
 
+from data import append_jsonl, open_append, read_jsonl, read_jsonl_tolerant, write_jsonl
 from judge_http import (EMPTY_SCORE, RATING_PREFIX, Judge, JudgeFatalError, OpenAIJudge, build_prompt,  # noqa: F401
-                        open_append, parse_rating, read_jsonl_tolerant)
+                        parse_rating)
 
 RULE_CORRECT, RULE_WRONG = 10.0, 1.0
 REQUIRED = ("id", "prompt", "human", "generated")
@@ -193,8 +193,6 @@ def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, 
 
     A cacheable judge without a cache gets `<out_path>.cache.jsonl` unless default_cache is False.
     """
-    import data  # lazy: write_jsonl is the project's atomic writer
-
     _check_records(records)
     out_path = str(out_path)
     partial = out_path + ".partial"
@@ -223,12 +221,11 @@ def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, 
                 errors = [f"{side}: {err}" for side, s, err in (("human", hs, herr), ("generated", gs, gerr)) if s is None]
                 if errors:
                     row["judge_error"] = "; ".join(errors)
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                append_jsonl(fh, row)
                 done[r["id"]] = row
-            fh.flush()
             bar.update(len(chunk))
     rows = [done[r["id"]] for r in records]
-    data.write_jsonl(out_path, rows)
+    write_jsonl(out_path, rows)
     os.remove(partial)
     used = {k: judge.stats[k] - before.get(k, 0) for k in judge.stats}
     flips = dsl_flip_stats(rows)
@@ -288,14 +285,12 @@ def dsl_flip_rate(judged_rows) -> float:
 
 def flip_rates_by_iteration(run_dir) -> list[dict]:
     """dsl_flip_stats of every <run_dir>/iter{k}/judged.jsonl, ordered by k."""
-    import data
-
     out = []
     for name in os.listdir(run_dir):
         m = re.fullmatch(r"iter(\d+)", name)
         path = os.path.join(run_dir, name, "judged.jsonl")
         if m and os.path.exists(path):
-            out.append(dict(iter=int(m.group(1)), **dsl_flip_stats(data.read_jsonl(path))))
+            out.append(dict(iter=int(m.group(1)), **dsl_flip_stats(read_jsonl(path))))
     return sorted(out, key=lambda d: d["iter"])
 
 
@@ -333,9 +328,8 @@ def main(argv=None) -> None:
                 print(f"iter {s['iter']} | records {s['n']} | flips {s['flip_rate']:.1%} | ties {s['tie_rate']:.1%} "
                       f"| missing {s['missing']}")
             return
-        import data
 
-        records = data.read_jsonl(args.inp)
+        records = read_jsonl(args.inp)
         options = {}
         if args.judge == "openai":
             options = dict(timeout=args.timeout, max_retries=args.max_retries, max_tokens=args.max_tokens)

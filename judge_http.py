@@ -38,6 +38,8 @@ import urllib.parse
 
 import httpx
 
+from data import append_jsonl, open_append, read_jsonl_tolerant
+
 SCALE = (1.0, 10.0)          # every judge, rule and LLM, scores on this closed range
 EMPTY_SCORE = 1.0            # an empty answer is the worst answer (deviation 4)
 TEMPLATE = (
@@ -134,42 +136,12 @@ def _json_rating(blob: str):
     return None
 
 
-# ---------------------------------------------------------------- files
-def read_jsonl_tolerant(path: str) -> list[dict]:
-    """JSON objects of an append-only file; a torn last line (a run killed mid-write) is skipped."""
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.read().split("\n")
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            assert isinstance(obj, dict)
-        except (json.JSONDecodeError, AssertionError):
-            if n == len(lines):  # no newline after it: torn by a kill
-                continue
-            raise ValueError(f"{path}:{n}: not a JSON object (delete the file to start over)") from None
-        out.append(obj)
-    return out
-
-
-def open_append(path: str):
-    """Open an append-only JSONL file, first cutting off a torn last line (a kill mid-write)."""
-    if os.path.exists(path):
-        with open(path, "rb+") as fh:
-            data = fh.read()
-            if data and not data.endswith(b"\n"):
-                fh.truncate(data.rfind(b"\n") + 1)
-    return open(path, "a", encoding="utf-8")
-
-
 class ScoreCache:
     """Persistent scores keyed by sha256(judge model, template version, prompt, answer)."""
 
     def __init__(self, path):
         self.path = str(path)
-        self.entries = {e["key"]: e for e in read_jsonl_tolerant(self.path)} if os.path.exists(self.path) else {}
+        self.entries = {e["key"]: e for e in read_jsonl_tolerant(self.path)}
         self._fh = None
 
     @staticmethod
@@ -184,8 +156,7 @@ class ScoreCache:
         entry = dict(entry, key=key)
         if self._fh is None:
             self._fh = open_append(self.path)
-        self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._fh.flush()
+        append_jsonl(self._fh, entry)
         self.entries[key] = entry
 
     def close(self):

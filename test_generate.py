@@ -7,8 +7,8 @@ import torch
 
 import generate
 from conftest import make_tiny_model
-from data import read_jsonl, write_jsonl
-from generate import done_rows, generate_answers, main, merge_rows, partial_path, read_partial, shard_records
+from data import read_jsonl, read_jsonl_tolerant, write_jsonl
+from generate import done_rows, generate_answers, main, merge_rows, partial_path, shard_records
 
 KW = dict(max_new_tokens=3, batch_size=2)
 
@@ -62,7 +62,7 @@ def test_resume_after_interruption_no_duplicates(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(generate, "_generate_hf", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         generate_answers(model, tok, records, out, **KW)
-    assert not out.exists() and len(read_partial(f"{out}.partial")) == 2
+    assert not out.exists() and len(read_jsonl_tolerant(f"{out}.partial")) == 2
 
     def counting(m, t, prompt_ids, *a):
         seen.append(len(prompt_ids))
@@ -83,17 +83,17 @@ def test_torn_partial_line_is_repaired(tmp_path, tiny):
     records, out = _records(3), tmp_path / "g.jsonl"
     good = {"id": "r1", "prompt": records[1]["prompt"], "human": "human 1", "generated": "kept", "answer": "1"}
     (tmp_path / "g.jsonl.partial").write_text(json.dumps(good) + "\n" + '{"id": "r2", "prompt": "qq')
-    assert read_partial(f"{out}.partial") == [good]
+    assert read_jsonl_tolerant(f"{out}.partial") == [good]
     rows = generate_answers(model, tok, records, out, **KW)
     assert rows[1] == good and len(rows) == 3 and rows[2]["id"] == "r2"
 
 
-def test_read_partial_rejects_corrupt_middle_line(tmp_path):
+def test_read_jsonl_tolerant_rejects_corrupt_middle_line(tmp_path):
     """Corruption before the last line is an error naming file:line, not a silent skip."""
     path = tmp_path / "p"
     path.write_text('{"id": 1}\nnot json\n{"id": 2}\n')
     with pytest.raises(ValueError, match=rf"{path}:2: corrupt line"):
-        read_partial(path)
+        read_jsonl_tolerant(path)
 
 
 def test_changed_prompt_for_done_id_is_an_error(tmp_path, tiny):
@@ -156,7 +156,7 @@ def test_two_ranks_generate_their_shards_and_rank0_merges(tmp_path, tiny, monkey
     monkeypatch.setattr(torch.distributed, "barrier", barrier_stop)
     with pytest.raises(Waiting):
         generate_answers(model, tok, records, out, **KW)
-    assert sorted(r["id"] for r in read_partial(f"{out}.partial.1")) == ["r1", "r3", "r5"] and len(seen) == 3
+    assert sorted(r["id"] for r in read_jsonl_tolerant(f"{out}.partial.1")) == ["r1", "r3", "r5"] and len(seen) == 3
     monkeypatch.setattr(generate, "_dist", lambda: (0, 2))
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
     rows = generate_answers(model, tok, records, out, **KW)
