@@ -4,10 +4,7 @@ schedule, RNG states, and the one checkpoint dict, all written atomically so tha
 loses at most the steps since the last save and never leaves a half-written file.
 
 Where this departs from, or fills a gap in, the paper:
-1. The paper (Table 3) names a "linear" scheduler with warmup ratio 0.1; we use the Hugging Face
-   definition: lr rises linearly from 0 over ceil(0.1 · total) optimizer steps, then decays linearly
-   to 0 at the last step (so the very first step runs at lr 0, exactly as HF's trainer does).
-2. Data order: one permutation per epoch from a generator seeded with (seed, epoch), padded by
+1. Data order: one permutation per epoch from a generator seeded with (seed, epoch), padded by
    wrapping to a multiple of the world size and dealt out round-robin to ranks, as
    torch.utils.data.DistributedSampler does; a rank's micro-batches are consecutive slices of its
    share. With world size W and batch b, the W ranks of one step see exactly the examples that a
@@ -19,11 +16,12 @@ import math
 import os
 import pathlib
 import random
-import tempfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import data
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -108,15 +106,6 @@ def steps_per_epoch(n, world, batch_size, grad_accum):
     return math.ceil(micro / grad_accum)
 
 
-def linear_warmup_decay(warmup_steps, total_steps):
-    """LR multiplier of optimizer step s (HF get_linear_schedule_with_warmup)."""
-    def factor(step):
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return factor
-
-
 def rng_state():
     """Every global RNG a training step may touch (python, numpy, torch CPU, CUDA)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -138,18 +127,9 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, state):
-    """torch.save the checkpoint dict to a temporary file beside path, then os.replace it into place."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """torch.save the checkpoint dict atomically (a temporary file beside path, then os.replace)."""
+    with data.atomic_open(path, binary=True) as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path):

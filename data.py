@@ -53,8 +53,9 @@ def _parse_line(path, lineno, line) -> dict:
 
 
 @contextlib.contextmanager
-def atomic_open(path):
-    """Open a temporary text file beside `path`; on success it replaces `path` in one os.replace.
+def atomic_open(path, binary=False):
+    """Open a temporary file (text, or bytes with binary=True) beside `path`; on success it replaces `path`
+    in one os.replace.
 
     A crash or Ctrl-C mid-write leaves the old file (or none) and no temporary file behind.
     """
@@ -62,7 +63,7 @@ def atomic_open(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as fh:
             yield fh
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
         os.replace(tmp, path)

@@ -211,9 +211,15 @@ def test_missing_previous_iteration_names_the_command(tmp_path):
 
 
 def test_linear_schedule_matches_hand_values():
-    """Warmup 2 of 10 steps: 0, 0.5, then 1 decaying linearly to 1/8 at the last step (HF definition)."""
-    f = ckpt.linear_warmup_decay(2, 10)
-    assert [f(s) for s in range(10)] == [0, 0.5, 1, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8]
+    """train.py's schedule, warmup 2 of 10 steps: 0, 0.5, then 1 decaying linearly to 1/8 at the last step."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = train.get_linear_schedule_with_warmup(optimizer, 2, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [0, 0.5, 1, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8]
 
 
 def test_rank_shards_of_one_step_are_the_single_process_batch():

@@ -24,7 +24,9 @@ Where this departs from, or fills a gap in, the paper:
    pre-softplus output moves by up to ~lr·Σ|h|: about 1 per step for d = 576, more for d = 4096, where
    a lower --noise-lr may be wanted); generation greedy with max 512 new tokens (paper preset);
    --batch-size is per process (the HF per_device_train_batch_size that Table 3 most likely lists);
-   gradient clipping at norm 1.0 (HF); logps.jsonl, the start/end log-probs behind Fig. 2/10.
+   gradient clipping at norm 1.0 (HF); Table 3's "linear" schedule is transformers'
+   get_linear_schedule_with_warmup (lr 0 → peak over ceil(0.1·steps), then linear decay to 0);
+   logps.jsonl, the start/end log-probs behind Fig. 2/10.
 5. Policy weights are kept in fp32 (master copy) with bf16 autocast on CUDA; the reference is held in
    the compute dtype; the saved model is cast to --dtype. Judging runs even at iteration 0 (its
    scores feed the DSL flip statistics) although iteration 0 trains on human = chosen.
@@ -44,6 +46,7 @@ import time
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 import checkpoint as ckpt
 import data
@@ -296,7 +299,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ckpt.linear_warmup_decay(warmup_steps, total_steps))
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
     # resume from the last checkpoint, if any
     step, state = 0, ckpt.load_checkpoint(state_path)
