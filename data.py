@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import sys
 import tempfile
 
@@ -255,6 +256,13 @@ def dsl_pairs(judged: list[dict], dsl: bool):
                       "chosen": generated if flip else human, "rejected": human if flip else generated,
                       "chosen_source": "generated" if flip else "human"})
     return pairs, stats
+
+
+def iterations(run_dir) -> list[int]:
+    """Sorted k of every <run_dir>/iter{k}/ directory."""
+    found = [int(m.group(1)) for p in pathlib.Path(run_dir).glob("iter*")
+             if p.is_dir() and (m := re.fullmatch(r"iter(\d+)", p.name))]
+    return sorted(found)
 
 
 def history_pairs(run_dir, k, h) -> list[dict]:

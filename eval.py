@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import write_json
+from data import iterations, write_json
 from harness import run_benchmarks
-from plots import (iterations, make_plots, markdown_table, read_json, score_table, similarity_table,
+from plots import (make_plots, markdown_table, read_json, score_table, similarity_table,
                    write_report)
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile

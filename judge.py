@@ -35,12 +35,11 @@ Where this departs from, or fills a gap in, the paper:
 import argparse
 import math
 import os
-import re
 
 import torch
 from tqdm import tqdm
 
-from data import append_jsonl, open_append, read_jsonl, read_jsonl_tolerant, write_jsonl
+from data import append_jsonl, iterations, open_append, read_jsonl, read_jsonl_tolerant, write_jsonl
 from judge_http import (EMPTY_SCORE, RATING_PREFIX, Judge, JudgeFatalError, OpenAIJudge, build_prompt,  # noqa: F401
                         parse_rating)
 
@@ -285,13 +284,8 @@ def dsl_flip_rate(judged_rows) -> float:
 
 def flip_rates_by_iteration(run_dir) -> list[dict]:
     """dsl_flip_stats of every <run_dir>/iter{k}/judged.jsonl, ordered by k."""
-    out = []
-    for name in os.listdir(run_dir):
-        m = re.fullmatch(r"iter(\d+)", name)
-        path = os.path.join(run_dir, name, "judged.jsonl")
-        if m and os.path.exists(path):
-            out.append(dict(iter=int(m.group(1)), **dsl_flip_stats(read_jsonl(path))))
-    return sorted(out, key=lambda d: d["iter"])
+    paths = [(k, os.path.join(run_dir, f"iter{k}", "judged.jsonl")) for k in iterations(run_dir)]
+    return [dict(iter=k, **dsl_flip_stats(read_jsonl(path))) for k, path in paths if os.path.exists(path)]
 
 
 # ---------------------------------------------------------------- CLI

@@ -31,15 +31,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data import read_jsonl  # noqa: E402
+from data import iterations, read_jsonl  # noqa: E402
 
 COLORS = {"chosen": "tab:blue", "rejected": "tab:red", "generated": "black"}
-
-
-def iterations(run_dir) -> list[int]:
-    """Sorted k of every RUN_DIR/iter{k}/ directory."""
-    found = [int(m.group(1)) for p in Path(run_dir).glob("iter*") if p.is_dir() and (m := re.fullmatch(r"iter(\d+)", p.name))]
-    return sorted(found)
 
 
 def _values(rows, key):
