@@ -281,14 +281,19 @@ def history_pairs(run_dir, k, h) -> list[dict]:
 # --- tokenization and collation ------------------------------------------------------------------------
 
 
+def chat_prompt_ids(tokenizer, prompt) -> list[int]:
+    """Token ids of one user turn through the chat template, ending with the assistant header: the same
+    ids whether the model is answering (generate.py) or being trained on an answer (tokenize_pair)."""
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
 def tokenize_pair(tokenizer, pair, max_length=1024, max_prompt_length=512) -> dict:
     """Chat-template token ids and labels (-100 on the prompt) of a pair's chosen and rejected sequences,
     truncated by the rule in the module docstring (item 2)."""
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
-    prompt_ids = list(tokenizer.apply_chat_template([{"role": "user", "content": pair["prompt"]}],
-                                                    add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True)["input_ids"])
+    prompt_ids = chat_prompt_ids(tokenizer, pair["prompt"])
     eos = tokenizer.eos_token_id
     answers = {side: tokenizer(pair[side], add_special_tokens=False)["input_ids"] + [eos]
                for side in ("chosen", "rejected")}

@@ -27,7 +27,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import append_jsonl, load_prompts, open_append, read_jsonl, read_jsonl_tolerant, write_jsonl
+from data import append_jsonl, chat_prompt_ids, load_prompts, open_append, read_jsonl, read_jsonl_tolerant, write_jsonl
 
 # --- resumable bookkeeping (pure functions, tested without a model or a process group) ----------------
 
@@ -73,11 +73,6 @@ def _dist():
 
 
 # --- backends ----------------------------------------------------------------------------------------
-
-
-def _chat_ids(tokenizer, prompt):
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=True)["input_ids"])
 
 
 @torch.no_grad()
@@ -156,7 +151,7 @@ def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256,
     if todo:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         if backend == "hf":
-            enc = {r["id"]: _chat_ids(tokenizer, r["prompt"]) for r in todo}
+            enc = {r["id"]: chat_prompt_ids(tokenizer, r["prompt"]) for r in todo}
             todo.sort(key=lambda r: -len(enc[r["id"]]))                   # longest first: less padding, OOM early
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         with open_append(mine) as fh, tqdm(total=len(todo), desc=f"generate[{rank}]",
