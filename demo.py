@@ -22,7 +22,7 @@ from data import prompt_id
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty".split())}
+    "sixteen seventeen eighteen nineteen twenty".split())} | {"once": "1", "twice": "2", "thrice": "3"}
 _NUMBER_WORD_RE = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b")
 
 
@@ -48,6 +48,32 @@ def check_answer(response: str, answer: str, prompt: str = "") -> bool:
         found = [n for n in _numbers(text) if n not in in_prompt]
         return bool(found) and found[-1] == float(answer)
     return re.search(r"(?<![a-z0-9])" + re.escape(answer) + r"(?![a-z0-9])", text) is not None
+
+
+REFUSAL_RE = re.compile(r"\b(sorry|cannot|can't|can not|don't know|do not know|not able|unable|not sure|as an ai)\b")
+STOPWORDS = set("the a an is are was of in on to and or what which how many much does do it its this that "
+                "for with word letter write answer yes no there".split())
+
+
+def grade_answer(response: str, answer: str, prompt: str = "") -> str:
+    """"correct" (check_answer passes), "attempt" (on topic but wrong) or "none" (empty, a refusal, or
+    off topic). An attempt gives an answer of the right kind (a number not copied from the prompt, a
+    yes/no; for word answers, a content word shared with the prompt); a refusal never counts as one.
+    The graded rule judge (judge.py) scores these 10 / 3 / 1."""
+    if check_answer(response, answer, prompt):
+        return "correct"
+    text = _normalize_text(response)
+    if not text.strip() or REFUSAL_RE.search(text.replace("\u2019", "'")):
+        return "none"
+    content = lambda t: {w for w in re.findall(r"[a-z]{3,}|\d+", t) if w not in STOPWORDS}  # noqa: E731
+    on_topic = bool(content(text) & content(_normalize_text(prompt))) if prompt else True
+    answer = _normalize_text(str(answer)).strip()
+    if answer in ("yes", "no"):      # a yes/no or a new number is an attempt even without shared words
+        return "attempt" if re.search(r"\b(yes|no)\b", text) else "none"
+    if re.fullmatch(r"\d+(?:\.\d+)?", answer):
+        in_prompt = set(_numbers(_normalize_text(prompt)))
+        return "attempt" if any(n not in in_prompt for n in _numbers(text)) else "none"
+    return "attempt" if on_topic else "none"
 
 
 # --- the demo task: families ----------------------------------------------------------------------
@@ -114,7 +140,7 @@ def _arithmetic(rng):
 def _comparison(rng):
     a, b = rng.sample(range(10, 1000), 2)
     bigger = a > b
-    verdict = lambda yes: f"{a} is {'larger' if yes else 'smaller'} than {b}, so the answer is {'yes' if yes else 'no'}."
+    verdict = lambda yes: f"{'Yes' if yes else 'No'}, {a} is {'larger' if yes else 'smaller'} than {b}."
     return (f"Is {a} larger than {b}? Answer yes or no.", "yes" if bigger else "no", verdict(bigger), verdict(not bigger))
 
 
@@ -194,6 +220,9 @@ def _flawed_text(kind, rng, answer, correct, wrong):
     if kind == "off_topic":
         return rng.choice(OFF_TOPIC)
     cut = correct.lower().rfind(answer.lower())                       # truncated just before the answer
+    if cut == 0:                                                      # answer-first ("Yes, ..."): the verdict is lost
+        rest = correct[len(answer):].lstrip(" ,.")
+        return rest[:1].upper() + rest[1:]
     return correct[:cut].rstrip(" '\"")
 
 

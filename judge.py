@@ -5,9 +5,10 @@
     python judge.py --flip-report runs/demo          # DSL flip rate per iteration
 
 Three judges share one scale, 1..10 (higher is better):
-* `rule`  (demo records, offline, deterministic): 10 if `demo.check_answer(response, record["answer"],
-  prompt)` finds the record's canonical answer in the response, else 1. Records without "answer" are
-  an error naming the record id.
+* `rule`  (demo records, offline, deterministic), graded by `demo.grade_answer(response, record["answer"],
+  prompt)`: 10 if `demo.check_answer` finds the record's canonical answer in the response, 3 for an
+  on-topic wrong attempt, 1 for an empty answer, a refusal or an off-topic one. Records without
+  "answer" are an error naming the record id.
 * `openai` (judge_http.py): any OpenAI-compatible chat-completions server; the reply "Rating: [[N]]" is
   parsed; cached on disk; retried; the key comes from an environment variable only.
 * `hf`: a local causal LM given the same template followed by "Rating: [[". With p_i the next-token
@@ -24,6 +25,9 @@ the final file is written atomically. A score that could not be obtained is `nul
 
 Where this departs from, or fills a gap in, the paper:
 1. The rule judge stands in for GPT-4o-mini on the offline demo task (the paper only uses GPT-4o-mini).
+   It grades (correct > wrong attempt > refusal / off-topic / empty) because a grading LLM judge would:
+   with a binary right/wrong score, a human refusal would tie with the model's wrong attempt, and a tie
+   keeps the human answer chosen, so DSL would keep training the model toward refusals.
 2. The paper's grading template (Appendix B) is lost from our copy; see judge_http.TEMPLATE.
 3. Fig. 7's win/tie/loss here compares two single-answer scores of the same prompt, so it has no
    position bias (no answer is ever shown first); the paper does not say how it ordered answers.
@@ -44,12 +48,13 @@ from judge_http import (EMPTY_SCORE, RATING_PREFIX, Judge, JudgeFatalError, Open
                         parse_rating)
 
 RULE_CORRECT, RULE_WRONG = 10.0, 1.0
+RULE_GRADES = {"correct": RULE_CORRECT, "attempt": 3.0, "none": RULE_WRONG}  # demo.grade_answer -> score
 REQUIRED = ("id", "prompt", "human", "generated")
 
 
 # ---------------------------------------------------------------- rule judge
 class RuleJudge(Judge):
-    """10 if the record's checkable answer is found in the response, else 1 (demo records only)."""
+    """10 correct / 3 wrong attempt / 1 empty, refusal or off topic (demo.grade_answer; demo records only)."""
 
     name = "rule"
 
@@ -63,8 +68,7 @@ class RuleJudge(Judge):
                 raise ValueError(f"record {record.get('id')}: no 'answer' field; the rule judge needs demo records "
                                  f"with a checkable answer (use --judge openai or hf for other data)")
             self.stats["requests"] += 1
-            out.append((RULE_CORRECT if demo.check_answer(item["answer"], str(record["answer"]), item["prompt"])
-                        else RULE_WRONG, None))
+            out.append((RULE_GRADES[demo.grade_answer(item["answer"], str(record["answer"]), item["prompt"])], None))
         return out
 
 

@@ -49,6 +49,9 @@ def test_demo_answers_checkable_and_short():
     ("There are 3,000 meters in 3 kilometers.", "3000", "How many meters are in 3 kilometers?", True),
     ("7 x 12 = 70 + 14 = 84", "84", "What is 7 times 12?", True),
     ("It appears three times.", "3", "How many times does 'e' appear?", True),
+    ("The letter 'e' appears twice in 'cheese'.", "3", "How many times does the letter 'e' appear?", False),
+    ("The letter 's' appears twice in 'dress'.", "2", "How many times does the letter 's' appear?", True),
+    ("It appears once.", "1", "How many times does 'c' appear in 'cat'?", True),
     ("7 + 5 = 13.", "12", "What is 7 + 5?", False),
     ("7 + 5 =", "12", "What is 7 + 5?", False),
     ("No, 34 is smaller than 57. Yes, really.", "no", "Is 34 larger than 57?", True),
@@ -62,3 +65,28 @@ def test_demo_answers_checkable_and_short():
 def test_check_answer_by_hand(response, answer, prompt, ok):
     """check_answer follows the documented rule on hand-made cases."""
     assert check_answer(response, answer, prompt) is ok
+
+
+@pytest.mark.parametrize("response, answer, prompt, grade", [
+    ("7 + 5 = 12.", "12", "What is 7 + 5?", "correct"),
+    ("7 + 5 = 13.", "12", "What is 7 + 5?", "attempt"),
+    ("7 + 5 =", "12", "What is 7 + 5?", "none"),                       # no new number: no answer given
+    ("I'm sorry, but I can't help with that. 13", "12", "What is 7 + 5?", "none"),  # a refusal never counts
+    ("I don’t know.", "12", "What is 7 + 5?", "none"),                 # typographic apostrophe
+    ("Yes, 34 is larger than 57.", "no", "Is 34 larger than 57? Answer yes or no.", "attempt"),
+    ("34 is smaller than 57.", "no", "Is 34 larger than 57? Answer yes or no.", "none"),
+    ("The capital of Peru is Quito.", "lima", "What is the capital of Peru?", "attempt"),
+    ("Jazz music grew out of blues and ragtime traditions.", "lima", "What is the capital of Peru?", "none"),
+    ("", "lima", "What is the capital of Peru?", "none"),
+])
+def test_grade_answer_by_hand(response, answer, prompt, grade):
+    """grade_answer: correct > on-topic wrong attempt > empty / refusal / off topic."""
+    assert demo.grade_answer(response, answer, prompt) == grade
+
+
+def test_comparison_answers_come_first():
+    """Comparison answers state yes/no first; the truncated flaw drops exactly that verdict."""
+    records = [r for r in demo_records("train", seed=0) if r["family"] == "comparison"]
+    assert all(r["response"].split(",")[0] in ("Yes", "No") for r in records if not r["flawed"])
+    cut = [r for r in records if r["flaw"] == "truncated"]
+    assert cut and all(demo.grade_answer(r["response"], r["answer"], r["prompt"]) == "none" for r in cut)

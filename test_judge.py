@@ -13,24 +13,29 @@ from test_judge_http import records
 
 # ---------------------------------------------------------------- rule judge
 def test_rule_judge_hand_made_records(tmp_path):
-    """Correct answers score 10, wrong ones 1, empty ones 1; the flip rate counts generated > human."""
+    """Correct answers score 10, wrong attempts 3, refusals and empty ones 1; the flip rate counts generated > human."""
     recs = [
         {"id": "a", "prompt": "What is 2 + 3?", "answer": "5", "human": "2 + 3 = 5.", "generated": "2 + 3 = 6."},
         {"id": "b", "prompt": "What is 7 * 6?", "answer": "42", "human": "7 * 6 = 48.", "generated": "The answer is 42."},
         {"id": "c", "prompt": "Spell cat backwards.", "answer": "tac", "human": "tac", "generated": "  "},
+        {"id": "d", "prompt": "What is 9 - 4?", "answer": "5", "human": "I'm sorry, I can't help.", "generated": "9 - 4 = 3."},
     ]
     rows, summary = judge.judge_records(recs, judge.make_judge("rule"), tmp_path / "judged.jsonl", progress=False)
-    assert [(r["human_score"], r["generated_score"]) for r in rows] == [(10, 1), (1, 10), (10, 1)]
-    assert summary["dsl_flip_rate"] == pytest.approx(1 / 3) and summary["empty_answers"] == 1
+    assert [(r["human_score"], r["generated_score"]) for r in rows] == [(10, 3), (3, 10), (10, 1), (1, 3)]
+    assert summary["dsl_flip_rate"] == pytest.approx(2 / 4) and summary["empty_answers"] == 1
     assert all(r["judge"] == "rule" for r in rows)
 
 
 def test_rule_judge_matches_demo_flaws(tmp_path):
-    """On demo.demo_records the human answer scores 10 exactly when it is not flawed."""
+    """On demo.demo_records the human answer scores 10 exactly when it is not flawed; refusals and
+    off-topic answers score 1, wrong values 3 (an on-topic attempt)."""
     import demo
     recs = [dict(r, human=r["response"], generated=r["response"]) for r in demo.demo_records("eval", n=60)]
     rows, _ = judge.judge_records(recs, judge.make_judge("rule"), tmp_path / "j.jsonl", progress=False)
-    assert [r["human_score"] for r in rows] == [1.0 if r["flawed"] else 10.0 for r in recs]
+    assert [r["human_score"] == 10.0 for r in rows] == [not r["flawed"] for r in recs]
+    by_flaw = {(r["flaw"], row["human_score"]) for r, row in zip(recs, rows)}
+    assert {s for f, s in by_flaw if f in ("refusal", "off_topic")} == {1.0}
+    assert {s for f, s in by_flaw if f == "wrong_value"} == {3.0}
 
 
 def test_rule_judge_needs_answer(tmp_path):

@@ -72,7 +72,7 @@ PRESETS = {
         gradient_checkpointing=True, logp_examples=64),
 }
 COMMON = dict(  # defaults shared by both presets
-    seed=0, device=None, history=1, trust_remote_code=False, temperature=0.0, top_p=1.0, gen_backend="hf",
+    seed=0, device=None, history=1, flaw_rate=0.3, trust_remote_code=False, temperature=0.0, top_p=1.0, gen_backend="hf",
     judge_base_url=None, judge_concurrency=8, judge_api_key_env="OPENAI_API_KEY", loss_type="sigmoid",
     noise_alpha=noises.DEFAULT_ALPHA, noise_sigma=noises.DEFAULT_SIGMA, noise_lr=1e-3, noise_chunk_size=256, weight_decay=0.0,
     max_grad_norm=1.0, keep_checkpoint=False, stop_after_steps=0)
@@ -101,6 +101,7 @@ def parse_args(argv=None):
     g.add_argument("--max-prompts", type=int, help="use the first N prompts (0 = all; demo 32, paper 20000)")
     g.add_argument("--max-length", type=int, help="max tokens of prompt + answer (demo 256, paper 1024)")
     g.add_argument("--max-prompt-length", type=int, help="max prompt tokens (demo 128, paper 512)")
+    g.add_argument("--flaw-rate", type=float, help="--data demo: fraction of flawed human answers (default 0.3)")
     g.add_argument("--history", type=int, help="train on the pairs of the last h iterations (1 = this one only)")
     g = p.add_argument_group("model and generation")
     g.add_argument("--base-model", help="start model of iteration 0: hub id, dir, or smollm2-135m (embedded)")
@@ -163,6 +164,7 @@ def check_args(args):
     for name in ("noise_alpha", "weight_decay", "max_grad_norm", "warmup_ratio", "logp_examples",
                  "stop_after_steps", "max_prompts", "temperature"):
         need(getattr(args, name) is None or getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be ≥ 0")
+    need(0 <= args.flaw_rate <= 1, f"--flaw-rate must be in [0, 1], got {args.flaw_rate}")
     need(args.warmup_ratio < 1, f"--warmup-ratio must be < 1, got {args.warmup_ratio}")
     need(args.max_prompt_length < args.max_length,
          f"--max-prompt-length ({args.max_prompt_length}) must be < --max-length ({args.max_length})")
@@ -182,7 +184,8 @@ def check_args(args):
 def generate_stage(args, model, tokenizer, it_dir):
     """Stage 1: the start model answers every training prompt (generate.py shards them across ranks)."""
     out = it_dir / "generated.jsonl"
-    records = data.load_prompts(args.data, split="train", max_prompts=args.max_prompts or None, seed=args.seed)
+    records = data.load_prompts(args.data, split="train", max_prompts=args.max_prompts or None, seed=args.seed,
+                                flaw_rate=args.flaw_rate)
     generate.generate_answers(model, tokenizer, records, str(out), max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               batch_size=args.gen_batch_size, backend=args.gen_backend)
