@@ -92,6 +92,29 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=g).tolist()
 
 
+def length_grouped_order(order, lengths, group, seed, epoch, mega=16):
+    """`order` rearranged so that each run of `group` consecutive indices (one step's micro-batch on
+    every rank: world × batch size) holds examples of similar length, as transformers'
+    LengthGroupedSampler does: chunks of mega × group indices of `order` are sorted by length
+    (longest first), cut into groups, and the full groups are shuffled by a generator seeded with
+    (seed, epoch); a last partial group stays last. A function of (order, lengths, seed, epoch) only."""
+    span, groups, tail = group * mega, [], []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: -lengths[i])  # stable: ties keep `order`
+        for i in range(0, len(chunk), group):
+            (groups if len(chunk[i:i + group]) == group else tail).append(chunk[i:i + group])
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 50_021)
+    return [i for k in torch.randperm(len(groups), generator=g).tolist() for i in groups[k]] + [i for t in tail for i in t]
+
+
+def padding_fraction(micro_batches, examples):
+    """Fraction of the positions of the collated micro-batches (data.collate_pairs: 2B rows padded to
+    the longest) that are padding."""
+    widths = [(len(examples[i]["chosen_input_ids"]), len(examples[i]["rejected_input_ids"])) for i in range(len(examples))]
+    total = sum(2 * len(mb) * max(max(widths[i]) for i in mb) for mb in micro_batches if mb)
+    return 1 - sum(sum(widths[i]) for mb in micro_batches for i in mb) / total if total else 0.0
+
+
 def rank_microbatches(order, rank, world, batch_size):
     """This rank's micro-batches (lists of example indices) for one epoch's order."""
     total = math.ceil(len(order) / world) * world

@@ -21,9 +21,12 @@ Departures from, and gaps filled in, the paper:
    `loss` is the model term itself (nothing added), so `--noise none` reproduces SPIN bit for bit.
 5. `sequence_logps` upcasts to at least float32 before the logsumexp; for bf16 logits this upcast is one
    (B, T, V) float32 copy that autograd keeps; no log-softmax tensor is kept for the backward pass.
+   `chunked_sequence_logps` (what train.py uses) goes further: it takes the last hidden states and
+   applies lm_head to answer tokens only, chunk by chunk, recomputing each chunk in backward.
 """
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 LOSS_TYPES = ("sigmoid", "hinge")
@@ -45,6 +48,35 @@ def sequence_logps(logits, labels):
     target_logits = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     token_logps = target_logits - torch.logsumexp(logits, dim=-1)  # Eq. 1–3: log π(y_t) = z_y − lse(z)
     return (token_logps * mask).sum(-1)  # (B,)
+
+
+def _chunk_token_logps(hidden, weight, bias, targets):
+    z = F.linear(hidden, weight, bias)  # (c, V) logits of one chunk of answer tokens
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    return z.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=-1)  # Eq. 1–3, (c,)
+
+
+def chunked_sequence_logps(hidden, weight, labels, bias=None, chunk_size=256):
+    """sequence_logps(F.linear(hidden, weight, bias), labels) without the (B, T, V) logits.
+
+    hidden (B, T, d) last hidden states (the input of lm_head), weight (V, d) [bias (V,)] the lm_head,
+    labels (B, T). Only answer positions go through lm_head, chunk_size tokens at a time, each chunk
+    under torch.utils.checkpoint, so at most one (chunk, V) block exists in forward and in backward
+    (it is recomputed). Returns (B,) in ≥ float32, with gradients to hidden, weight and bias.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
+    labels = labels[:, 1:]  # position t predicts token t+1
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) answer positions, row-major
+    h, targets = hidden[:, :-1][rows, cols], labels[rows, cols]  # (N, d), (N,)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = [checkpoint(_chunk_token_logps, h[i:i + chunk_size], weight, bias, targets[i:i + chunk_size],
+                        use_reentrant=False) if grad else
+             _chunk_token_logps(h[i:i + chunk_size], weight, bias, targets[i:i + chunk_size])
+             for i in range(0, targets.numel(), chunk_size)]
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.zeros(labels.shape[0], dtype=dtype, device=hidden.device)
+    return out.index_add(0, rows, torch.cat(parts).to(dtype)) if parts else out  # (B,)
 
 
 def spin_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,

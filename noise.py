@@ -113,17 +113,47 @@ def chunk_noise(base_seed, chunk_index, rows, vocab_size, dtype=torch.float32, d
     return torch.randn(rows, vocab_size, generator=gen, dtype=dtype, device=device)
 
 
-def _chunk_logps(generator, logits, hidden, rows, cols, targets, base_seed, chunk_index, dtype):
-    """Eq. 5–6 on one chunk of c answer tokens -> (token logps (c,), Σ σ² over the (c, V) block)."""
-    z = logits[rows, cols].to(dtype)  # (c, V) reference logits, gathered here so checkpoint keeps no copy
-    h = hidden[rows, cols]  # (c, d)
+def _chunk_logps(generator, gather, sl, targets, base_seed, chunk_index, dtype):
+    """Eq. 5–6 on one chunk of c answer tokens -> (token logps (c,), Σ σ² over the (c, V) block).
+    gather(sl) -> (reference logits (c, V), hidden (c, d)) of the chunk: gathered (or recomputed from h
+    by lm_head) here, so that checkpoint keeps no (c, V) copy."""
+    z, h = gather(sl)
+    z = z.to(dtype)  # (c, V) reference logits
     params = next(generator.parameters(), None)
     variance = generator(h.to(params.dtype) if params is not None else h).to(z.dtype)  # Eq. 5, (c, V)
     variance = variance.expand_as(z)
     eps = chunk_noise(base_seed, chunk_index, z.shape[0], z.shape[1], z.dtype, z.device)  # (c, V)
     noisy = z + variance.clamp_min(torch.finfo(z.dtype).tiny).sqrt() * eps  # Eq. 6: z̃ = z + σ ⊙ ε
-    token_logps = noisy.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(noisy, dim=-1)  # Eq. 6
+    token_logps = noisy.gather(1, targets[sl].unsqueeze(1)).squeeze(1) - torch.logsumexp(noisy, dim=-1)  # Eq. 6
     return token_logps, variance.sum()
+
+
+def _noisy_sums(gather, targets, seq_ids, num_seqs, vocab_size, generator, generator_grad, chunk_size, rng,
+                return_variance, dtype, device):
+    """The chunk loop shared by both entry points: N answer tokens in chunks -> (num_seqs,) sums."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n = targets.numel()
+    base_seed = draw_base_seed(rng)
+    token_logps, variance_sums = [], []
+    for k, start in enumerate(range(0, n, chunk_size)):
+        args = (generator, gather, slice(start, start + chunk_size), targets, base_seed, k, dtype)
+        if generator_grad:  # recompute the (c, V) block in backward instead of keeping it (see module docstring)
+            tl, vs = checkpoint(_chunk_logps, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            with torch.no_grad():
+                tl, vs = _chunk_logps(*args)
+        token_logps.append(tl)
+        variance_sums.append(vs)
+
+    out = torch.zeros(num_seqs, dtype=dtype, device=device)
+    if token_logps:
+        out = out.index_add(0, seq_ids, torch.cat(token_logps))  # Eq. 6: Σ_t over answer tokens, (B,)
+    if not return_variance:
+        return out
+    if not variance_sums:
+        return out, torch.zeros((), dtype=dtype, device=device)
+    return out, torch.stack(variance_sums).sum() / (n * vocab_size)  # Eq. 9: mean(σ²)
 
 
 def noisy_sequence_logps(ref_logits, ref_hidden, labels, generator, generator_grad, chunk_size=256,
@@ -139,33 +169,27 @@ def noisy_sequence_logps(ref_logits, ref_hidden, labels, generator, generator_gr
     if ref_logits.shape[:-1] != labels.shape or ref_hidden.shape[:-1] != labels.shape:
         raise ValueError(f"ref_logits {tuple(ref_logits.shape)}, ref_hidden {tuple(ref_hidden.shape)} and "
                          f"labels {tuple(labels.shape)} disagree on (B, T)")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = torch.promote_types(ref_logits.dtype, torch.float32)  # compute in ≥ fp32
     logits = ref_logits[:, :-1].detach()  # (B, T-1, V): position t predicts token t+1
     hidden = ref_hidden[:, :-1].detach()  # (B, T-1, d)
     labels = labels[:, 1:]  # (B, T-1)
     rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,), (N,) answer positions, row-major
-    targets = labels[rows, cols]  # (N,)
-    base_seed = draw_base_seed(rng)
+    gather = lambda sl: (logits[rows[sl], cols[sl]], hidden[rows[sl], cols[sl]])  # noqa: E731
+    return _noisy_sums(gather, labels[rows, cols], rows, labels.shape[0], logits.shape[-1], generator,
+                       generator_grad, chunk_size, rng, return_variance, dtype, logits.device)
 
-    token_logps, variance_sums = [], []
-    for k, start in enumerate(range(0, rows.numel(), chunk_size)):
-        sl = slice(start, start + chunk_size)
-        args = (generator, logits, hidden, rows[sl], cols[sl], targets[sl], base_seed, k, dtype)
-        if generator_grad:  # recompute the (c, V) block in backward instead of keeping it (departure 6)
-            tl, vs = checkpoint(_chunk_logps, *args, use_reentrant=False, preserve_rng_state=False)
-        else:
-            with torch.no_grad():
-                tl, vs = _chunk_logps(*args)
-        token_logps.append(tl)
-        variance_sums.append(vs)
 
-    out = torch.zeros(labels.shape[0], dtype=dtype, device=logits.device)
-    if token_logps:
-        out = out.index_add(0, rows, torch.cat(token_logps))  # Eq. 6: Σ_t over answer tokens, (B,)
-    if not return_variance:
-        return out
-    if not variance_sums:
-        return out, torch.zeros((), dtype=dtype, device=logits.device)
-    return out, torch.stack(variance_sums).sum() / (rows.numel() * logits.shape[-1])  # Eq. 9: mean(σ²)
+def noisy_answer_logps(hidden, targets, seq_ids, num_seqs, head_weight, generator, generator_grad,
+                       head_bias=None, chunk_size=256, rng=None, return_variance=False):
+    """noisy_sequence_logps from the reference's last hidden states of the answer tokens only: the
+    reference logits of each chunk are recomputed as z = lm_head(h) (Eq. 5–6 need nothing else), so
+    the reference's (B, T, V) logits never exist. hidden (N, d): the state at the position predicting
+    each answer token, targets (N,) those tokens, seq_ids (N,) in [0, num_seqs) the sequence of each;
+    head_weight (V, d) [head_bias (V,)] the reference's lm_head (detached here). Same chunks and the
+    same ε as noisy_sequence_logps for the same tokens in the same (row-major) order."""
+    hidden, head_weight = hidden.detach(), head_weight.detach()
+    head_bias = head_bias.detach() if head_bias is not None else None
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    gather = lambda sl: (torch.nn.functional.linear(hidden[sl], head_weight, head_bias), hidden[sl])  # noqa: E731
+    return _noisy_sums(gather, targets, seq_ids, num_seqs, head_weight.shape[0], generator, generator_grad,
+                       chunk_size, rng, return_variance, dtype, hidden.device)

@@ -180,7 +180,8 @@ def test_nonfinite_loss_stops_with_a_message(iter0_run, tmp_path, monkeypatch):
         if len(calls) == 3:
             out["loss"] = out["loss"] * float("nan")
         return out
-    monkeypatch.setattr(train, "dnpo_loss", poisoned)
+    monkeypatch.setattr(train, "dnpo_loss", poisoned)  # the reference-in-the-step path
+    monkeypatch.setattr(train.steps, "dnpo_loss", poisoned)  # the precomputed-reference path (default)
     with pytest.raises(SystemExit, match="iter 1 step 3: non-finite loss") as err:
         train.main(["--iter", "1", *tiny_flags(run_dir, "unused")])
     assert "\n" not in str(err.value)

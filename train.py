@@ -54,6 +54,7 @@ import generate
 import judge as judges
 import model as models
 import noise as noises
+import step as steps
 from loss import LOSS_TYPES, dnpo_loss, sequence_logps
 
 # ----------------------------------------------------------------------------- settings
@@ -75,11 +76,13 @@ COMMON = dict(  # defaults shared by both presets
     seed=0, device=None, history=1, flaw_rate=0.3, trust_remote_code=False, temperature=0.0, top_p=1.0, gen_backend="hf",
     judge_base_url=None, judge_concurrency=8, judge_api_key_env="OPENAI_API_KEY", loss_type="sigmoid",
     noise_alpha=noises.DEFAULT_ALPHA, noise_sigma=noises.DEFAULT_SIGMA, noise_lr=1e-3, noise_chunk_size=256, weight_decay=0.0,
-    max_grad_norm=1.0, keep_checkpoint=False, stop_after_steps=0)
+    max_grad_norm=1.0, keep_checkpoint=False, stop_after_steps=0, precompute_ref=True, ref_cache_gb=4.0,
+    group_by_length=True)
 # Flags whose change would make a checkpoint's resumed run differ from an uninterrupted one.
 TRAINING_KEYS = ("beta", "loss_type", "noise", "noise_alpha", "noise_sigma", "noise_lr", "epochs", "batch_size",
                  "grad_accum", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm", "seed",
-                 "max_length", "max_prompt_length", "history", "dsl", "world_size", "start_model")
+                 "max_length", "max_prompt_length", "history", "dsl", "world_size", "start_model", "precompute_ref",
+                 "group_by_length", "dtype")
 
 
 class Parser(argparse.ArgumentParser):
@@ -129,7 +132,7 @@ def parse_args(argv=None):
     g.add_argument("--noise-alpha", type=float, help="α weight of mean σ² in the loss (0 = no bound; default 1.0, see noise.py)")
     g.add_argument("--noise-sigma", type=float, help="σ of --noise fixed, in logits (default 0.1)")
     g.add_argument("--noise-lr", type=float, help="learning rate of the noise generator (default 1e-3)")
-    g.add_argument("--noise-chunk-size", type=int, help="tokens per chunk of the noisy log-softmax (memory)")
+    g.add_argument("--noise-chunk-size", type=int, help="answer tokens per chunk of lm_head + log-softmax (memory)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, help="epochs over the pairs (demo 2, paper 3)")
     g.add_argument("--batch-size", type=int, help="pairs per micro-batch per process (demo 8, paper 4)")
@@ -139,6 +142,11 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, help="weight decay (0 = off)")
     g.add_argument("--warmup-ratio", type=float, help="fraction of steps of linear warmup, then linear decay to 0")
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (0 = off; default 1.0)")
+    g.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction,
+                   help="run the frozen reference once per iteration, not in every step (default on; step.py)")
+    g.add_argument("--ref-cache-gb", type=float, help="memory for the reference's rejected-answer hidden states (default 4)")
+    g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+                   help="micro-batches of pairs of similar length (less padding; default on)")
     g = p.add_argument_group("checkpoint and logging")
     g.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (and each epoch end)")
     g.add_argument("--keep-checkpoint", action="store_true", default=None,
@@ -281,9 +289,8 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
                 for p in tqdm(pairs, desc="tokenize", disable=not main_proc, leave=False)]
     spe = ckpt.steps_per_epoch(len(examples), world, args.batch_size, args.grad_accum)
     total_steps = spe * args.epochs
-    compute_dtype = models.pick_dtype(device, args.dtype)  # bf16 autocast on CUDA; fp32 on CPU
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=device.type == "cuda" and
-                              compute_dtype != torch.float32)
+    compute_dtype = models.pick_dtype(device, args.dtype)  # bf16 autocast on CUDA; fp32 on CPU unless --dtype bf16
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
 
     # noise generator: freshly initialised every iteration (departure 2)
     torch.manual_seed(args.seed * 1000 + args.iter)
@@ -321,8 +328,14 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.train()
-    ddp_policy = (torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda"
-                                                            else None) if world > 1 else policy)
+    cache = None
+    if args.precompute_ref:  # the frozen reference, once for the whole iteration (step.py)
+        cache = steps.ReferenceCache.build(reference, examples, pad_id, device, args.batch_size, args.noise != "none",
+                                           autocast, args.noise_chunk_size, args.ref_cache_gb, progress=main_proc)
+    module = steps.PolicyLogps(policy, args.noise_chunk_size) if cache is not None else policy
+    ddp_policy = (torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
+                                                            else None) if world > 1 else module)
+    lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
 
     def save(step):
         noise_rng_states = ckpt.gather(noise_rng.get_state(), world)  # collective: every rank
@@ -340,6 +353,9 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         if step // spe != epoch:  # a new epoch's data order (a function of seed and epoch only)
             epoch = step // spe
             order = ckpt.epoch_order(len(examples), args.seed + 7919 * args.iter, epoch)
+            if args.group_by_length:
+                order = ckpt.length_grouped_order(order, lengths, world * args.batch_size, args.seed + 7919 * args.iter,
+                                                  epoch)
             micro_batches = ckpt.rank_microbatches(order, rank, world, args.batch_size)
         t0 = time.time()
         step_micro = micro_batches[(step % spe) * args.grad_accum:(step % spe + 1) * args.grad_accum]
@@ -348,7 +364,10 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
             batch = {k: v.to(device) for k, v in data.collate_pairs([examples[i] for i in idx], pad_id).items()}
             sync = j == len(step_micro) - 1 or world == 1
             with contextlib.nullcontext() if sync else ddp_policy.no_sync():
-                out = batch_loss(ddp_policy, reference, generator, batch, args, noise_rng, autocast)
+                if cache is not None:
+                    out = steps.cached_batch_loss(ddp_policy, cache, idx, batch, generator, args, noise_rng, autocast)
+                else:
+                    out = batch_loss(ddp_policy, reference, generator, batch, args, noise_rng, autocast)
                 (out["loss"] / len(step_micro)).backward()  # one backward: policy and generator
             sums += torch.tensor([float(out[k].detach().mean()) if torch.is_tensor(out[k]) else out[k] for k in keys],
                                  dtype=torch.float64)

@@ -1,0 +1,137 @@
+"""The training step's loss without redundant work: the frozen reference is run once per iteration,
+and the policy's answer log-probs come from its last hidden states through lm_head in chunks.
+
+    ReferenceCache.build   one no-grad reference pass over every pair, before epoch 1: the summed
+                           log π_ref of chosen and rejected answers (2 floats per pair) and, when noise
+                           is on, the reference's last hidden states at the rejected answer tokens
+                           (N⁻ × d), from which noise.noisy_answer_logps recomputes z = lm_head(h)
+    PolicyLogps            the policy as a module returning (2B,) answer log-probs
+                           (loss.chunked_sequence_logps): what DDP wraps
+    cached_batch_loss      Eq. 1–9 on one micro-batch from the two
+
+The reference is frozen for the whole iteration, so this is the same computation as train.batch_loss
+(the reference inside the step, `--no-precompute-ref`), up to float rounding of matmuls of another
+shape: test_train.py checks loss and gradients agree to 1e-5 (relative) and that the noise draws
+the same ε for the same tokens.
+
+Where this departs from, or fills a gap in, the paper:
+1. Nothing in the math: the paper's implementation detail (reference forward per step, as in TRL
+   without `precompute_ref_log_probs`) is replaced by an equal computation. The hidden-state cache
+   is held in the reference's dtype; when it would exceed --ref-cache-gb (UltraChat-scale runs:
+   20k pairs × ~300 answer tokens × 4096 × 2 bytes ≈ 49 GB) only the log-probs are cached and each
+   step runs the reference over its B rejected rows for the noise (half of the old reference cost).
+"""
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import data
+import noise as noises
+from loss import IGNORE_INDEX, chunked_sequence_logps, dnpo_loss
+
+
+def _decoder_hidden(model, input_ids, attention_mask):
+    """Last hidden states (B, T, d): the decoder stack without lm_head (the input of lm_head)."""
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def _head(model):
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+class PolicyLogps(nn.Module):
+    """The policy as a module: (input_ids, attention_mask, labels) (2B, T) -> summed answer log-probs (2B,)."""
+
+    def __init__(self, model, chunk_size=256):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden = _decoder_hidden(self.model, input_ids, attention_mask)
+        weight, bias = _head(self.model)
+        return chunked_sequence_logps(hidden, weight, labels, bias, self.chunk_size)
+
+
+def _answer_states(hidden, labels):
+    """(hidden (N, d), targets (N,), row of each (N,)) of the answer tokens of (B, T) rows, row-major."""
+    labels = labels[:, 1:]
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    return hidden[:, :-1][rows, cols], labels[rows, cols], rows
+
+
+class ReferenceCache:
+    """What the loss needs of the frozen reference, for every pair of the iteration."""
+
+    def __init__(self, reference, logps, hidden, targets, chunk_size):
+        self.reference = reference  # kept for its lm_head (and for the per-step fallback when hidden is None)
+        self.logps = logps  # (n, 2) float32: log π_ref(chosen), log π_ref(rejected)
+        self.hidden, self.targets = hidden, targets  # per pair: (n_i, d), (n_i,) rejected answer tokens, or None
+        self.chunk_size = chunk_size
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, reference, examples, pad_id, device, batch_size, with_hidden, autocast, chunk_size=256,
+              max_gb=4.0, progress=True):
+        """One pass over `examples` (longest first, so batches pad little); with_hidden: keep the
+        rejected answers' hidden states if they fit in max_gb, else only the log-probs."""
+        n = len(examples)
+        tokens = sum(len(e["rejected_labels"]) for e in examples)  # ≥ answer tokens: a bound for the budget
+        d, itemsize = reference.config.hidden_size, next(reference.parameters()).element_size()
+        keep_hidden = with_hidden and tokens * d * itemsize <= max_gb * 2 ** 30
+        logps = torch.zeros(n, 2, dtype=torch.float32)
+        hidden, targets = ([None] * n, [None] * n) if keep_hidden else (None, None)
+        order = sorted(range(n), key=lambda i: -len(examples[i]["chosen_input_ids"]) - len(examples[i]["rejected_input_ids"]))
+        for start in tqdm(range(0, n, batch_size), desc="reference", disable=not progress, leave=False):
+            idx = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in data.collate_pairs([examples[i] for i in idx], pad_id).items()}
+            with autocast:
+                h = _decoder_hidden(reference, batch["input_ids"], batch["attention_mask"])  # (2b, T, d)
+                weight, bias = _head(reference)
+                lp = chunked_sequence_logps(h, weight, batch["labels"], bias, chunk_size)  # (2b,)
+            b = len(idx)
+            logps[idx, 0], logps[idx, 1] = lp[:b].float().cpu(), lp[b:].float().cpu()
+            if keep_hidden:
+                states, tgt, rows = _answer_states(h[b:], batch["labels"][b:])
+                for j, i in enumerate(idx):
+                    hidden[i], targets[i] = states[rows == j].clone(), tgt[rows == j].clone()
+        return cls(reference, logps, hidden, targets, chunk_size)
+
+    def rejected_tokens(self, idx, batch):
+        """(hidden (N, d), targets (N,), seq_ids (N,)) of the micro-batch's rejected answers, in its row order."""
+        if self.hidden is None:  # over budget: run the reference on the B rejected rows now
+            b = len(idx)
+            with torch.no_grad():
+                h = _decoder_hidden(self.reference, batch["input_ids"][b:], batch["attention_mask"][b:])
+            return _answer_states(h, batch["labels"][b:])
+        seq = [torch.full((len(self.targets[i]),), j, dtype=torch.long) for j, i in enumerate(idx)]
+        device = batch["input_ids"].device
+        return (torch.cat([self.hidden[i] for i in idx]).to(device), torch.cat([self.targets[i] for i in idx]).to(device),
+                torch.cat(seq).to(device))
+
+
+def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rng, autocast):
+    """Eq. 1–9 on one micro-batch (pairs `idx`): the policy forward only; the reference from the cache."""
+    B = len(idx)
+    with autocast:
+        logps = policy_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,)
+    policy_chosen, policy_rejected = logps[:B], logps[B:]
+    ref = cache.logps[idx].to(logps.device)
+    ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+    sigma2, noisy_model, noisy_noise, variance_mean = 0.0, None, None, None
+    if args.noise != "none":
+        hidden, targets, seq_ids = cache.rejected_tokens(idx, batch)
+        weight, bias = _head(cache.reference)  # z = lm_head(h) in the reference's dtype, as its own logits
+        common = dict(head_bias=bias, chunk_size=args.noise_chunk_size, rng=noise_rng)
+        noisy_model = noises.noisy_answer_logps(hidden, targets, seq_ids, B, weight, generator,  # Eq. 6, ε₁
+                                                generator_grad=False, **common)
+        if args.noise == "trainable":  # Eq. 6, ε₂, gradient to the generator
+            noisy_noise, variance_mean = noises.noisy_answer_logps(
+                hidden, targets, seq_ids, B, weight, generator, generator_grad=True, return_variance=True, **common)
+        sigma2 = variance_mean.item() if variance_mean is not None else args.noise_sigma ** 2
+    out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen, noisy_model if noisy_model is not None else ref_rejected,
+                    noisy_noise, variance_mean, args.beta, args.noise_alpha, args.loss_type,
+                    ref_rejected_logps=ref_rejected)  # Eq. 9 (noise none: exactly SPIN)
+    out["sigma2"] = sigma2
+    out["tokens"] = int(batch["attention_mask"].sum())
+    return out

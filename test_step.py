@@ -1,0 +1,148 @@
+"""The fast training path (step.py, loss.chunked_sequence_logps, noise.noisy_answer_logps, length grouping)
+against the computations it replaces: full-logits log-probs, the reference inside the step, random batches."""
+import argparse
+import copy
+
+import pytest
+import torch
+
+import checkpoint as ckpt
+import data
+import noise as noises
+import step as steps
+import train
+from conftest import make_tiny_model
+from loss import chunked_sequence_logps, sequence_logps
+
+
+def _labels(B, T, prompt, lengths, V, gen):
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        labels[b, prompt:prompt + n] = torch.randint(0, V, (n,), generator=gen)
+    return labels
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunked_logps_equal_full_logits_float64(chunk):
+    """chunked_sequence_logps == sequence_logps(lm_head(h)) in float64, values and gradients (1e-12)."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, d, V = 3, 9, 5, 11
+    h = torch.randn(B, T, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(V, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    labels = _labels(B, T, 2, [4, 0, 6], V, gen)  # row 1 has no answer tokens: 0
+    full = sequence_logps(h @ w.T, labels)
+    grads_full = torch.autograd.grad(full.sum() + (full ** 2).sum(), (h, w))
+    chunked = chunked_sequence_logps(h, w, labels, chunk_size=chunk)
+    grads_chunked = torch.autograd.grad(chunked.sum() + (chunked ** 2).sum(), (h, w))
+    torch.testing.assert_close(chunked, full, rtol=1e-12, atol=1e-12)
+    assert chunked[1] == 0
+    for a, b in zip(grads_chunked, grads_full):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_noisy_answer_logps_equal_logits_version():
+    """From hidden states + lm_head, the noise path draws the same ε and gives the same numbers as
+    noisy_sequence_logps on the full logits, for the same rng state (float64, 1e-12), with gradients."""
+    gen = torch.Generator().manual_seed(1)
+    B, T, d, V = 2, 8, 4, 7
+    h = torch.randn(B, T, d, dtype=torch.float64, generator=gen)
+    w = torch.randn(V, d, dtype=torch.float64, generator=gen)
+    labels = _labels(B, T, 1, [5, 3], V, gen)
+    g = noises.NoiseGenerator(d, V, init_std=0.3).double()
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    states, targets = h[:, :-1][rows, cols], labels[:, 1:][rows, cols]
+    a, va = noises.noisy_sequence_logps(h @ w.T, h, labels, g, True, chunk_size=3,
+                                        rng=torch.Generator().manual_seed(5), return_variance=True)
+    ga = torch.autograd.grad(a.sum() + va, g.proj.weight)
+    b, vb = noises.noisy_answer_logps(states, targets, rows, B, w, g, True, chunk_size=3,
+                                      rng=torch.Generator().manual_seed(5), return_variance=True)
+    gb = torch.autograd.grad(b.sum() + vb, g.proj.weight)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vb, va, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb[0], ga[0], rtol=1e-12, atol=1e-12)
+
+
+def _pairs(n):
+    return [dict(id=f"p{i}", prompt=f"What is {i} + {i}?" + " please" * (i % 4), chosen=f"{i} + {i} = {2 * i}." * (1 + i % 3),
+                 rejected="I do not know." * (1 + i % 2)) for i in range(n)]
+
+
+@pytest.mark.parametrize("noise", ["none", "fixed", "trainable"])
+def test_precomputed_reference_step_equals_reference_in_the_step(tiny_tokenizer, noise):
+    """cached_batch_loss (reference once, chunked log-probs) == train.batch_loss (reference forward in the
+    step, full logits): every loss term and the gradients of policy and generator, to 1e-5 (fp32: the
+    margins are β × differences of log-probs of magnitude ~10², whose rounding is ~1e-5)."""
+    policy = make_tiny_model(tiny_tokenizer, seed=3).float()
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    examples = [data.tokenize_pair(tiny_tokenizer, p, 160, 96) for p in _pairs(5)]
+    args = argparse.Namespace(noise=noise, beta=0.1, noise_alpha=1.0, noise_sigma=0.3, loss_type="sigmoid",
+                              noise_chunk_size=7)
+    off = torch.autocast("cpu", enabled=False)
+    cache = steps.ReferenceCache.build(reference, examples, tiny_tokenizer.pad_token_id, torch.device("cpu"), 2,
+                                       noise != "none", off, chunk_size=7, progress=False)
+    idx = [3, 0, 4]
+    batch = data.collate_pairs([examples[i] for i in idx], tiny_tokenizer.pad_token_id)
+    results = []
+    for fast in (True, False):
+        torch.manual_seed(7)
+        generator = noises.make_noise(noise, 32, policy.config.vocab_size, sigma=0.3)
+        policy.zero_grad(set_to_none=True)
+        rng = torch.Generator().manual_seed(11)
+        if fast:
+            out = steps.cached_batch_loss(steps.PolicyLogps(policy, 7), cache, idx, batch, generator, args, rng, off)
+        else:
+            out = train.batch_loss(policy, reference, generator, batch, args, rng, off)
+        out["loss"].backward()
+        grads = [p.grad.clone() for p in policy.parameters()]
+        grads += [p.grad.clone() for p in (generator.parameters() if generator is not None else [])]
+        results.append((out, grads))
+    (fast, gf), (slow, gs) = results
+    for key in ("loss", "model_loss", "noise_loss", "variance_penalty", "margins", "noisy_margins"):
+        torch.testing.assert_close(fast[key], slow[key], rtol=1e-5, atol=1e-5)
+    assert fast["sigma2"] == pytest.approx(slow["sigma2"], rel=1e-5)
+    assert len(gf) == len(gs) and any(g.abs().sum() > 0 for g in gf)
+    for a, b in zip(gf, gs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_cache_over_budget_recomputes_in_the_step(tiny_tokenizer):
+    """With no memory for hidden states, the cache keeps only log-probs, and the noise still sees the
+    same rejected-token states (run through the reference in the step)."""
+    policy = make_tiny_model(tiny_tokenizer, seed=3)
+    examples = [data.tokenize_pair(tiny_tokenizer, p, 160, 96) for p in _pairs(4)]
+    off = torch.autocast("cpu", enabled=False)
+    build = lambda gb: steps.ReferenceCache.build(policy, examples, tiny_tokenizer.pad_token_id,  # noqa: E731
+                                                  torch.device("cpu"), 3, True, off, max_gb=gb, progress=False)
+    kept, none = build(4.0), build(0.0)
+    assert none.hidden is None and kept.hidden is not None
+    torch.testing.assert_close(none.logps, kept.logps)
+    batch = data.collate_pairs([examples[i] for i in (2, 1)], tiny_tokenizer.pad_token_id)
+    for a, b in zip(kept.rejected_tokens([2, 1], batch), none.rejected_tokens([2, 1], batch)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_length_grouping_is_a_seeded_permutation_that_cuts_padding(tiny_tokenizer):
+    """length_grouped_order: a permutation of the epoch's order, a function of (seed, epoch) only, whose
+    micro-batches pad less than the random order's; a partial last group stays last."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 300, (203,), generator=gen).tolist()
+    examples = [dict(chosen_input_ids=[0] * n, rejected_input_ids=[0] * n) for n in lengths]
+    order = ckpt.epoch_order(203, seed=4, epoch=1)
+    grouped = ckpt.length_grouped_order(order, lengths, group=8, seed=4, epoch=1)
+    assert sorted(grouped) == list(range(203)) and grouped != order
+    assert grouped == ckpt.length_grouped_order(order, lengths, group=8, seed=4, epoch=1)
+    assert grouped != ckpt.length_grouped_order(order, lengths, group=8, seed=4, epoch=2)
+    assert set(grouped[-3:]) <= set(order[-(203 % 128):])  # the partial group of the last chunk
+    before = ckpt.padding_fraction(ckpt.rank_microbatches(order, 0, 1, 8), examples)
+    after = ckpt.padding_fraction(ckpt.rank_microbatches(grouped, 0, 1, 8), examples)
+    assert after < before / 3
+    # two ranks of batch 4 see exactly the groups one process of batch 8 sees
+    one = ckpt.rank_microbatches(grouped, 0, 1, 8)
+    two = [ckpt.rank_microbatches(grouped, r, 2, 4) for r in range(2)]
+    assert all(sorted(one[i]) == sorted(two[0][i] + two[1][i]) for i in range(len(one) - 1))  # last: wrapped
+
+
+def test_padding_fraction_by_hand():
+    examples = [dict(chosen_input_ids=[0] * 4, rejected_input_ids=[0] * 2), dict(chosen_input_ids=[0] * 3, rejected_input_ids=[0] * 3)]
+    assert ckpt.padding_fraction([[0, 1]], examples) == pytest.approx(1 - 12 / 16)
+    assert ckpt.padding_fraction([[0], [1]], examples) == pytest.approx(1 - 12 / 14)
