@@ -111,7 +111,11 @@ class FakeChat:
         with self.lock:
             if mode != "garbage":
                 self.answered[(question, answer)] += 1
-        self.send(req, 200, {"choices": [{"message": {"role": "assistant", "content": content}}], "usage": usage})
+        reply = {"choices": [{"message": {"role": "assistant", "content": content}}], "usage": usage}
+        if mode in ("gzip", "deflate"):  # an honest compressed reply
+            c = zlib.compressobj(wbits=31 if mode == "gzip" else 15)
+            return self.send(req, 200, c.compress(json.dumps(reply).encode()) + c.flush(), {"Content-Encoding": mode})
+        self.send(req, 200, reply)
 
     def bomb(self):
         """gzip of bomb_bytes zeros (about a thousandth of that on the wire), built 1 MiB at a time."""
