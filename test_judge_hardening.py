@@ -72,6 +72,49 @@ def test_retry_after_600_bounded(server, key_env):
     assert (judge_http.RETRY_AFTER_MAX, judge_http.MAX_RETRY_WAIT) == (60.0, 300.0)
 
 
+def test_html_200_stops_the_stage_and_rerun_asks_again(server, key_env, tmp_path):
+    """HTML with status 200 for every answer stops judge_records early with a one-line error; nothing is
+    written as final, and once the server is fixed a rerun asks every answer again."""
+    server.default = "html"
+    recs, out = records(20), tmp_path / "j.jsonl"
+    with pytest.raises(judge.JudgeFatalError) as e:
+        judge.judge_records(recs, fast_judge(server.url), out, chunk_records=2, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "of 40 scores missing" in msg and "--judge-max-missing" in msg
+    assert "unparseable" in msg and "r0" in msg
+    assert len(server.received) < 40 and not out.exists()  # stopped early
+    server.default = "ok"
+    rows, summary = judge.judge_records(recs, fast_judge(server.url), out, chunk_records=2, progress=False)
+    assert summary["errors"] == 0 and summary["requests"] == 40 and len(server.answered) == 40
+    assert all(r["human_score"] is not None and r["generated_score"] is not None for r in rows)
+
+
+def test_null_score_asked_again_on_rerun(server, key_env, tmp_path):
+    """A null score (under the allowed fraction) is written, but neither the output, the partial file nor the
+    cache keeps it as final: a rerun asks that answer again, and only that one."""
+    server.script = {"generated 3 score=2": ["html", "html"]}
+    recs, out = records(10), tmp_path / "j.jsonl"
+    rows, summary = judge.judge_records(recs, fast_judge(server.url), out, progress=False)
+    assert summary["errors"] == 1 and rows[3]["generated_score"] is None and "judge_error" in rows[3]
+    rows, summary = judge.judge_records(recs, fast_judge(server.url), out, progress=False)
+    assert summary["requests"] == 1 and summary["errors"] == 0 and rows[3]["generated_score"] == 2.0
+    assert summary["resumed"] == 9 and "judge_error" not in rows[3]
+
+
+def test_cli_max_missing_flag(server, key_env, tmp_path):
+    """judge.py stops with a one-line SystemExit when too many scores are missing; --judge-max-missing 1 lets it finish."""
+    server.default = "html"
+    inp = tmp_path / "generated.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in records(3)))
+    argv = ["--in", str(inp), "--out", str(tmp_path / "judged.jsonl"), "--judge", "openai", "--judge-model", "m",
+            "--judge-base-url", server.url, "--max-retries", "0"]
+    with pytest.raises(SystemExit) as e:
+        judge.main(argv)
+    assert str(e.value.code).startswith("judge.py: ") and "\n" not in str(e.value.code)
+    judge.main(argv + ["--judge-max-missing", "1"])
+    assert all(json.loads(x)["human_score"] is None for x in (tmp_path / "judged.jsonl").read_text().splitlines())
+
+
 def test_non_http_base_url_fails_fast(key_env):
     """file://, ftp://, a missing scheme or host, a query: one-line JudgeFatalError at construction, no retries."""
     for url in ("file:///tmp/v1", "ftp://example.com/v1", "localhost:8000/v1", "http:///v1", "http://h/v1?x=1"):
