@@ -2,6 +2,7 @@
 
     python judge.py --in generated.jsonl --out judged.jsonl --judge rule|openai|hf
                     [--judge-model M] [--judge-base-url URL] [--concurrency C] [--cache FILE]
+                    [--judge-max-missing F]
     python judge.py --flip-report runs/demo          # DSL flip rate per iteration
 
 Three judges share one scale, 1..10 (higher is better):
@@ -21,7 +22,10 @@ Every judge scores an empty answer 1 without asking (judge_http deviation 4).
 
 `judge_records` appends finished rows to `<out>.partial` and, for the HTTP judge, every score to a
 cache (`<out>.cache.jsonl` unless one was given), so a killed run resumes without repeating work;
-the final file is written atomically. A score that could not be obtained is `null` + "judge_error".
+the final file is written atomically. A score that could not be obtained is `null` + "judge_error";
+it is never final: a rerun asks for it again (deviation 5). When more than `max_missing` (default 0.2)
+of all 2 x records scores are missing, the stage stops with a one-line `TooManyMissing` (a
+JudgeFatalError) as soon as that is certain, and no final file is written (deviation 6).
 
 Where this departs from, or fills a gap in, the paper:
 1. The rule judge stands in for GPT-4o-mini on the offline demo task (the paper only uses GPT-4o-mini).
@@ -33,8 +37,11 @@ Where this departs from, or fills a gap in, the paper:
    position bias (no answer is ever shown first); the paper does not say how it ordered answers.
 4. The DSL flip rate counts generated > human; the paper's "~30 %" counts equal *or* higher, so the
    tie rate is reported beside it.
-5. Rows already judged by the same judge for the same texts are kept on a rerun, including null
-   scores; delete the row (or the file) to ask again.
+5. Rows already judged by the same judge for the same texts are kept on a rerun, unless a score is
+   null: such rows are judged again (the cache never holds a null either).
+6. A judge stage with more than `max_missing` of its scores missing is an error, not a run of plain
+   SPIN pairs (DSL keeps SPIN's pairing for a record without both scores); the paper reports no
+   missing scores. `--judge-max-missing 1` accepts any number of them.
 """
 import argparse
 import math
@@ -44,12 +51,17 @@ import torch
 from tqdm import tqdm
 
 from data import append_jsonl, iterations, open_append, read_jsonl, read_jsonl_tolerant, write_jsonl
-from judge_http import (EMPTY_SCORE, RATING_PREFIX, Judge, JudgeFatalError, OpenAIJudge, build_prompt,  # noqa: F401
-                        parse_rating)
+from judge_http import (EMPTY_SCORE, MAX_RETRY_WAIT, RATING_PREFIX, Judge, JudgeFatalError, OpenAIJudge,  # noqa: F401
+                        build_prompt, parse_rating)
 
 RULE_CORRECT, RULE_WRONG = 10.0, 1.0
 RULE_GRADES = {"correct": RULE_CORRECT, "attempt": 3.0, "none": RULE_WRONG}  # demo.grade_answer -> score
 REQUIRED = ("id", "prompt", "human", "generated")
+MAX_MISSING = 0.2  # judge_records stops when more than this fraction of scores is missing (deviation 6)
+
+
+class TooManyMissing(JudgeFatalError):
+    """More than max_missing of a judge stage's scores are missing; one line naming count, fraction, first error, flag."""
 
 
 # ---------------------------------------------------------------- rule judge
@@ -191,11 +203,19 @@ def _check_records(records):
         seen.add(rid)
 
 
-def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, default_cache=True):
+def _scored(row) -> bool:
+    return row.get("human_score") is not None and row.get("generated_score") is not None
+
+
+def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, default_cache=True,
+                  max_missing=MAX_MISSING):
     """Score both answers of every record -> (rows in input order, summary); resumable, final file atomic.
 
     A cacheable judge without a cache gets `<out_path>.cache.jsonl` unless default_cache is False.
+    TooManyMissing as soon as more than `max_missing` of the 2 x len(records) scores are missing.
     """
+    if not 0 <= max_missing <= 1:
+        raise ValueError(f"judge: max_missing must be in [0, 1] (got {max_missing})")
     _check_records(records)
     out_path = str(out_path)
     partial = out_path + ".partial"
@@ -207,10 +227,12 @@ def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, 
         if os.path.exists(path):
             for row in read_jsonl_tolerant(path):
                 r = by_id.get(row.get("id"))
-                if r is not None and row.get("judge") == judge.name and all(row.get(k) == r[k] for k in REQUIRED):
+                if (r is not None and row.get("judge") == judge.name and all(row.get(k) == r[k] for k in REQUIRED)
+                        and _scored(row)):  # a row with a null score is judged again
                     done[row["id"]] = row
     todo = [r for r in records if r["id"] not in done]
     before = dict(judge.stats)
+    total, missing, first_error = 2 * len(records), 0, None
     with tqdm(total=len(records), initial=len(records) - len(todo), desc=f"judge {judge.name}", unit="rec",
               disable=not progress) as bar, open_append(partial) as fh:
         for start in range(0, len(todo), chunk_records):
@@ -224,9 +246,17 @@ def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, 
                 errors = [f"{side}: {err}" for side, s, err in (("human", hs, herr), ("generated", gs, gerr)) if s is None]
                 if errors:
                     row["judge_error"] = "; ".join(errors)
+                    missing += len(errors)
+                    first_error = first_error or f"{r['id']} {errors[0]}"
                 append_jsonl(fh, row)
                 done[r["id"]] = row
             bar.update(len(chunk))
+            if missing > max_missing * total:  # the final fraction can only be higher (deviation 6)
+                raise TooManyMissing(
+                    f"judge {judge.name}: {missing} of {total} scores missing ({100 * missing / total:.1f} %) after "
+                    f"{start + len(chunk)} of {len(todo)} records to judge, more than the allowed {100 * max_missing:g} %; "
+                    f"first error: {' '.join(str(first_error).split())[:300]}; fix the judge and rerun (missing "
+                    f"scores are asked again) or allow more with --judge-max-missing (now {max_missing:g})")
     rows = [done[r["id"]] for r in records]
     write_jsonl(out_path, rows)
     os.remove(partial)
@@ -307,9 +337,13 @@ def parse_args(argv=None):
                    help="environment variable holding the API key (not needed for a local server)")
     p.add_argument("--cache", help="openai: score cache JSONL (default <out>.cache.jsonl; 'off' = no cache)")
     p.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at once")
-    p.add_argument("--timeout", type=float, default=60.0, help="openai: seconds per request")
+    p.add_argument("--timeout", type=float, default=60.0, help="openai: deadline in seconds per request (connect + reply)")
     p.add_argument("--max-retries", type=int, default=6, help="openai: retries per answer on 429/5xx/timeouts (0 = none)")
     p.add_argument("--max-tokens", type=int, default=16, help="openai: reply length cap in tokens")
+    p.add_argument("--max-retry-wait", type=float, default=MAX_RETRY_WAIT,
+                   help=f"openai: seconds of backoff in all per answer before the run stops (default {MAX_RETRY_WAIT:g})")
+    p.add_argument("--judge-max-missing", "--max-missing", dest="max_missing", type=float, default=MAX_MISSING,
+                   help="stop when more than this fraction of scores is missing (default 0.2; 1 = never)")
     p.add_argument("--device", help="hf: torch device (default cuda if available)")
     p.add_argument("--batch-size", type=int, default=8, help="hf: answers per forward pass")
     args = p.parse_args(argv)
@@ -330,13 +364,15 @@ def main(argv=None) -> None:
         records = read_jsonl(args.inp)
         options = {}
         if args.judge == "openai":
-            options = dict(timeout=args.timeout, max_retries=args.max_retries, max_tokens=args.max_tokens)
+            options = dict(timeout=args.timeout, max_retries=args.max_retries, max_tokens=args.max_tokens,
+                           max_retry_wait=args.max_retry_wait)
         elif args.judge == "hf":
             options = dict(batch_size=args.batch_size)
         cache = None if args.cache in (None, "off") else args.cache
         judge = make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url, cache_path=cache,
                            concurrency=args.concurrency, api_key_env=args.api_key_env, device=args.device, **options)
-        _, summary = judge_records(records, judge, args.out, default_cache=args.cache != "off")
+        _, summary = judge_records(records, judge, args.out, default_cache=args.cache != "off",
+                                   max_missing=args.max_missing)
         print(format_summary(summary))
     except (ValueError, OSError) as e:  # JudgeFatalError is a ValueError
         raise SystemExit(f"judge.py: {e}") from None

@@ -5,11 +5,15 @@ paper, or any local server speaking the same shape (vLLM, llama.cpp `llama-serve
 Each answer is graded alone with `TEMPLATE` (question + answer -> "Rating: [[N]]", N in 1..10) and the
 reply is read by `parse_rating`. Requests run `concurrency` at a time; 429 / 408 / 5xx / timeouts /
 connection errors are retried with exponential backoff and jitter (a `Retry-After` in seconds or as an
-HTTP date is waited out as given), at most `max_retries` times per answer, then the run stops with a
-one-line `JudgeFatalError`; 401 / 403 / 404 stop it at once. The API key is read from an environment
-variable at request time and is never stored, logged or written; error texts are scrubbed of it.
-Scores are cached in an append-only JSONL file keyed by sha256(judge model, template version,
-prompt, answer), so a rerun or a resumed run never sends a request twice.
+HTTP date is waited out, capped at `retry_after_max`), at most `max_retries` times and `max_retry_wait`
+seconds of waiting in all per answer, then the run stops with a one-line `JudgeFatalError`; 401 / 403 /
+404 stop it at once. Each request has one wall-clock deadline, `timeout`, over connect and every read,
+and its body is read through `judge_net.read_capped` (at most `max_reply_bytes` read and decoded).
+The base URL must be http(s) and the key a plain visible-ASCII string, checked when the judge is built.
+The API key is read from an environment variable and is never stored, logged or written; error texts
+are scrubbed of it. Scores (and token counts, never reply text) are cached in an append-only JSONL file
+(judge_cache.py) keyed by sha256(base URL without credentials, judge model, template version, prompt,
+answer), so a rerun or a resumed run never sends a request twice for an answer that got a score.
 
 Where this departs from, or fills a gap in, the paper:
 1. The paper's Appendix B grading template is lost from our copy of the text; `TEMPLATE` is our own
@@ -17,28 +21,32 @@ Where this departs from, or fills a gap in, the paper:
    asking for the rating only (no explanation) so that a reply costs a few tokens.
 2. The cache is a JSONL file rather than sqlite: human-readable, greppable, "JSONL everywhere", and an
    append of one line per score survives a kill (a torn last line is skipped on load). One writer
-   per cache file is assumed (judging is one process).
+   per cache file is assumed (judging is one process). It keeps scores and token counts only.
 3. A reply that cannot be parsed is asked again `parse_retries` times (default 1) and then recorded as
    a `None` score with the reason; it is not cached, and a non-200 4xx other than 401/403/404 (e.g. 400
-   "context length exceeded") is an error for that answer only, not for the run.
+   "context length exceeded") is an error for that answer only, not for the run. So is a 200 reply
+   larger than `max_reply_bytes` (1 MiB) read or decoded, or in an unknown Content-Encoding; it is not
+   asked again (the same request would most likely bring the same reply).
 4. An empty (whitespace-only) answer gets the scale's minimum, 1, without asking any judge, and is
    counted as `empty_answers`.
+5. Bounds the paper has no need to state, for servers that misbehave: a deadline per request (`timeout`,
+   60 s), a Retry-After above `retry_after_max` (60 s) is cut to it, and an answer whose next backoff
+   would take its total wait past `max_retry_wait` (300 s) stops the run (`JudgeFatalError`), so one
+   answer costs at most (max_retries + 1) * timeout + max_retry_wait seconds.
 """
 import abc
 import asyncio
-import email.utils
 import hashlib
-import ipaddress
 import json
 import os
 import random
 import re
-import time
-import urllib.parse
 
 import httpx
 
-from data import append_jsonl, open_append, read_jsonl_tolerant
+from judge_cache import ScoreCache, cache_key, token_count
+from judge_net import (ACCEPT_ENCODING, MAX_REPLY_BYTES, BadReply, JudgeFatalError, check_base_url,  # noqa: F401
+                       check_header_value, is_local_url, parse_retry_after, public_url, read_capped, redact)
 
 SCALE = (1.0, 10.0)          # every judge, rule and LLM, scores on this closed range
 EMPTY_SCORE = 1.0            # an empty answer is the worst answer (deviation 4)
@@ -57,10 +65,8 @@ RATING_PREFIX = "Rating: [["  # the hf judge reads the next token after this
 # its 2024-07-18 launch). Dated snapshots ("gpt-4o-mini-2024-07-18") match their family.
 PRICES_PER_MTOK = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00)}
 FATAL_STATUS = {401: "check the API key", 403: "the key may not use this model", 404: "check the base URL and model"}
-
-
-class JudgeFatalError(ValueError):
-    """The judge cannot work at all (bad key, wrong URL, server unreachable); CLIs turn it into SystemExit."""
+RETRY_AFTER_MAX = 60.0       # seconds: a longer Retry-After is cut to this
+MAX_RETRY_WAIT = 300.0       # seconds of backoff in all per answer before the run stops
 
 
 def build_prompt(question: str, answer: str) -> str:
@@ -136,35 +142,6 @@ def _json_rating(blob: str):
     return None
 
 
-class ScoreCache:
-    """Persistent scores keyed by sha256(judge model, template version, prompt, answer)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.entries = {e["key"]: e for e in read_jsonl_tolerant(self.path)}
-        self._fh = None
-
-    @staticmethod
-    def key(model: str, prompt: str, answer: str) -> str:
-        blob = json.dumps([model, TEMPLATE_VERSION, prompt, answer], ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-    def get(self, key):
-        return self.entries.get(key)
-
-    def put(self, key, entry: dict):
-        entry = dict(entry, key=key)
-        if self._fh is None:
-            self._fh = open_append(self.path)
-        append_jsonl(self._fh, entry)
-        self.entries[key] = entry
-
-    def close(self):
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-
 # ---------------------------------------------------------------- judges
 class Judge(abc.ABC):
     """score_many(items) -> [(score | None, error | None)]; item = {"prompt", "answer", "record"}."""
@@ -201,62 +178,41 @@ class Judge(abc.ABC):
         pass
 
 
-def is_local_url(url: str) -> bool:
-    """Loopback, private-network and single-label hosts: servers that need no API key."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost" or host.endswith(".localhost") or "." not in host:
-        return True
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return addr.is_loopback or addr.is_private
-
-
-def parse_retry_after(value):
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date); None if absent/unreadable."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def redact(text: str, secret) -> str:
-    """One line, at most 200 characters, with the key and anything key-like removed."""
-    if secret:
-        text = text.replace(secret, "***")
-    text = re.sub(r"sk-[A-Za-z0-9_*\-.]{3,}", "sk-***", text)
-    text = re.sub(r"(?i)bearer\s+\S+", "Bearer ***", text)
-    return " ".join(text.split())[:200]
-
-
 class OpenAIJudge(Judge):
     """Scores answers with an OpenAI-compatible chat-completions server (see the module docstring)."""
 
     def __init__(self, model="gpt-4o-mini", base_url="https://api.openai.com/v1", cache_path=None, concurrency=8,
                  api_key_env="OPENAI_API_KEY", timeout=60.0, max_retries=6, backoff_base=1.0, backoff_max=60.0,
-                 retry_after_max=600.0, parse_retries=1, max_tokens=16, sleep=asyncio.sleep):
+                 retry_after_max=RETRY_AFTER_MAX, max_retry_wait=MAX_RETRY_WAIT, parse_retries=1, max_tokens=16,
+                 max_reply_bytes=MAX_REPLY_BYTES, sleep=asyncio.sleep):
         super().__init__()
         if concurrency < 1 or max_retries < 0 or parse_retries < 0:
             raise ValueError(f"judge: concurrency must be >= 1 and retries >= 0 (got {concurrency}, {max_retries}, {parse_retries})")
+        if not (timeout > 0 and max_retry_wait >= 0 and retry_after_max >= 0 and max_reply_bytes > 0):
+            raise ValueError(f"judge: timeout and max_reply_bytes must be > 0, max_retry_wait and retry_after_max "
+                             f">= 0 (got {timeout}, {max_reply_bytes}, {max_retry_wait}, {retry_after_max})")
+        check_base_url(base_url)  # fail now, not after max_retries rounds of "connection error"
         self.model, self.base_url = model, base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
+        self.public = public_url(base_url)  # for messages and the cache key: no credentials
         self.name = f"openai:{model}"
         self.api_key_env = api_key_env  # the variable's name; its value is read per run and never stored
-        if not os.environ.get(api_key_env) and not is_local_url(self.base_url):
-            raise JudgeFatalError(f"${api_key_env} is not set; the judge at {self.base_url} needs an API key "
+        if not self._api_key() and not is_local_url(self.base_url):
+            raise JudgeFatalError(f"${api_key_env} is not set; the judge at {self.public} needs an API key "
                                   f"(export it, or name another variable with --api-key-env)")
         self.cache = ScoreCache(cache_path) if cache_path else None
         self.concurrency, self.timeout, self.max_tokens = concurrency, timeout, max_tokens
         self.max_retries, self.parse_retries = max_retries, parse_retries
         self.backoff_base, self.backoff_max, self.retry_after_max = backoff_base, backoff_max, retry_after_max
+        self.max_retry_wait, self.max_reply_bytes = max_retry_wait, max_reply_bytes
         self._sleep, self._rng = sleep, random.Random()
+
+    def _api_key(self):
+        """The key from the environment (None if unset), checked to be sendable in a header."""
+        key = os.environ.get(self.api_key_env)
+        if key:
+            check_header_value(key, f"${self.api_key_env}")
+        return key or None
 
     def attach_cache(self, path):
         self.cache = ScoreCache(path)
@@ -281,17 +237,19 @@ class OpenAIJudge(Judge):
         results = [None] * len(items)
         by_key = {}  # one request per distinct (prompt, answer) in this call
         for i, item in enumerate(items):
-            key = ScoreCache.key(self.model, item["prompt"], item["answer"])
+            key = cache_key(self.public, self.model, TEMPLATE_VERSION, item["prompt"], item["answer"])
             hit = self.cache.get(key) if self.cache else None
-            if hit is not None:
+            if hit is not None and SCALE[0] <= hit["score"] <= SCALE[1]:
                 results[i] = (hit["score"], None)
                 self.stats["cache_hits"] += 1
             else:
                 by_key.setdefault(key, []).append(i)
         if not by_key:
             return results
-        api_key = os.environ.get(self.api_key_env)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        api_key = self._api_key()
+        headers = {"Accept-Encoding": ACCEPT_ENCODING}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         try:
             async with httpx.AsyncClient(timeout=self.timeout, headers=headers, limits=limits) as client:
@@ -319,33 +277,49 @@ class OpenAIJudge(Judge):
         if errors:
             raise errors[0]
 
+    async def _post(self, client, payload):
+        """(status, headers, body, refused) of one POST, all within the deadline; refused: why the body was not read."""
+        async with asyncio.timeout(self.timeout):  # wall clock over connect and all reads (deviation 5)
+            async with client.stream("POST", self.url, json=payload) as resp:
+                if _retryable(resp.status_code):
+                    return resp.status_code, resp.headers, b"", None
+                try:
+                    return resp.status_code, resp.headers, await read_capped(resp, self.max_reply_bytes), None
+                except BadReply as e:
+                    return resp.status_code, resp.headers, b"", str(e)
+
     async def _score_one(self, client, item, key, api_key):
         payload = {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
                    "messages": [{"role": "user", "content": build_prompt(item["prompt"], item["answer"])}]}
         transient = garbled = 0
+        waited = 0.0
         while True:
             reason = retry_after = None
             self.stats["requests"] += 1
             try:
-                resp = await client.post(self.url, json=payload)
-            except httpx.TimeoutException:
+                status, headers, body, refused = await self._post(client, payload)
+            except (TimeoutError, httpx.TimeoutException):
                 reason = f"timeout after {self.timeout:g} s"
+            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as e:  # our request is unsendable: no retry
+                raise JudgeFatalError(f"judge {self.public}: request cannot be sent "
+                                      f"({type(e).__name__}: {redact(str(e), api_key)})") from None
             except httpx.TransportError as e:
                 reason = f"connection error ({type(e).__name__}: {redact(str(e), api_key)})"
             else:
-                status = resp.status_code
                 if status in FATAL_STATUS:
                     hint = FATAL_STATUS[status] + (f" in ${self.api_key_env}" if status == 401 else "")
-                    raise JudgeFatalError(f"judge {self.url} answered HTTP {status} ({hint}): "
-                                          f"{redact(_error_text(resp), api_key)}")
-                if status in (408, 429) or status >= 500:
-                    reason, retry_after = f"HTTP {status}", parse_retry_after(resp.headers.get("retry-after"))
+                    raise JudgeFatalError(f"judge {self.public} answered HTTP {status} ({hint}): "
+                                          f"{redact(refused or _error_text(body), api_key)}")
+                if _retryable(status):
+                    reason, retry_after = f"HTTP {status}", parse_retry_after(headers.get("retry-after"))
                 elif status != 200:
-                    return None, f"HTTP {status}: {redact(_error_text(resp), api_key)}"
+                    return None, f"HTTP {status}: {redact(refused or _error_text(body), api_key)}"
+                elif refused:
+                    return None, f"judge reply refused: {refused}"  # not asked again (deviation 3)
                 else:
-                    content, usage = _read_reply(resp)
-                    self.stats["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
-                    self.stats["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+                    content, usage = _read_reply(body)
+                    self.stats["prompt_tokens"] += usage["prompt_tokens"]
+                    self.stats["completion_tokens"] += usage["completion_tokens"]
                     try:
                         score = parse_rating(content)
                     except ValueError as e:
@@ -356,29 +330,38 @@ class OpenAIJudge(Judge):
                             continue
                         return None, f"unparseable judge reply ({garbled + 1} tries): {redact(str(e), api_key)}"
                     if self.cache:
-                        self.cache.put(key, {"model": self.model, "template": TEMPLATE_VERSION, "score": score,
-                                             "reply": content, "usage": usage})
+                        self.cache.put(key, dict(usage, score=score))  # the score and token counts only
                     return score, None
             transient += 1
             if transient > self.max_retries:
-                raise JudgeFatalError(f"judge {self.url} unreachable after {self.max_retries} retries: {reason}")
+                raise JudgeFatalError(f"judge {self.public} unreachable after {self.max_retries} retries: {reason}")
+            delay = self.backoff_delay(transient, retry_after)
+            if waited + delay > self.max_retry_wait:
+                raise JudgeFatalError(f"judge {self.public} still failing ({reason}) after {transient - 1} retries and "
+                                      f"{waited:.0f} s of waiting; the next wait ({delay:.0f} s) would pass "
+                                      f"--max-retry-wait {self.max_retry_wait:g} s for this answer")
+            waited += delay
             self.stats["retries"] += 1
-            await self._sleep(self.backoff_delay(transient, retry_after))
+            await self._sleep(delay)
 
 
-def _error_text(resp) -> str:
+def _retryable(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+def _error_text(body: bytes) -> str:
     try:
-        return str(resp.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return resp.text
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return body.decode("utf-8", "replace")
 
 
-def _read_reply(resp):
-    """(content | None, usage dict) of a chat-completion reply; None content when it is not one."""
+def _read_reply(body: bytes):
+    """(content | None, {prompt_tokens, completion_tokens}) of a chat-completion reply; None content when it is not one."""
     try:
-        data = resp.json()
+        data = json.loads(body)
         content = data["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None, {}
-    usage = data.get("usage")
-    return content, usage if isinstance(usage, dict) else {}
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+        return None, {"prompt_tokens": 0, "completion_tokens": 0}
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return content, {k: token_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens")}

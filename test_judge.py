@@ -151,3 +151,28 @@ def test_flip_rates_by_iteration(tmp_path):
     assert [(r["iter"], r["n"], r["flips"], r["ties"], r["missing"]) for r in res] == \
         [(0, 3, 1, 1, 1), (2, 2, 0, 0, 0), (10, 1, 1, 0, 0)]
     assert res[0]["flip_rate"] == pytest.approx(1 / 3)
+
+
+class Flaky(judge.RuleJudge):
+    """A judge whose answers containing "bad" get no score."""
+
+    def _score(self, items):
+        return [(None, "boom") if "bad" in it["answer"] else (5.0, None) for it in items]
+
+
+@pytest.mark.parametrize("n_bad, fails", [(4, False), (5, True)])
+def test_max_missing_fraction(tmp_path, n_bad, fails):
+    """Default max_missing 0.2: 4 of 20 scores missing is allowed (rows written, nulls counted), 5 is a
+    one-line ValueError naming count, fraction, first error and flag; max_missing=1 allows all."""
+    recs = [{"id": f"r{i}", "prompt": "p", "human": "h", "generated": "bad" if i < n_bad else "g"} for i in range(10)]
+    out = tmp_path / "j.jsonl"
+    if fails:
+        with pytest.raises(ValueError, match=r"5 of 20 scores missing \(25\.0 %.*r0 generated: boom.*--judge-max-missing"):
+            judge.judge_records(recs, Flaky(), out, progress=False)
+        assert not out.exists()
+        rows, summary = judge.judge_records(recs, Flaky(), out, progress=False, max_missing=1.0)
+    else:
+        rows, summary = judge.judge_records(recs, Flaky(), out, progress=False)
+    assert summary["errors"] == n_bad and sum(r["generated_score"] is None for r in rows) == n_bad
+    with pytest.raises(ValueError, match="max_missing"):
+        judge.judge_records(recs, Flaky(), out, progress=False, max_missing=1.5)

@@ -1,5 +1,6 @@
 """Tests for judge_http.py: the reply parser, the template, and the OpenAI-compatible judge against a real
-HTTP server on 127.0.0.1 (429 + Retry-After, 500, slow replies, garbage, 400, 401), cache and resume."""
+HTTP server on 127.0.0.1 (429 + Retry-After, 500, slow replies, garbage, 400, 401), cache and resume.
+`FakeChat` also plays the hostile servers of test_judge_hardening.py (trickle, huge, gzip bomb, HTML, echo)."""
 import asyncio
 import json
 import math
@@ -7,6 +8,7 @@ import re
 import socket
 import threading
 import time
+import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,7 +27,8 @@ QA = re.compile(r"\[Question\]\n(.*)\n\n\[The Start of Assistant's Answer\]\n(.*
 class FakeChat:
     """Scripted OpenAI-compatible server: per-answer failure modes, then "Rating: [[score=N in answer]]"."""
 
-    def __init__(self, latency=0.0, slow_s=1.0):
+    def __init__(self, latency=0.0, slow_s=1.0, score=None, trickle_bytes=10, trickle_s=1.0, huge_bytes=4 << 20,
+                 bomb_bytes=64 << 20):
         self.lock = threading.Lock()
         self.received, self.answered = Counter(), Counter()  # (question, answer) -> count
         self.script = {}          # answer -> list of modes, consumed one per request
@@ -34,6 +37,9 @@ class FakeChat:
         self.auth = set()
         self.in_flight = self.max_in_flight = 0
         self.latency, self.slow_s = latency, slow_s
+        self.score = score        # every answer gets this score instead of its "score=N"
+        self.trickle_bytes, self.trickle_s, self.huge_bytes, self.bomb_bytes = trickle_bytes, trickle_s, huge_bytes, bomb_bytes
+        self._bomb = None
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -88,18 +94,54 @@ class FakeChat:
             time.sleep(self.slow_s)
         if mode == "notjson":
             return self.send(req, 200, "<html>oops</html>")
-        content = "I cannot rate this." if mode == "garbage" else f"Rating: [[{_score_of(answer)}]]"
+        if mode == "html":  # a proxy's error page with status 200
+            return self.send(req, 200, "<html><body>Bad gateway</body></html>", content_type="text/html")
+        if mode == "trickle":  # valid headers, then one byte per trickle_s
+            return self.trickle(req)
+        if mode == "gzipbomb":  # a small gzip body that decompresses to bomb_bytes zeros
+            return self.send(req, 200, self.bomb(), {"Content-Encoding": "gzip"})
+        score = self.score if self.score is not None else _score_of(answer)
+        content = "I cannot rate this." if mode == "garbage" else f"Rating: [[{score}]]"
+        usage = {"prompt_tokens": 100, "completion_tokens": 7}
+        if mode == "huge":
+            content += " " * self.huge_bytes
+        if mode == "echo":  # a reply that repeats the request's Authorization header
+            content += f" (you sent {req.headers.get('Authorization')})"
+            usage["note"] = req.headers.get("Authorization")
         with self.lock:
             if mode != "garbage":
                 self.answered[(question, answer)] += 1
-        self.send(req, 200, {"choices": [{"message": {"role": "assistant", "content": content}}],
-                             "usage": {"prompt_tokens": 100, "completion_tokens": 7}})
+        reply = {"choices": [{"message": {"role": "assistant", "content": content}}], "usage": usage}
+        if mode in ("gzip", "deflate"):  # an honest compressed reply
+            c = zlib.compressobj(wbits=31 if mode == "gzip" else 15)
+            return self.send(req, 200, c.compress(json.dumps(reply).encode()) + c.flush(), {"Content-Encoding": mode})
+        self.send(req, 200, reply)
+
+    def bomb(self):
+        """gzip of bomb_bytes zeros (about a thousandth of that on the wire), built 1 MiB at a time."""
+        with self.lock:
+            if self._bomb is None:
+                c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: gzip header and trailer
+                block = bytes(1 << 20)
+                self._bomb = b"".join([c.compress(block) for _ in range(self.bomb_bytes >> 20)] + [c.flush()])
+            return self._bomb
+
+    def trickle(self, req):
+        req.send_response(200)
+        req.send_header("Content-Type", "application/json")
+        req.send_header("Content-Length", str(self.trickle_bytes))
+        req.end_headers()
+        req.wfile.flush()
+        for _ in range(self.trickle_bytes):
+            time.sleep(self.trickle_s)
+            req.wfile.write(b" ")
+            req.wfile.flush()
 
     @staticmethod
-    def send(req, status, obj, headers=()):
-        data = (obj if isinstance(obj, str) else json.dumps(obj)).encode()
+    def send(req, status, obj, headers=(), content_type="application/json"):
+        data = obj if isinstance(obj, bytes) else (obj if isinstance(obj, str) else json.dumps(obj)).encode()
         req.send_response(status)
-        req.send_header("Content-Type", "application/json")
+        req.send_header("Content-Type", content_type)
         req.send_header("Content-Length", str(len(data)))
         for k, v in dict(headers).items():
             req.send_header(k, v)
@@ -230,7 +272,8 @@ def test_unreachable_server_is_fatal(key_env):
 def test_garbage_reply_becomes_null(server, key_env, tmp_path):
     """An unparseable reply is asked once more, then recorded as null + judge_error and counted."""
     server.script = {"generated 0 score=1": ["garbage", "garbage"], "human 1 score=2": ["notjson"]}
-    rows, summary = judge.judge_records(records(2), fast_judge(server.url), tmp_path / "j.jsonl", progress=False)
+    rows, summary = judge.judge_records(records(2), fast_judge(server.url), tmp_path / "j.jsonl", progress=False,
+                                        max_missing=0.5)  # 1 of 4 scores missing: over the default 0.2
     assert rows[0]["generated_score"] is None and "unparseable" in rows[0]["judge_error"]
     assert rows[0]["human_score"] == 1 and rows[1]["human_score"] == 2 and "judge_error" not in rows[1]
     assert summary["parse_failures"] == 3 and summary["errors"] == 1 and summary["retries"] == 2
