@@ -25,8 +25,19 @@ import data
 
 
 # ----------------------------------------------------------------------------- run directory
-def start_model_of(run_dir, k, base_model, rerun_hint=""):
-    """The model iteration k starts from; a one-line error naming the command to run first."""
+def start_model_of(run_dir, k, base_model, rerun_hint="", start_model=None):
+    """The model iteration k starts from: --start-model when given (k ≥ 1; the ablation protocol starts every
+    row's iteration k from the SPIN model of iteration k-1), else the base model (k = 0) or
+    <run_dir>/iter{k-1}/model; a one-line error naming what is missing or the command to run first."""
+    if start_model is not None:
+        if k == 0:
+            raise SystemExit("train.py: --start-model is for k ≥ 1 (iteration 0 starts from --base-model)")
+        path = pathlib.Path(start_model).expanduser()
+        local = path.exists() or start_model.startswith(("/", ".", "~")) or start_model.count("/") > 1
+        if local and not (path / "config.json").is_file():  # a hub id is "name" or "org/name"
+            raise SystemExit(f"train.py: --start-model {start_model} has no config.json "
+                             f"(expected a save_pretrained() directory or a hub id)")
+        return start_model
     if k == 0:
         return base_model
     prev = pathlib.Path(run_dir) / f"iter{k - 1}" / "model"
