@@ -101,7 +101,7 @@ def parse_args(argv=None):
         raise SystemExit("ablate.py: --iters must be ≥ 1 and --seeds distinct")
     owned = [f for f in args.train_flags if f.split("=")[0] in OWNED]
     if owned:
-        raise SystemExit(f"ablate.py: {owned[0]} is set by ablate.py for each row; remove it from the train flags")
+        raise SystemExit(f"ablate.py: {owned[0]} is set by ablate.py (see --help); remove it from the train flags")
     return args
 
 
@@ -127,9 +127,9 @@ def start_model(opts, row, seed, k):
 
 
 def train_command(opts, row, seed, k):
-    flags = ROWS[row] + (["--noise-sigma", str(opts.noise_sigma)] if row == "fixed" and opts.noise_sigma else [])
+    sigma = ["--noise-sigma", str(opts.noise_sigma)] if row == "fixed" and opts.noise_sigma is not None else []
     cmd = [sys.executable, str(HERE / "train.py"), "--iter", str(k), "--preset", opts.preset,
-           "--run-dir", str(run_dir(opts, row, seed)), "--seed", str(seed), *opts.train_flags, *flags]
+           "--run-dir", str(run_dir(opts, row, seed)), "--seed", str(seed), *opts.train_flags, *ROWS[row], *sigma]
     start = start_model(opts, row, seed, k)
     return cmd + (["--start-model", start] if start else [])
 
@@ -206,9 +206,9 @@ def execute(opts, steps):
     """Run the steps not done yet; seconds of each step run now go to OUT/ablate_times.json."""
     times_path = Path(opts.out) / "ablate_times.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    for step in steps:
+    for i, step in enumerate(steps, 1):
         if step["done"]():
-            print(f"[done] {step['label']}", flush=True)
+            print(f"[{i}/{len(steps)} done] {step['label']}", flush=True)
             continue
         t0 = time.time()
         if "link" in step:
@@ -216,7 +216,7 @@ def execute(opts, steps):
             link.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(target, link, target_is_directory=True)
         else:
-            print(f"[run] {shlex.join(step['cmd'])}", flush=True)
+            print(f"[{i}/{len(steps)}] {shlex.join(step['cmd'])}", flush=True)
             rc = run_command(step["cmd"])
             if rc != 0:
                 raise SystemExit(f"ablate.py: {step['label']} failed (exit status {rc}); fix the cause and rerun "

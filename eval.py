@@ -11,7 +11,8 @@
     benchmarks  EleutherAI lm-evaluation-harness with the paper's few-shot settings (Table 1)
     report      RUN_DIR/report.md: flags, per-iteration table, DSL flip rates, similarity, plots
 
-Files: RUN_DIR/eval/{base,iter{k}}_generated.jsonl and _judged.jsonl (resumable), scores.json, similarity.json.
+Files: RUN_DIR/eval/{base,iter{k}}_generated.jsonl and _judged.jsonl (resumable), scores.json, similarity.json,
+logps_iter{k}.jsonl and logps_settings.json (`logps`).
 
 Where this departs from, or fills a gap in, the paper:
 1. The paper scores with GPT-4o-mini on its own test prompts; the default here is the judge named by

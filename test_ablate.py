@@ -66,6 +66,7 @@ def test_dry_run_wires_start_models_and_writes_nothing(tmp_path, capsys):
     (["--iters", "0"], "--iters must be"),
     (["--", "--seed", "3"], "--seed is set by ablate.py"),
     (["--", "--no-dsl"], "--no-dsl is set by ablate.py"),
+    (["--", "--run-dir=x"], "--run-dir=x is set by ablate.py"),
 ])
 def test_bad_flags_are_one_line_errors(argv, message):
     with pytest.raises(SystemExit, match=message) as err:
