@@ -25,19 +25,8 @@ import data
 
 
 # ----------------------------------------------------------------------------- run directory
-def start_model_of(run_dir, k, base_model, rerun_hint="", start_model=None):
-    """The model iteration k starts from: --start-model when given (k ≥ 1; the ablation protocol starts every
-    row's iteration k from the SPIN model of iteration k-1), else the base model (k = 0) or
-    <run_dir>/iter{k-1}/model; a one-line error naming what is missing or the command to run first."""
-    if start_model is not None:
-        if k == 0:
-            raise SystemExit("train.py: --start-model is for k ≥ 1 (iteration 0 starts from --base-model)")
-        path = pathlib.Path(start_model).expanduser()
-        local = path.exists() or start_model.startswith(("/", ".", "~")) or start_model.count("/") > 1
-        if local and not (path / "config.json").is_file():  # a hub id is "name" or "org/name"
-            raise SystemExit(f"train.py: --start-model {start_model} has no config.json "
-                             f"(expected a save_pretrained() directory or a hub id)")
-        return start_model
+def start_model_of(run_dir, k, base_model, rerun_hint=""):
+    """The model iteration k starts from; a one-line error naming the command to run first."""
     if k == 0:
         return base_model
     prev = pathlib.Path(run_dir) / f"iter{k - 1}" / "model"
@@ -62,6 +51,21 @@ def print_summary(it_dir):
     print(f"last epoch    loss {fmt(s['final_loss'])} | margin {fmt(s['final_margin'])} | noisy margin "
           f"{fmt(s['final_noisy_margin'])} | reward acc {fmt(s['final_reward_acc'])}")
     print(f"time          train {s['train_s']:.0f} s, wall {s['wall_s']:.0f} s ({s['steps']} steps)")
+
+
+def given_start_model(start_model, k):
+    """train.py --start-model DIR (k ≥ 1): the model iteration k starts from instead of <run-dir>/iter{k-1}/model
+    (ablate.py starts every row's iteration k from the SPIN model of iteration k-1); None when not given."""
+    if start_model is None:
+        return None
+    if k == 0:
+        raise SystemExit("train.py: --start-model is for k ≥ 1 (iteration 0 starts from --base-model)")
+    path = pathlib.Path(start_model).expanduser()
+    local = path.exists() or start_model.startswith(("/", ".", "~")) or start_model.count("/") > 1
+    if local and not (path / "config.json").is_file():  # a hub id is "name" or "org/name"
+        raise SystemExit(f"train.py: --start-model {start_model} has no config.json "
+                         f"(expected a save_pretrained() directory or a hub id)")
+    return start_model
 
 
 # ----------------------------------------------------------------------------- distributed

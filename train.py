@@ -405,8 +405,8 @@ def main(argv=None):
     args.world_size = world
     run_dir = pathlib.Path(args.run_dir)
     it_dir = run_dir / f"iter{args.iter}"
-    args.start_model = ckpt.start_model_of(args.run_dir, args.iter, args.base_model,
-                                           "" if args.preset == "demo" else f" --preset {args.preset}", args.start_model)
+    args.start_model = ckpt.given_start_model(args.start_model, args.iter) or ckpt.start_model_of(
+        args.run_dir, args.iter, args.base_model, "" if args.preset == "demo" else f" --preset {args.preset}")
     say = print if rank == 0 else (lambda *a, **k: None)
     if (it_dir / "model" / "config.json").is_file():
         say(f"iter {args.iter}: {it_dir / 'model'} exists, nothing to do")
