@@ -53,6 +53,21 @@ def print_summary(it_dir):
     print(f"time          train {s['train_s']:.0f} s, wall {s['wall_s']:.0f} s ({s['steps']} steps)")
 
 
+def given_start_model(start_model, k):
+    """train.py --start-model DIR (k ≥ 1): the model iteration k starts from instead of <run-dir>/iter{k-1}/model
+    (ablate.py starts every row's iteration k from the SPIN model of iteration k-1); None when not given."""
+    if start_model is None:
+        return None
+    if k == 0:
+        raise SystemExit("train.py: --start-model is for k ≥ 1 (iteration 0 starts from --base-model)")
+    path = pathlib.Path(start_model).expanduser()
+    local = path.exists() or start_model.startswith(("/", ".", "~")) or start_model.count("/") > 1
+    if local and not (path / "config.json").is_file():  # a hub id is "name" or "org/name"
+        raise SystemExit(f"train.py: --start-model {start_model} has no config.json "
+                         f"(expected a save_pretrained() directory or a hub id)")
+    return start_model
+
+
 # ----------------------------------------------------------------------------- distributed
 def setup_distributed(device=None):
     """(rank, world, device); torchrun sets WORLD_SIZE > 1, a plain run never touches torch.distributed."""

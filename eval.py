@@ -5,11 +5,14 @@
     compare     win / tie / loss of run A vs run B at one iteration on the same prompts, 95% CIs (Fig. 7)
     similarity  BLEU, ROUGE-L, embedding cosine of iteration t's generations vs the chosen answers used
                 at iteration t-1 (App. F, Table 5)
+    logps       log-probs of the human answers and of each iter{k}/model's own fresh answers under that
+                model (stagnation.py; the data of Fig. 2 / 10)
     plots       PNG figures into RUN_DIR/plots/ (plots.py: Fig. 2/10, 6, 9)
     benchmarks  EleutherAI lm-evaluation-harness with the paper's few-shot settings (Table 1)
     report      RUN_DIR/report.md: flags, per-iteration table, DSL flip rates, similarity, plots
 
-Files: RUN_DIR/eval/{base,iter{k}}_generated.jsonl and _judged.jsonl (resumable), scores.json, similarity.json.
+Files: RUN_DIR/eval/{base,iter{k}}_generated.jsonl and _judged.jsonl (resumable), scores.json, similarity.json,
+logps_iter{k}.jsonl and logps_settings.json (`logps`).
 
 Where this departs from, or fills a gap in, the paper:
 1. The paper scores with GPT-4o-mini on its own test prompts; the default here is the judge named by
@@ -74,6 +77,7 @@ def run_score(args):
         models = [("base", config["base_model"])]
         models += [(f"iter{k}", str(target / f"iter{k}" / "model")) for k in iterations(target)
                    if (target / f"iter{k}" / "model" / "config.json").is_file()]
+        models = [(name, path) for name, path in models if name not in args.skip]
         trained_on = config.get("data")
         if args.data is None and trained_on not in (None, "demo"):
             raise ValueError(f"{target} was trained on {trained_on}; pass --data HELD_OUT_FILE")
@@ -295,7 +299,18 @@ def run_similarity(args):
     return rows
 
 
-# ----------------------------------------------------------------------------- report, plots, CLI
+# ----------------------------------------------------------------------------- logps, report, plots, CLI
+
+def run_logps(args):
+    from stagnation import compute_logps
+
+    summaries = compute_logps(args.run_dir, n=args.n, device=args.device, batch_size=args.batch_size)
+    print(markdown_table(["model", "n", "mean log-prob human", "mean log-prob generated", "margin", "95% CI"],
+                         [[f"iter{k}", s["n"], s["human_mean"], s["generated_mean"], s["margin"],
+                           "—" if s["margin_95"] is None else "[{:.3f}, {:.3f}]".format(*s["margin_95"])]
+                          for k, s in summaries.items()]))
+    return summaries
+
 
 def run_plots(args):
     written = make_plots(args.run_dirs, args.out_dir)
@@ -324,7 +339,14 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt sampling and generation")
     p.add_argument("--out-dir", default=None, help="where to write (default: RUN_DIR/eval, or ./eval-NAME for a model)")
+    p.add_argument("--skip", nargs="*", default=[], help="models not to score, e.g. base (scored in another run)")
     p.set_defaults(func=run_score)
+    p = sub.add_parser("logps", help="log-probs of human answers vs each model's own fresh answers (Fig. 2/10)")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=int, default=64, help="first N training prompts of the run (default 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (generation and scoring)")
+    p.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
+    p.set_defaults(func=run_logps)
     p = sub.add_parser("compare", help="win / tie / loss of A vs B with 95%% CIs (Fig. 7)")
     p.add_argument("a", help="run directory or judged .jsonl file (A)")
     p.add_argument("b", help="run directory or judged .jsonl file (B)")

@@ -3,20 +3,25 @@ and RUN_DIR/report.md. The computations behind the numbers live in eval.py; this
 
     losses.png           model loss and noise loss per optimizer step, one panel per iteration (Fig. 9)
     margins.png          clean and noisy margin and reward accuracy over all steps of all iterations
-    logps.png            histograms of summed sequence log-probs of chosen, rejected and generated
-                         answers, per iteration, at the start and end of training (Fig. 2 / Fig. 10)
+    logps.png            histograms of the policy's summed log-probs of the training pairs' chosen and
+                         rejected answers, per iteration, at the start and end of training
     logps_per_token.png  the same divided by the answer's token count (removes the length effect)
+    stagnation.png       Fig. 2 / Fig. 10: per run (rows) and iteration (columns), log-probs under iter{k}/model
+                         of the human answers and of that model's own fresh answers, and the margin
+                         (mean human − mean generated) per iteration for every run in one panel
     scores.png           held-out mean score (and accuracy) per iteration for one or more runs (Fig. 6)
 
-Inputs (written by train.py / `eval.py score`): iter{k}/metrics.jsonl, iter{k}/logps.jsonl, eval/scores.json.
-Used by `python eval.py plots RUN_DIR [RUN_DIR ...]` and `python eval.py report RUN_DIR` (write_report).
+Inputs (written by train.py / `eval.py score` / `eval.py logps`): iter{k}/metrics.jsonl, iter{k}/logps.jsonl,
+eval/scores.json, eval/logps_iter{k}.jsonl. Used by `python eval.py plots RUN_DIR [RUN_DIR ...]`, `python
+eval.py report RUN_DIR` (write_report) and ablate.py.
 
 Where this departs from, or fills a gap in, the paper:
-1. Fig. 2 / 10 show "generated data" as a third distribution; here it is the generated side of each
-   training pair (the rejected answer when the human one was chosen, else the chosen one), drawn as
-   an outline so its overlap with chosen/rejected stays visible. The paper does not say which
-   examples its histograms use; train.py records up to `--logp-examples` pairs per iteration.
-2. The paper's histograms are of summed sequence log-probs; the per-token version is an addition.
+1. Fig. 2 / 10's "generated data" is the updated model's own answers (stagnation.png, from `eval.py
+   logps`). logps.png's dashed "start model's answers" is the generated side of each training pair
+   (the rejected answer when the human one was chosen, else the chosen one): answers of the iteration's
+   start model, not of the model being trained, so at "end" it is not the paper's generated data.
+   The paper does not say which examples its histograms use (see stagnation.py).
+2. The paper's histograms are of summed sequence log-probs; the per-token versions are an addition.
 3. Fig. 9 plots the recorded noise loss (−ℓ(m̃(sg θ, φ, ε₂)), a negative number) as is; its mirror
    image of the model loss is the point of the figure.
 """
@@ -154,13 +159,52 @@ def plot_logps(run_dir, out_dir, per_token=False) -> Path | None:
         for name in ("chosen", "rejected"):
             ax.hist(groups[name], bins=bins, alpha=0.45, color=COLORS[name], label=f"{name} (n={len(groups[name])})")
         ax.hist(groups["generated"], bins=bins, histtype="step", ls="--", lw=1.5, color=COLORS["generated"],
-                label="generated answers")
+                label="start model's answers (pairs)")
         ax.set_title(f"iteration {k}, {stage} of training")
         ax.set_xlabel(unit)
         ax.set_ylabel("pairs")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{run_dir.name}: log-probs under the policy (Fig. 2 / 10)")
+    fig.suptitle(f"{run_dir.name}: log-probs of the training pairs under the policy")
     return _save(fig, Path(out_dir) / ("logps_per_token.png" if per_token else "logps.png"))
+
+
+def plot_stagnation(run_dirs, out_path, per_token=False) -> Path | None:
+    """Fig. 2 / 10: per run (rows) and iteration (columns), histograms of the log-probs under iter{k}/model of
+    the human answers and of the model's own fresh answers; bottom panel: margin per iteration per run."""
+    from stagnation import read_summaries
+
+    series = [(Path(d).name, s) for d in run_dirs if (s := read_summaries(d, per_token))]
+    if not series:
+        return None
+    ks = sorted({k for _, s in series for k in s})
+    fig = plt.figure(figsize=(3.6 * max(len(ks), 2), 2.8 * (len(series) + 1.2)), layout="constrained")
+    grid = fig.add_gridspec(len(series) + 1, len(ks), height_ratios=[1] * len(series) + [1.2])
+    values = np.concatenate([v for _, s in series for x in s.values() for v in (x["human"], x["generated"])])
+    bins = np.linspace(values.min(), values.max() + 1e-9, 31)
+    unit = "mean log-prob per answer token" if per_token else "sequence log-prob"
+    for i, (name, s) in enumerate(series):
+        for j, k in enumerate(ks):
+            if k not in s:
+                continue
+            ax = fig.add_subplot(grid[i, j])
+            ax.hist(s[k]["human"], bins=bins, alpha=0.5, color=COLORS["chosen"], label="human answers")
+            ax.hist(s[k]["generated"], bins=bins, histtype="step", lw=1.5, color=COLORS["generated"],
+                    label=f"iter{k} model's own answers")
+            ax.set_title(f"{name}, iter{k}/model (n={s[k]['n']})", fontsize=9)
+            ax.set_xlabel(unit, fontsize=8)
+            ax.legend(fontsize=7)
+    ax = fig.add_subplot(grid[-1, :])
+    for name, s in series:
+        x, m = sorted(s), np.array([s[k]["margin"] for k in sorted(s)])
+        ci = np.array([s[k]["margin_95"] or (s[k]["margin"], s[k]["margin"]) for k in x])  # (iterations, 2)
+        ax.errorbar(x, m, yerr=[m - ci[:, 0], ci[:, 1] - m], marker="o", capsize=3, label=name)
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_xticks(ks, [f"iter{k}" for k in ks])
+    ax.set_ylabel(f"margin: mean human − mean generated\n({unit}; 95% CI)", fontsize=8)
+    ax.set_title("margin between the human answers and the model's own answers, per iteration")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, Path(out_path))
 
 
 def read_scores(run_dir) -> dict | None:
@@ -198,7 +242,7 @@ def plot_scores(run_dirs, out_path) -> Path | None:
 
 
 def make_plots(run_dirs, out_dir=None) -> list[Path]:
-    """Every figure for every run into RUN_DIR/plots/; the multi-run score figure into out_dir
+    """Every figure for every run into RUN_DIR/plots/; the multi-run score and stagnation figures into out_dir
     (default: the first run's plots/). Returns the paths written."""
     written = []
     for run_dir in run_dirs:
@@ -206,7 +250,8 @@ def make_plots(run_dirs, out_dir=None) -> list[Path]:
         written += [plot_losses(run_dir, plots_dir), plot_margins(run_dir, plots_dir),
                     plot_logps(run_dir, plots_dir), plot_logps(run_dir, plots_dir, per_token=True)]
     first = Path(out_dir) if out_dir else Path(run_dirs[0]) / "plots"
-    written.append(plot_scores(run_dirs, first / "scores.png"))
+    written += [plot_scores(run_dirs, first / "scores.png"), plot_stagnation(run_dirs, first / "stagnation.png"),
+                plot_stagnation(run_dirs, first / "stagnation_per_token.png", per_token=True)]
     return [p for p in written if p is not None]
 
 
@@ -319,8 +364,10 @@ def write_report(run_dir) -> Path:
     if (sim := run_dir / "eval" / "similarity.json").is_file():
         out += ["", "## Similarity to the previous chosen answers (`eval.py similarity`, App. F)", "", similarity_table(read_json(sim))]
     figures = [("losses.png", "Model loss and noise loss per step (Fig. 9)"), ("margins.png", "Margins and reward accuracy"),
-               ("logps.png", "Sequence log-probs of chosen / rejected / generated answers (Fig. 2 / 10)"),
-               ("logps_per_token.png", "The same per answer token"), ("scores.png", "Held-out score per iteration (Fig. 6)")]
+               ("logps.png", "Sequence log-probs of the training pairs' chosen / rejected answers"),
+               ("logps_per_token.png", "The same per answer token"),
+               ("stagnation.png", "Human answers vs the model's own answers, per iteration (Fig. 2 / 10)"),
+               ("scores.png", "Held-out score per iteration (Fig. 6)")]
     present = [(f, caption) for f, caption in figures if (plots_dir / f).is_file()]
     if present:
         out += ["", "## Figures"]

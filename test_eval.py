@@ -50,6 +50,9 @@ def make_run(root, name="run"):
         write_jsonl(it / "judged.jsonl", judged)
         write_jsonl(it / "pairs.jsonl", [{"id": r["id"], "prompt": r["prompt"], "chosen": f"chosen{k} {r['id']}",
                                           "rejected": "x", "chosen_source": "human"} for r in judged])
+        write_jsonl(run / "eval" / f"logps_iter{k}.jsonl", [  # what `eval.py logps` writes
+            {"id": i, "human_logp": float(rng.normal(-40, 5)), "human_tokens": 12, "generated_logp": float(rng.normal(-15, 3)),
+             "generated_tokens": 9, "generated": "g"} for i in IDS * 5])
     write_json(run / "eval" / "scores.json", {
         "settings": {"data": "demo", "split": "eval", "max_prompts": 4, "max_new_tokens": 8, "judge": "rule", "seed": 0},
         "models": {n: {"path": n, "n": 4, "missing": 0, "mean_score": m, "accuracy": a}
@@ -190,7 +193,8 @@ def test_plots_written_and_non_empty(tmp_path):
         shutil.rmtree(b / f"iter{k}")  # run B contributes only its eval/scores.json (keeps the test fast)
     written = ev.main(["plots", str(a), str(b)])
     names = sorted(p.name for p in written)
-    assert names == sorted(["losses.png", "margins.png", "logps.png", "logps_per_token.png", "scores.png"])
+    assert names == sorted(["losses.png", "margins.png", "logps.png", "logps_per_token.png", "scores.png",
+                            "stagnation.png", "stagnation_per_token.png"])
     assert all(is_png(p) for p in written)
     assert (a / "plots" / "scores.png").is_file() and not (b / "plots" / "scores.png").exists()
 
@@ -216,7 +220,7 @@ def test_report_tables_recomputed_by_hand(tmp_path, capsys):
     assert "| 0 | 0.250 | 0.000 | 1 | 0 |" in text and "| 1 | 0.500 | 0.250 | 1 | 0 |" in text
     assert "| human answers | 4 | 7.750 | 0.750 |" in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(links) == 5 and all(is_png(run / link) for link in links)
+    assert len(links) == 6 and all(is_png(run / link) for link in links)
 
 
 def test_cli_user_error_is_one_line(tmp_path):
@@ -317,8 +321,102 @@ def test_score_run_dir_with_tiny_model(tmp_path, tiny_model_dir, monkeypatch, ca
 
 def test_every_subcommand_has_help(capsys):
     """`eval.py SUB --help` exits 0 and documents the subcommand's flags."""
-    for sub, flag in [("score", "--max-new-tokens"), ("compare", "--iter"), ("similarity", "run_dir"),
+    for sub, flag in [("score", "--skip"), ("logps", "--n"), ("compare", "--iter"), ("similarity", "run_dir"),
                       ("plots", "--out-dir"), ("benchmarks", "--dry-run"), ("report", "run_dir")]:
         with pytest.raises(SystemExit) as exit_info:
             ev.main([sub, "--help"])
         assert exit_info.value.code == 0 and flag in capsys.readouterr().out
+
+
+def test_score_skip_leaves_out_a_model(tmp_path, tiny_model_dir):
+    """`score RUN --skip base` scores only the iterations (the base model is scored once, elsewhere)."""
+    run = tmp_path / "run"
+    write_json(run / "iter1" / "config.json", {"iter": 1, "base_model": tiny_model_dir, "max_new_tokens": 3, "data": None})
+    shutil.copytree(tiny_model_dir, run / "iter1" / "model")
+    scores = ev.main(["score", str(run), "--max-prompts", "2", "--skip", "base"])
+    assert list(scores["models"]) == ["iter1"] and scores["human"]["n"] == 2
+    assert not (run / "eval" / "base_judged.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- logps (Fig. 2 / 10)
+
+def test_answer_logps_equal_unpadded_per_sequence_sums():
+    """Batched, padded log-probs of human and generated answers equal a hand sum over one unpadded sequence each."""
+    import torch
+
+    import stagnation
+    from conftest import make_tiny_model, make_tiny_tokenizer
+    from data import chat_prompt_ids
+
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_model(tokenizer, seed=3).double()
+    rows = [{"id": "a", "prompt": "What is 2 + 2?", "human": "It is 4.", "generated": "Four, I think, or five."},
+            {"id": "b", "prompt": "Spell cat backwards, please.", "human": "tac", "generated": ""}]
+    out = stagnation.answer_logps(model, tokenizer, rows, max_length=128, max_prompt_length=64, batch_size=2)
+    for row, got in zip(rows, out):
+        for side in ("human", "generated"):
+            prompt = chat_prompt_ids(tokenizer, row["prompt"])
+            answer = tokenizer(row[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + answer])).logits[0], -1)
+            want = sum(float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(answer))
+            assert got[f"{side}_logp"] == pytest.approx(want, rel=1e-9, abs=1e-9)
+            assert got[f"{side}_tokens"] == len(answer)
+
+
+def test_margin_summary_by_hand():
+    """margin = mean(human − generated), 95% normal interval of the paired differences; per token divides first."""
+    import stagnation
+
+    rows = [{"human_logp": -10.0, "human_tokens": 5, "generated_logp": -4.0, "generated_tokens": 2},
+            {"human_logp": -20.0, "human_tokens": 4, "generated_logp": -6.0, "generated_tokens": 3}]
+    s = stagnation.margin_summary(rows)
+    half = ev.Z95 * np.std([-6.0, -14.0], ddof=1) / np.sqrt(2)
+    assert (s["human_mean"], s["generated_mean"], s["margin"]) == (-15.0, -5.0, -10.0)
+    assert s["margin_95"] == pytest.approx((-10 - half, -10 + half))
+    assert stagnation.margin_summary(rows, per_token=True)["margin"] == pytest.approx(((-2 + 2) + (-5 + 2)) / 2)
+    assert stagnation.margin_summary(rows[:1])["margin_95"] is None
+
+
+def test_logps_run_reuses_next_generation_only_from_the_same_model(tmp_path, tiny_model_dir, monkeypatch):
+    """iter0's answers come from iter1/generated.jsonl when iter1 started from iter0/model, else are generated
+    afresh; a rerun is skipped and another --n refused."""
+    import model as model_lib
+
+    import data
+
+    def make(name, iter1_start):
+        run = tmp_path / name
+        for k in (0, 1):
+            write_json(run / f"iter{k}" / "config.json", {"iter": k, "data": None, "max_prompts": 4, "seed": 0,
+                                                          "max_new_tokens": 3, "max_length": 160, "max_prompt_length": 96,
+                                                          "start_model": iter1_start(run) if k else tiny_model_dir})
+            shutil.copytree(tiny_model_dir, run / f"iter{k}" / "model")
+        records = data.load_prompts(None, split="train", max_prompts=4)
+        write_jsonl(run / "iter1" / "generated.jsonl", [{"id": r["id"], "prompt": r["prompt"], "human": r["response"],
+                                                         "generated": f"reused {i}"} for i, r in enumerate(records)])
+        return run, records
+    run, records = make("own", lambda run: str(run / "iter0" / "model"))
+    summaries = ev.main(["logps", str(run), "--n", "3"])
+    assert sorted(summaries) == [0, 1] and all(s["n"] == 3 for s in summaries.values())
+    rows0 = data.read_jsonl(run / "eval" / "logps_iter0.jsonl")
+    assert [r["generated"] for r in rows0] == ["reused 0", "reused 1", "reused 2"]
+    assert [r["id"] for r in rows0] == [r["id"] for r in records[:3]]
+    fresh = data.read_jsonl(run / "eval" / "logps_generated_iter1.jsonl")  # no iter2: generated by iter1/model
+    assert [r["id"] for r in fresh] == [r["id"] for r in records[:3]]
+    settings = json.loads((run / "eval" / "logps_settings.json").read_text())
+    assert settings["iterations"]["0"]["generations"] == "iter1/generated.jsonl"
+    assert summaries[0]["human"] == [r["human_logp"] for r in rows0]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("finished iterations must not be recomputed")
+    monkeypatch.setattr(model_lib, "load_model", no_model)
+    assert ev.main(["logps", str(run), "--n", "3"]) == summaries
+    with pytest.raises(SystemExit, match="hold n=3 prompts, asked for 2") as err:
+        ev.main(["logps", str(run), "--n", "2"])
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
+    other, _ = make("other", lambda run: tiny_model_dir)  # iter1 started elsewhere (train.py --start-model)
+    ev.main(["logps", str(other), "--n", "3"])
+    assert "fresh" in json.loads((other / "eval" / "logps_settings.json").read_text())["iterations"]["0"]["generations"]
+    assert all(not r["generated"].startswith("reused") for r in data.read_jsonl(other / "eval" / "logps_iter0.jsonl"))

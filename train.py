@@ -1,6 +1,6 @@
 """One DNPO iteration, end to end: `python train.py --iter k` = generate → judge → label → train → save.
 
-    start model  = --base-model (k = 0) or <run-dir>/iter{k-1}/model;  reference = frozen copy of it
+    start model  = --base-model (k = 0), else --start-model DIR or <run-dir>/iter{k-1}/model;  reference = its copy
     1 generate   iter{k}/generated.jsonl   the start model answers every training prompt
     2 judge      iter{k}/judged.jsonl      scores of the human and the generated answer
     3 label      iter{k}/pairs.jsonl       DSL: higher score = chosen (k = 0 or --no-dsl: human = chosen)
@@ -108,6 +108,7 @@ def parse_args(argv=None):
     g.add_argument("--history", type=int, help="train on the pairs of the last h iterations (1 = this one only)")
     g = p.add_argument_group("model and generation")
     g.add_argument("--base-model", help="start model of iteration 0: hub id, dir, or smollm2-135m (embedded)")
+    g.add_argument("--start-model", help="k ≥ 1: start from this dir or hub id, not <run-dir>/iter{k-1}/model (ablate.py)")
     g.add_argument("--trust-remote-code", action="store_true", default=None, help="allow hub model code")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in backward (paper preset: on)")
@@ -426,8 +427,8 @@ def main(argv=None):
     args.world_size = world
     run_dir = pathlib.Path(args.run_dir)
     it_dir = run_dir / f"iter{args.iter}"
-    args.start_model = ckpt.start_model_of(args.run_dir, args.iter, args.base_model,
-                                           "" if args.preset == "demo" else f" --preset {args.preset}")
+    args.start_model = ckpt.given_start_model(args.start_model, args.iter) or ckpt.start_model_of(
+        args.run_dir, args.iter, args.base_model, "" if args.preset == "demo" else f" --preset {args.preset}")
     say = print if rank == 0 else (lambda *a, **k: None)
     if (it_dir / "model" / "config.json").is_file():
         say(f"iter {args.iter}: {it_dir / 'model'} exists, nothing to do")
