@@ -187,10 +187,11 @@ def _check_records(records):
         seen.add(rid)
 
 
-def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, default_cache=True):
+def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, default_cache=True, max_missing=None):
     """Score both answers of every record -> (rows in input order, summary); resumable, final file atomic.
 
     A cacheable judge without a cache gets `<out_path>.cache.jsonl` unless default_cache is False.
+    `max_missing` (train.py --judge-max-missing) is accepted and not used here.
     """
     _check_records(records)
     out_path = str(out_path)
