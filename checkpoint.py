@@ -88,8 +88,9 @@ def no_false_checkpoint_claim(state_path):
     except SystemExit as e:
         message = str(e.code)
         if "last good checkpoint" in message and not pathlib.Path(state_path).is_file():
-            raise SystemExit(message.split("; stopped")[0] + "; stopped before the first checkpoint, so none "
-                             "is kept (a rerun trains this iteration from step 0; try a lower --lr or --noise-lr)") from None
+            head = message.split("; stopped")[0]
+            raise SystemExit(f"{head}; stopped before the first checkpoint, so none is kept (a rerun trains this "
+                             f"iteration from step 0; try a lower --lr or --noise-lr)") from None
         raise
 
 
@@ -233,9 +234,9 @@ def restore(state, path, args, keys, rank, policy, generator, optimizer, schedul
     """Load a checkpoint dict into the live objects; refuse one written with other training flags."""
     changed = [k for k in keys if state["args"].get(k) != getattr(args, k, None)]
     if "pairs_sha256" in changed:
-        raise SystemExit(f"train.py: {path} trained on other pairs (sha256 {str(state['args'].get('pairs_sha256'))[:12]}, "
-                         f"now {str(getattr(args, 'pairs_sha256', None))[:12]}); restore those pairs or delete "
-                         f"{path.parent} to restart training on the new ones")
+        was, now = str(state["args"].get("pairs_sha256"))[:12], str(getattr(args, "pairs_sha256", None))[:12]
+        raise SystemExit(f"train.py: {path} trained on other pairs (sha256 {was}, now {now}); restore those pairs "
+                         f"or delete {path.parent} to restart training on the new ones")
     if changed:
         was = ", ".join(f"{k}={state['args'].get(k)}" for k in changed)
         raise SystemExit(f"train.py: {path} was written with {was}; rerun with those flags or delete {path.parent}")
