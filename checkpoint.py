@@ -3,6 +3,10 @@ from, the end-of-iteration summary, the few torch.distributed helpers, the data 
 schedule, RNG states, and the one checkpoint dict, all written atomically so that a kill at any moment
 loses at most the steps since the last save and never leaves a half-written file.
 
+Checkpoints hold tensors and plain containers only (RNG states included), and are read with
+torch.load(weights_only=True): a planted state.pt cannot run code. What a killed write leaves behind
+(temporary files, half-saved model directories) is removed by `remove_leftovers` on the next run.
+
 Where this departs from, or fills a gap in, the paper:
 1. Data order: one permutation per epoch from a generator seeded with (seed, epoch), padded by
    wrapping to a multiple of the world size and dealt out round-robin to ranks, as
@@ -15,18 +19,23 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import random
+import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import data
+import stages
 
 
 # ----------------------------------------------------------------------------- run directory
 def start_model_of(run_dir, k, base_model, rerun_hint=""):
     """The model iteration k starts from; a one-line error naming the command to run first."""
+    if pathlib.Path(run_dir).exists() and not pathlib.Path(run_dir).is_dir():
+        raise SystemExit(f"train.py: --run-dir {run_dir} is a file, not a directory")
     if k == 0:
         return base_model
     prev = pathlib.Path(run_dir) / f"iter{k - 1}" / "model"
@@ -34,6 +43,39 @@ def start_model_of(run_dir, k, base_model, rerun_hint=""):
         raise SystemExit(f"train.py: {prev} does not exist; run `python train.py --iter {k - 1} "
                          f"--run-dir {run_dir}{rerun_hint}` first")
     return str(prev)
+
+
+LEFTOVER_PATTERNS = (".*.tmp", "checkpoint/.*.tmp", ".model.tmp-*", ".model.old-*")
+
+
+def remove_leftovers(it_dir):
+    """Delete what a killed write left in an iteration directory: temporary files of atomic writes
+    (`.state.pt.*.tmp`, `.config.json.*.tmp`, ...) and half-saved model directories (`.model.tmp-*`,
+    `.model.old-*`). `*.partial` files are resume state, not leftovers: they stay. Returns what it removed."""
+    removed = []
+    for pattern in LEFTOVER_PATTERNS:
+        for path in sorted(pathlib.Path(it_dir).glob(pattern)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def prepare_iteration_dir(it_dir, rank):
+    """Create it_dir (one-line SystemExit when it cannot be created or written to); on rank 0 remove the
+    leftovers of a killed write and cut a torn last line off metrics.jsonl (a kill mid-append)."""
+    it_dir = pathlib.Path(it_dir)
+    try:
+        it_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"train.py: cannot create {it_dir} ({e.strerror or e}); choose another --run-dir") from None
+    if not os.access(it_dir, os.W_OK | os.X_OK):
+        raise SystemExit(f"train.py: {it_dir} is not writable; choose another --run-dir")
+    if rank == 0:
+        remove_leftovers(it_dir)
+        data.drop_torn_line(it_dir / "metrics.jsonl")
 
 
 def print_summary(it_dir):
@@ -145,8 +187,15 @@ def steps_per_epoch(n, world, batch_size, grad_accum):
 
 
 def rng_state():
-    """Every global RNG a training step may touch (python, numpy, torch CPU, CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG a training step may touch (python, numpy, torch CPU, CUDA), as tensors and plain
+    containers only, so that a checkpoint loads with torch.load(weights_only=True)."""
+    version, internal, gauss_next = random.getstate()
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next},
+             "numpy": {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -157,31 +206,59 @@ def seed_everything(seed):
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """The inverse of rng_state()."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
+    np.random.set_state((npy["algorithm"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_KEYS = ("policy", "generator", "optimizer", "scheduler", "rng", "noise_rng", "step", "args")
+
+
 def save_checkpoint(path, state):
-    """torch.save the checkpoint dict atomically (a temporary file beside path, then os.replace)."""
+    """torch.save the checkpoint dict atomically (a temporary file beside path, then os.replace); URLs in
+    the recorded args lose their user:password@ part."""
+    if isinstance(state.get("args"), dict):
+        state = {**state, "args": stages.public_args(state["args"])}
     with data.atomic_open(path, binary=True) as fh:
         torch.save(state, fh)
 
 
 def load_checkpoint(path):
-    """The checkpoint dict at path, or None when there is none. Our own file: it holds RNG states
-    (numpy arrays, python tuples), hence weights_only=False."""
+    """The checkpoint dict at path, or None when there is none. Loaded with weights_only=True: a file that
+    holds anything but tensors and plain containers is refused without running it (run directories get
+    shared). Any unreadable file is a one-line SystemExit naming it and the way out."""
     path = pathlib.Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    way_out = f"delete {path.parent} to restart this iteration's training from step 0"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = "Unsupported global" in str(e) or "GLOBAL" in str(e)
+        reason = ("it holds Python objects other than tensors and plain containers; refused without loading them"
+                  if unsafe else "truncated or corrupt")
+        raise SystemExit(f"train.py: {path} is not a usable checkpoint ({reason}); {way_out}") from None
+    except Exception as e:  # a truncated zip, a short read, a tensor whose storage is cut off
+        reason = " ".join(str(e).split()).split(". ")[0][:120]
+        raise SystemExit(f"train.py: {path} is not a usable checkpoint (truncated or corrupt: {reason}); "
+                         f"{way_out}") from None
+    if not isinstance(state, dict) or not set(CHECKPOINT_KEYS) <= set(state):
+        raise SystemExit(f"train.py: {path} is not a checkpoint written by train.py (keys missing); {way_out}")
+    return state
 
 
 def restore(state, path, args, keys, rank, policy, generator, optimizer, scheduler, noise_rng):
     """Load a checkpoint dict into the live objects; refuse one written with other training flags."""
     changed = [k for k in keys if state["args"].get(k) != getattr(args, k, None)]
+    if "pairs_sha256" in changed:
+        was, now = str(state["args"].get("pairs_sha256"))[:12], str(getattr(args, "pairs_sha256", None))[:12]
+        raise SystemExit(f"train.py: {path} trained on other pairs (sha256 {was}, now {now}); restore those pairs "
+                         f"or delete {path.parent} to restart training on the new ones")
     if changed:
         was = ", ".join(f"{k}={state['args'].get(k)}" for k in changed)
         raise SystemExit(f"train.py: {path} was written with {was}; rerun with those flags or delete {path.parent}")

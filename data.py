@@ -36,14 +36,25 @@ import torch
 def read_jsonl(path) -> list[dict]:
     """All objects of a JSONL file (blank lines skipped); ValueError "file:line: reason" on a bad line."""
     records = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
                 records.append(_parse_line(path, lineno, line))
     return records
 
 
+def _decode(path, lineno, line) -> str:
+    """One line's bytes as text; ValueError "file:line: ..." when they are not UTF-8."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                         f"re-encode the file as UTF-8") from None
+
+
 def _parse_line(path, lineno, line) -> dict:
+    if isinstance(line, bytes):
+        line = _decode(path, lineno, line)
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -102,9 +113,9 @@ def read_jsonl_tolerant(path) -> list[dict]:
         return []
     with open(path, "rb") as fh:
         blob = fh.read()
-    complete = blob[:blob.rfind(b"\n") + 1].decode("utf-8")  # the lines whose newline was written
+    complete = blob[:blob.rfind(b"\n") + 1]  # the lines whose newline was written
     rows = []
-    for lineno, line in enumerate(complete.split("\n")[:-1], 1):
+    for lineno, line in enumerate(complete.split(b"\n")[:-1], 1):
         if line.strip():
             try:
                 rows.append(_parse_line(path, lineno, line))
@@ -115,13 +126,18 @@ def read_jsonl_tolerant(path) -> list[dict]:
     return rows
 
 
+def drop_torn_line(path) -> None:
+    """Cut off a torn last line (a kill mid-append) of an append-only file, if it exists."""
+    if os.path.exists(path):
+        with open(path, "rb+") as fh:
+            fh.truncate(fh.read().rfind(b"\n") + 1)  # no-op when the file ends with a newline
+
+
 def open_append(path):
     """Open an append-only JSONL file for appending, first cutting off a torn last line (a kill mid-write)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        with open(path, "rb+") as fh:
-            fh.truncate(fh.read().rfind(b"\n") + 1)  # no-op when the file ends with a newline
+    drop_torn_line(path)
     return open(path, "a", encoding="utf-8")
 
 
@@ -179,7 +195,7 @@ def _raw_rows(path):
             raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         yield from enumerate(pq.read_table(path).to_pylist(), 1)
         return
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
                 try:
@@ -188,11 +204,18 @@ def _raw_rows(path):
                     yield lineno, e
 
 
+def check_file(path) -> None:
+    """ValueError naming path unless it is a readable regular file (a dataset, not a directory)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a dataset file (give the .jsonl or .parquet file)")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+
+
 def load_records(path, skip_bad=False, return_skipped=False):
     """Normalised records of a dataset file. A bad line raises ValueError("file:line: reason"), or with
     skip_bad is skipped and counted (warning on stderr; (records, skipped) when return_skipped)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+    check_file(path)
     records, seen, skipped = [], set(), 0
     for lineno, obj in _raw_rows(path):
         try:
@@ -288,6 +311,11 @@ def chat_prompt_ids(tokenizer, prompt) -> list[int]:
                                               tokenize=True, return_dict=True)["input_ids"])
 
 
+def truncate_prompt(prompt_ids, max_prompt_length) -> list[int]:
+    """The LAST max_prompt_length prompt tokens (item 1: the assistant header at the end stays)."""
+    return list(prompt_ids[-max_prompt_length:]) if max_prompt_length else list(prompt_ids)
+
+
 def tokenize_pair(tokenizer, pair, max_length=1024, max_prompt_length=512) -> dict:
     """Chat-template token ids and labels (-100 on the prompt) of a pair's chosen and rejected sequences,
     truncated by the rule in the module docstring (item 2)."""
@@ -298,7 +326,7 @@ def tokenize_pair(tokenizer, pair, max_length=1024, max_prompt_length=512) -> di
     answers = {side: tokenizer(pair[side], add_special_tokens=False)["input_ids"] + [eos]
                for side in ("chosen", "rejected")}
     if len(prompt_ids) + max(map(len, answers.values())) > max_length:
-        prompt_ids = prompt_ids[-max_prompt_length:]                  # keep the end: the generation prompt
+        prompt_ids = truncate_prompt(prompt_ids, max_prompt_length)  # keep the end: the generation prompt
         answers = {side: ids[:max_length - len(prompt_ids)] for side, ids in answers.items()}
     out = {}
     for side, ids in answers.items():

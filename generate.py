@@ -15,11 +15,16 @@ Where this departs from, or fills a gap in, the paper:
    tokens with special tokens skipped and whitespace stripped. An empty answer is kept as "" (the judge
    scores it), never dropped.
 3. The prompt is the chat template of a single user turn; any system prompt is the template's default.
+4. A prompt longer than max_prompt_length tokens keeps its LAST max_prompt_length tokens (data.py's
+   truncation rule 1, so the assistant header stays): a huge prompt costs bounded memory. Training cuts
+   a prompt only when prompt + answer exceed max_length, so a prompt of more than max_prompt_length
+   tokens may be answered from its end yet trained on in full (or cut to the same end).
 """
 import argparse
 import functools
 import glob
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -27,7 +32,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import append_jsonl, chat_prompt_ids, load_prompts, open_append, read_jsonl, read_jsonl_tolerant, write_jsonl
+from data import (append_jsonl, chat_prompt_ids, load_prompts, open_append, read_jsonl, read_jsonl_tolerant,
+                  truncate_prompt, write_jsonl)
 
 # --- resumable bookkeeping (pure functions, tested without a model or a process group) ----------------
 
@@ -115,11 +121,12 @@ def _vllm_engine(model_name, seed):
     return LLM(model=model_name, seed=seed)
 
 
-def _generate_vllm(model_name, prompts, max_new_tokens, temperature, top_p, seed):
+def _generate_vllm(model_name, prompts, max_new_tokens, temperature, top_p, seed, max_prompt_length=None):
     llm = _vllm_engine(model_name, seed)
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                            truncate_prompt_tokens=max_prompt_length)  # vLLM keeps the last k tokens
     outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=True)
     return [o.outputs[0].text.strip() for o in outs], [len(o.outputs[0].token_ids) for o in outs]
 
@@ -128,10 +135,11 @@ def _generate_vllm(model_name, prompts, max_new_tokens, temperature, top_p, seed
 
 
 def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                     seed=0, batch_size=8, backend="hf", stats=None) -> list[dict]:
+                     seed=0, batch_size=8, backend="hf", stats=None, max_prompt_length=None) -> list[dict]:
     """Generate an answer per record into out_path (resumable, atomic, input order); returns the rows.
     With backend="vllm", `model` is a model directory or hub id. `stats`, if a dict, receives
-    answers, new_tokens, seconds and tokens_per_s of this call's generation."""
+    answers, new_tokens, seconds and tokens_per_s of this call's generation. A prompt longer than
+    max_prompt_length tokens keeps its last max_prompt_length (deviation 4; None = no limit)."""
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate record ids in the input (first: {next(i for i in ids if ids.count(i) > 1)})")
@@ -151,7 +159,7 @@ def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256,
     if todo:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         if backend == "hf":
-            enc = {r["id"]: chat_prompt_ids(tokenizer, r["prompt"]) for r in todo}
+            enc = {r["id"]: truncate_prompt(chat_prompt_ids(tokenizer, r["prompt"]), max_prompt_length) for r in todo}
             todo.sort(key=lambda r: -len(enc[r["id"]]))                   # longest first: less padding, OOM early
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         with open_append(mine) as fh, tqdm(total=len(todo), desc=f"generate[{rank}]",
@@ -162,7 +170,7 @@ def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256,
                                                  temperature, top_p, seed + b)
                 else:
                     texts, counts = _generate_vllm(model, [r["prompt"] for r in batch], max_new_tokens,
-                                                   temperature, top_p, seed)
+                                                   temperature, top_p, seed, max_prompt_length)
                 for r, text in zip(batch, texts):
                     row = {"id": r["id"], "prompt": r["prompt"], "human": r.get("response"), "generated": text}
                     if "answer" in r:
@@ -200,6 +208,7 @@ def parse_args(argv=None):
     p.add_argument("--flaw-rate", type=float, default=0.3, help="demo: fraction of flawed human answers (0 = none)")
     # --- decoding
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer")
+    p.add_argument("--max-prompt-length", type=int, default=512, help="keep the last N prompt tokens (default 512)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     p.add_argument("--seed", type=int, default=0, help="demo data and sampling seed")
@@ -214,8 +223,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from model import load_model, pick_device, resolve_model
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise SystemExit("--max-new-tokens and --batch-size must be >= 1")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_prompt_length < 1:
+        raise SystemExit("--max-new-tokens, --max-prompt-length and --batch-size must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0 and 0 < args.top_p <= 1):
+        raise SystemExit(f"--temperature must be finite and >= 0 and --top-p in (0, 1], got {args.temperature}, "
+                         f"{args.top_p}")
     try:
         records = load_prompts(args.data, split=args.split, max_prompts=args.max_prompts, seed=args.seed,
                                flaw_rate=args.flaw_rate, skip_bad=args.skip_bad)
@@ -233,9 +245,10 @@ def main(argv=None):
         stats = {}
         rows = generate_answers(model, tokenizer, records, args.out, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                batch_size=args.batch_size, backend=args.backend, stats=stats)
+                                batch_size=args.batch_size, backend=args.backend, stats=stats,
+                                max_prompt_length=args.max_prompt_length)
     except (ValueError, OSError) as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(" ".join(str(e).split())) from None
     if _dist()[0] == 0:
         print(f"{args.out}: {len(rows)} answers; this run generated {stats['answers']} answers, "
               f"{stats['new_tokens']} tokens in {stats['seconds']:.1f} s ({stats['tokens_per_s']:.1f} tokens/s)",

@@ -37,7 +37,11 @@ TABLE1 = [("ARC", ["arc_challenge", "arc_easy"]), ("TruthfulQA", ["truthfulqa_mc
 
 
 def benchmark_commands(model_dir, out_dir, batch_size="auto", device=None, limit=None):
-    """[(name, argv)] of lm_eval invocations, one per benchmark group."""
+    """[(name, argv)] of lm_eval invocations, one per benchmark group. lm_eval splits --model_args at every
+    "," and "=" with no quoting, so a model path holding either is refused (it could inject arguments)."""
+    if any(c in str(model_dir) for c in ",="):
+        raise ValueError(f"{model_dir}: lm_eval's --model_args cannot carry a model path containing ',' or '=' "
+                         f"(it would be split into extra arguments); rename it or link it from a plain path")
     commands = []
     for name, tasks, shots in BENCHMARKS:
         cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir}",

@@ -129,11 +129,28 @@ def pick_dtype(device, dtype: str | None = None) -> torch.dtype:
     return torch.float32
 
 
+def _from_pretrained(cls, name_or_path, path, **kwargs):
+    """cls.from_pretrained(path); a model that cannot be fetched is a one-line ValueError, not a traceback."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:  # not on disk and not on the hub, the hub unreachable, a broken directory
+        first = " ".join(str(e).split("\n")[0].split())[:200]
+        if os.path.isdir(path):
+            raise ValueError(f"{path}: cannot load the model from this directory: {first}") from None
+        if not isinstance(e, OSError):  # fetched, but transformers cannot build it
+            raise ValueError(f"{name_or_path}: cannot load the model: {first}") from None
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES",
+                                                                                                 "TRUE") else ""
+        raise ValueError(f"{name_or_path}: not a local model directory, and it could not be loaded from the Hugging "
+                         f"Face Hub{offline}: {first}") from None
+
+
 def load_tokenizer(name_or_path, trust_remote_code=False):
     """Tokenizer with a pad token (eos if it had none) and left padding (for batched generation)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, resolve_model(name_or_path),
+                                 trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -149,8 +166,8 @@ def load_model(name_or_path, device=None, dtype=None, trust_remote_code=False):
     path = resolve_model(name_or_path)
     device = pick_device(device)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype),
-                                                 trust_remote_code=trust_remote_code)
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, path, dtype=pick_dtype(device, dtype),
+                             trust_remote_code=trust_remote_code)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer

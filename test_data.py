@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from data import (collate_pairs, dsl_pairs, history_pairs, load_records,
-                  prompt_id, read_jsonl, tokenize_pair, write_jsonl)
+from data import (check_file, collate_pairs, drop_torn_line, dsl_pairs, history_pairs, load_records, prompt_id,
+                  read_jsonl, read_jsonl_tolerant, tokenize_pair, truncate_prompt, write_jsonl)
 
 
 def _write(path, lines):
@@ -174,3 +174,38 @@ def test_collate_pairs_layout(tiny_tokenizer):
         assert batch["input_ids"][i].tolist() == rows[i] + [pad] * (width - n)
         assert batch["labels"][i].tolist() == labels[i] + [-100] * (width - n)
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+
+
+# --- hardening: non-UTF-8 input, a directory as --data, torn lines, the prompt truncation helper
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    """Bytes that are not UTF-8 are a ValueError "file:line: not valid UTF-8", in every reader."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "caf\xe9", "response": "r"}\n')
+    for read in (load_records, read_jsonl):
+        with pytest.raises(ValueError, match=rf"^{path}:2: not valid UTF-8 \(byte 0xe9 at column 16\)"):
+            read(str(path))
+    with pytest.raises(ValueError, match=rf"^{path}:2: corrupt line .*not valid UTF-8"):
+        read_jsonl_tolerant(str(path))
+
+
+def test_directory_is_not_a_dataset(tmp_path):
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: is a directory"):
+        load_records(str(tmp_path))
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'nope'}: no such file"):
+        check_file(str(tmp_path / "nope"))
+
+
+def test_drop_torn_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    drop_torn_line(path)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n' and read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    drop_torn_line(tmp_path / "absent.jsonl")
+    assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_truncate_prompt_keeps_the_end():
+    assert truncate_prompt([1, 2, 3, 4, 5], 2) == [4, 5] and truncate_prompt([1, 2], 5) == [1, 2]
+    assert truncate_prompt([1, 2, 3], None) == [1, 2, 3]

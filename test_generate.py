@@ -7,7 +7,7 @@ import torch
 
 import generate
 from conftest import make_tiny_model
-from data import read_jsonl, read_jsonl_tolerant, write_jsonl
+from data import chat_prompt_ids, read_jsonl, read_jsonl_tolerant, write_jsonl
 from generate import done_rows, generate_answers, main, merge_rows, partial_path, shard_records
 
 KW = dict(max_new_tokens=3, batch_size=2)
@@ -183,3 +183,33 @@ def test_vllm_backend_missing_is_one_line_error(tmp_path):
     """--backend vllm without vLLM installed exits with a one-line message."""
     with pytest.raises(SystemExit, match="needs vLLM installed"):
         generate_answers("some-model", None, _records(1), tmp_path / "g.jsonl", backend="vllm")
+
+
+def test_long_prompt_keeps_its_last_max_prompt_length_tokens(tmp_path, tiny, monkeypatch):
+    """A huge prompt is cut like data.tokenize_pair cuts it (its last tokens, the assistant header kept)."""
+    model, tok = tiny
+    records = [{"id": "long", "prompt": "x" * 20_000 + " the end?", "response": "h"}, *_records(2)]
+    seen, real = [], generate._generate_hf
+    monkeypatch.setattr(generate, "_generate_hf", lambda m, t, ids, *a: seen.extend(ids) or real(m, t, ids, *a))
+    rows = generate_answers(model, tok, records, tmp_path / "g.jsonl", max_prompt_length=24, **KW)
+    assert len(rows) == 3 and max(map(len, seen)) == 24
+    assert seen[0] == chat_prompt_ids(tok, records[0]["prompt"])[-24:]
+    assert tok.decode(seen[0]).endswith("the end?<|im_end|>\n<|im_start|>assistant\n")
+    assert sorted(map(len, seen[1:])) == sorted(len(chat_prompt_ids(tok, r["prompt"])) for r in records[1:])
+
+
+def test_cli_passes_the_prompt_limit_and_checks_sampling_flags(tmp_path, tiny_model_dir, monkeypatch):
+    seen = {}
+
+    def fake(*a, stats, **kw):
+        seen.update(kw)
+        stats.update(answers=0, new_tokens=0, seconds=0.0, tokens_per_s=0.0)
+        return []
+    monkeypatch.setattr(generate, "generate_answers", fake)
+    argv = ["--model", tiny_model_dir, "--out", str(tmp_path / "g.jsonl"), "--max-prompts", "1", "--device", "cpu"]
+    main(argv + ["--max-prompt-length", "7"])
+    assert seen["max_prompt_length"] == 7 and generate.parse_args(argv).max_prompt_length == 512
+    for bad in (["--top-p", "-3"], ["--temperature", "inf"], ["--max-prompt-length", "0"]):
+        with pytest.raises(SystemExit) as err:
+            main(argv + bad)
+        assert "\n" not in str(err.value) and bad[0] in str(err.value)

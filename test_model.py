@@ -99,3 +99,21 @@ def test_embedded_smollm2_loads_and_answers():
     out = m.generate(**ids, max_new_tokens=4, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "capital" in answer.lower() or "paris" in answer.lower(), answer
+
+
+def test_unreachable_hub_id_is_one_line(monkeypatch):
+    """A hub id that is neither on disk nor reachable (offline here) is a one-line ValueError naming it."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"^nonexistent-org-x/no-such-model-y: not a local model directory.*"
+                                         r"\(HF_HUB_OFFLINE is set\)") as err:
+        load_model("nonexistent-org-x/no-such-model-y")
+    assert "\n" not in str(err.value)
+
+
+def test_broken_model_directory_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a directory that is not a saved model
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: cannot load the model from this directory") as err:
+        load_model(str(tmp_path))
+    assert "\n" not in str(err.value)

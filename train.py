@@ -54,6 +54,7 @@ import generate
 import judge as judges
 import model as models
 import noise as noises
+import stages
 import step as steps
 from loss import LOSS_TYPES, dnpo_loss, sequence_logps
 
@@ -73,16 +74,18 @@ PRESETS = {
         gradient_checkpointing=True, logp_examples=64),
 }
 COMMON = dict(  # defaults shared by both presets
-    seed=0, device=None, history=1, flaw_rate=0.3, trust_remote_code=False, temperature=0.0, top_p=1.0, gen_backend="hf",
-    judge_base_url=None, judge_concurrency=8, judge_api_key_env="OPENAI_API_KEY", loss_type="sigmoid",
-    noise_alpha=noises.DEFAULT_ALPHA, noise_sigma=noises.DEFAULT_SIGMA, noise_lr=1e-3, noise_chunk_size=256, weight_decay=0.0,
-    max_grad_norm=1.0, keep_checkpoint=False, stop_after_steps=0, precompute_ref=True, ref_cache_gb=4.0,
-    group_by_length=True)
+    seed=0, device=None, history=1, flaw_rate=0.3, trust_remote_code=False, temperature=0.0, top_p=1.0,
+    gen_backend="hf", judge_base_url=None, judge_concurrency=8, judge_api_key_env="OPENAI_API_KEY",
+    judge_max_missing=0.2, loss_type="sigmoid", noise_alpha=noises.DEFAULT_ALPHA, noise_sigma=noises.DEFAULT_SIGMA,
+    noise_lr=1e-3, noise_chunk_size=256, weight_decay=0.0, max_grad_norm=1.0, keep_checkpoint=False,
+    stop_after_steps=0, precompute_ref=True, ref_cache_gb=4.0, group_by_length=True)
+FLOAT_FLAGS = ("beta", "lr", "noise_alpha", "noise_sigma", "noise_lr", "weight_decay", "warmup_ratio", "max_grad_norm",
+               "temperature", "top_p", "judge_max_missing", "flaw_rate", "ref_cache_gb")
 # Flags whose change would make a checkpoint's resumed run differ from an uninterrupted one.
 TRAINING_KEYS = ("beta", "loss_type", "noise", "noise_alpha", "noise_sigma", "noise_lr", "epochs", "batch_size",
                  "grad_accum", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm", "seed",
-                 "max_length", "max_prompt_length", "history", "dsl", "world_size", "start_model", "precompute_ref",
-                 "group_by_length", "dtype")
+                 "max_length", "max_prompt_length", "history", "dsl", "world_size", "start_model", "pairs_sha256",
+                 "precompute_ref", "group_by_length", "dtype")
 
 
 class Parser(argparse.ArgumentParser):
@@ -123,6 +126,7 @@ def parse_args(argv=None):
     g.add_argument("--judge-base-url", help="OpenAI-compatible server URL (default api.openai.com)")
     g.add_argument("--judge-concurrency", type=int, help="parallel judge requests (default 8)")
     g.add_argument("--judge-api-key-env", help="environment variable holding the API key (default OPENAI_API_KEY)")
+    g.add_argument("--judge-max-missing", type=float, help="fraction of records allowed without a score (default 0.2)")
     g.add_argument("--dsl", action=argparse.BooleanOptionalAction,
                    help="dynamic sample labeling (default on for k ≥ 1; --no-dsl: human = chosen)")
     g = p.add_argument_group("DNPO")
@@ -167,6 +171,11 @@ def check_args(args):
         if not ok:
             raise SystemExit(f"train.py: {message}")
     need(args.iter >= 0, f"--iter must be ≥ 0, got {args.iter}")
+    for name in FLOAT_FLAGS:  # inf and nan pass every comparison below or fail it silently
+        need(math.isfinite(getattr(args, name)), f"--{name.replace('_', '-')} must be a finite number, got "
+                                                 f"{getattr(args, name)}")
+    need(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
+    need(0 <= args.judge_max_missing <= 1, f"--judge-max-missing must be in [0, 1], got {args.judge_max_missing}")
     for name in ("beta", "lr", "epochs", "batch_size", "grad_accum", "max_length", "max_prompt_length",
                  "max_new_tokens", "history", "save_every", "noise_lr", "noise_chunk_size", "gen_batch_size"):
         need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -179,6 +188,11 @@ def check_args(args):
          f"--max-prompt-length ({args.max_prompt_length}) must be < --max-length ({args.max_length})")
     need(args.data is not None, f"--preset {args.preset} needs --data FILE (an UltraChat jsonl/parquet file)")
     need(args.judge != "hf" or args.judge_model, "--judge hf needs --judge-model (a hub id or a directory)")
+    if args.data != "demo":
+        try:
+            data.check_file(args.data)
+        except ValueError as e:
+            raise SystemExit(f"train.py: --data {e}") from None
     if args.iter == 0:
         if args.dsl or args.noise not in (None, "none"):
             print("train.py: iteration 0 is plain SPIN (paper §4.1): ignoring --dsl / --noise", file=sys.stderr)
@@ -190,21 +204,29 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------- helpers
-def generate_stage(args, model, tokenizer, it_dir):
+def generate_stage(args, model, tokenizer, it_dir, rank, flags, inputs):
     """Stage 1: the start model answers every training prompt (generate.py shards them across ranks)."""
     out = it_dir / "generated.jsonl"
     records = data.load_prompts(args.data, split="train", max_prompts=args.max_prompts or None, seed=args.seed,
                                 flaw_rate=args.flaw_rate)
+    if rank == 0:  # record what the answers are made from before the first one is written
+        stages.begin(it_dir, "generate", flags["generate"], inputs["generate"])
+    ckpt.barrier()
     generate.generate_answers(model, tokenizer, records, str(out), max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                              batch_size=args.gen_batch_size, backend=args.gen_backend)
+                              batch_size=args.gen_batch_size, backend=args.gen_backend,
+                              max_prompt_length=args.max_prompt_length)
+    if rank == 0:
+        stages.finish(it_dir, "generate", out.name)
 
 
-def label_stage(args, it_dir, run_dir, rank):
+def label_stage(args, it_dir, run_dir, rank, flags):
     """Stages 2–3 on rank 0: judge both answers, then DSL pairs; every rank then reads the pairs."""
     stats = {}
     if rank == 0:
         judged_path, pairs_path = it_dir / "judged.jsonl", it_dir / "pairs.jsonl"
+        generated = stages.sha256_file(it_dir / "generated.jsonl")
+        stages.begin(it_dir, "judge", flags["judge"], {"generated.jsonl": generated})
         if judged_path.is_file():
             print(f"[2/5] judge: {judged_path} exists, skipped")
             judged = data.read_jsonl(judged_path)
@@ -212,13 +234,17 @@ def label_stage(args, it_dir, run_dir, rank):
             judge = judges.make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
                                       cache_path=run_dir / "judge_cache.jsonl", concurrency=args.judge_concurrency,
                                       api_key_env=args.judge_api_key_env, device=args.device)
-            judged, summary = judges.judge_records(data.read_jsonl(it_dir / "generated.jsonl"), judge, judged_path)
+            judged, summary = judges.judge_records(data.read_jsonl(it_dir / "generated.jsonl"), judge, judged_path,
+                                                   max_missing=args.judge_max_missing)
             print(judges.format_summary(summary))
+        stages.finish(it_dir, "judge", judged_path.name)
+        stages.begin(it_dir, "label", flags["label"], {"judged.jsonl": stages.sha256_file(judged_path)})
         pairs, stats = data.dsl_pairs(judged, args.dsl)  # Sec. 4.1 DSL (or human = chosen)
         if pairs_path.is_file():
             print(f"[3/5] label: {pairs_path} exists, skipped")
         else:
             data.write_jsonl(pairs_path, pairs)
+        stages.finish(it_dir, "label", pairs_path.name)
         stats["flip_rate"] = judges.dsl_flip_rate(judged)
     ckpt.barrier()
     pairs = data.history_pairs(run_dir, args.iter, args.history)  # α-SPIN mixing; h = 1: this iteration
@@ -386,9 +412,10 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         else:
             grad_norm = torch.zeros(())
         if not (math.isfinite(m["loss"]) and torch.isfinite(grad_norm)):
+            kept = (f"last good checkpoint kept in {state_path.parent}" if state_path.is_file() else
+                    "stopped before the first checkpoint, so none is kept and a rerun starts this iteration at step 0")
             raise SystemExit(f"train.py: iter {args.iter} step {step + 1}: non-finite loss {m['loss']} or gradient "
-                             f"norm {float(grad_norm)}; stopped, last good checkpoint kept in {state_path.parent} "
-                             f"(try a lower --lr or --noise-lr)")
+                             f"norm {float(grad_norm)}; stopped, {kept} (try a lower --lr or --noise-lr)")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -400,7 +427,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
                    noisy_margin=m["noisy_margins"], reward_acc=m["reward_accuracy"], sigma2=m["sigma2"], lr=lr,
                    tokens_per_s=tokens * world / dt, time_s=time.time() - t_start)
         if main_proc:
-            with open(metrics_path, "a", encoding="utf-8") as fh:
+            with data.open_append(metrics_path) as fh:
                 data.append_jsonl(fh, row)
             tqdm.write(f"iter {args.iter} | step {step}/{total_steps} | loss {row['loss']:.4f} | model "
                        f"{row['model_loss']:.4f} | noise {row['noise_loss']:.4f} | margin {row['margin']:.3f} | "
@@ -421,7 +448,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # every flag is checked before anything is written
     t_start = time.time()
     rank, world, device = ckpt.setup_distributed(args.device)
     args.world_size = world
@@ -430,11 +457,14 @@ def main(argv=None):
     args.start_model = ckpt.given_start_model(args.start_model, args.iter) or ckpt.start_model_of(
         args.run_dir, args.iter, args.base_model, "" if args.preset == "demo" else f" --preset {args.preset}")
     say = print if rank == 0 else (lambda *a, **k: None)
+    flags, inputs = stages.stage_flags(args, TRAINING_KEYS, run_dir, models.EMBEDDED)
+    stages.check_all(it_dir, flags, inputs)  # outputs of other settings are never reused or overwritten
     if (it_dir / "model" / "config.json").is_file():
         say(f"iter {args.iter}: {it_dir / 'model'} exists, nothing to do")
         return ckpt.print_summary(it_dir) if rank == 0 else None
+    ckpt.prepare_iteration_dir(it_dir, rank)  # writable; leftovers of a killed write removed
     if rank == 0:
-        data.write_json(it_dir / "config.json", vars(args))  # flags only: API keys are read from the environment
+        data.write_json(it_dir / "config.json", stages.public_args(vars(args)))  # no API key, no URL credentials
     ckpt.seed_everything(args.seed + args.iter)
     say(f"iter {args.iter}: start {args.start_model} | dsl {args.dsl} | noise {args.noise} | world {world}")
 
@@ -443,8 +473,11 @@ def main(argv=None):
                                           trust_remote_code=args.trust_remote_code)
     reference = copy.deepcopy(policy).to(models.pick_dtype(device, args.dtype)).eval().requires_grad_(False)
 
-    generate_stage(args, reference, tokenizer, it_dir)  # 1 generate (the start model)
-    pairs, stats = label_stage(args, it_dir, run_dir, rank)          # 2 judge, 3 label
+    generate_stage(args, reference, tokenizer, it_dir, rank, flags, inputs)  # 1 generate (the start model)
+    pairs, stats = label_stage(args, it_dir, run_dir, rank, flags)          # 2 judge, 3 label
+    args.pairs_sha256 = stages.sha256_json(pairs)  # in TRAINING_KEYS: a checkpoint never resumes on other pairs
+    if rank == 0:
+        stages.begin(it_dir, "train", flags["train"], {"pairs": args.pairs_sha256})
     t_train = time.time()
     rows = train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world)  # 4 train
 
@@ -466,5 +499,5 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         raise SystemExit("train.py: interrupted; rerun the same command to resume from the last checkpoint")
-    except ValueError as e:  # user input rejected by a library function (bad record, file, judge setting)
-        raise SystemExit(f"train.py: {e}")
+    except (ValueError, OSError) as e:  # user input rejected by a library function (bad record, file, judge setting)
+        raise SystemExit("train.py: " + " ".join(str(e).split())) from None
