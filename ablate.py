@@ -87,6 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-judge-base-url", help="eval.py score --judge-base-url")
     p.add_argument("--eval-data", help="eval.py score --data (held-out prompts; default: the demo eval split)")
     p.add_argument("--eval-max-prompts", type=int, help="eval.py score --max-prompts (default: all 200)")
+    p.add_argument("--eval-batch-size", type=int, help="eval.py score --batch-size (prompts per generation batch)")
     p.add_argument("--logps-n", type=int, default=64, help="eval.py logps --n for the spin and dnpo rows")
     p.add_argument("--dry-run", action="store_true", help="print the commands (# done: finished) and exit")
     args = p.parse_args(argv[:cut])
@@ -137,13 +138,23 @@ def train_command(opts, row, seed, k):
 def eval_flags(opts):
     pairs = [("--judge", opts.eval_judge), ("--judge-model", opts.eval_judge_model),
              ("--judge-base-url", opts.eval_judge_base_url), ("--data", opts.eval_data),
-             ("--max-prompts", opts.eval_max_prompts)]
+             ("--max-prompts", opts.eval_max_prompts), ("--batch-size", opts.eval_batch_size)]
     return [str(x) for flag, value in pairs if value is not None for x in (flag, value)]
 
 
 def plan(opts):
-    """Every step in run order: dict(label, cmd or link=(target, path), done=callable)."""
+    """Every step in run order: dict(label, cmd or link=(target, path), done=callable). Each iteration's
+    models are scored as soon as that iteration is trained, so an interrupted study has a table so far."""
     steps = []
+    evaluate = [sys.executable, str(HERE / "eval.py")]
+
+    def score(row, seed, upto):
+        run = run_dir(opts, row, seed)
+        skip = ([] if (row, seed) == ("spin", opts.seeds[0]) else ["base"]) + (["iter0"] if row == "alpha_spin" else [])
+        names = [n for n in ["base", *(f"iter{k}" for k in own_iters(opts, row) if k <= upto)] if n not in skip]
+        return dict(label=f"eval score {run.name} (to iter{upto})", done=lambda run=run, names=names: has_keys(
+            run / "eval" / "scores.json", "models", names), cmd=[*evaluate, "score", str(run), *eval_flags(opts)]
+            + (["--skip", *skip] if skip else []))
     for k in range(opts.iters + 1):
         for row in opts.rows:
             for seed in row_seeds(opts, row):
@@ -156,15 +167,7 @@ def plan(opts):
                     model = run / f"iter{k}" / "model" / "config.json"
                     steps.append(dict(label=f"train {run.name} iter{k}", cmd=train_command(opts, row, seed, k),
                                       done=model.is_file))
-    evaluate = [sys.executable, str(HERE / "eval.py")]
-    for row in opts.rows:
-        for seed in row_seeds(opts, row):
-            run = run_dir(opts, row, seed)
-            skip = ([] if (row, seed) == ("spin", opts.seeds[0]) else ["base"]) + (["iter0"] if row == "alpha_spin" else [])
-            names = [n for n in ["base", *(f"iter{k}" for k in own_iters(opts, row))] if n not in skip]
-            steps.append(dict(label=f"eval score {run.name}", done=lambda run=run, names=names: has_keys(
-                run / "eval" / "scores.json", "models", names), cmd=[*evaluate, "score", str(run), *eval_flags(opts)]
-                + (["--skip", *skip] if skip else [])))
+                    steps.append(score(row, seed, k))
     for row in [r for r in ("spin", "dnpo") if r in opts.rows]:
         for seed in row_seeds(opts, row):
             run, ks = run_dir(opts, row, seed), [str(k) for k in own_iters(opts, row)]

@@ -50,9 +50,11 @@ def test_dry_run_wires_start_models_and_writes_nothing(tmp_path, capsys):
     assert flag(cmds["train alpha_spin-seed0 iter1"], "--start-model") == str(out / "spin-seed0" / "iter0" / "model")
     alpha2 = cmds["train alpha_spin-seed0 iter2"]
     assert flag(alpha2, "--start-model") is None and flag(alpha2, "--history") == "2"
-    assert "--skip" not in cmds["eval score spin-seed0"]
-    assert cmds["eval score spin-seed1"][-2:] == ["--skip", "base"]
-    assert cmds["eval score alpha_spin-seed0"][-3:] == ["--skip", "base", "iter0"]
+    assert "--skip" not in cmds["eval score spin-seed0 (to iter2)"]
+    assert cmds["eval score spin-seed1 (to iter2)"][-2:] == ["--skip", "base"]
+    assert cmds["eval score alpha_spin-seed0 (to iter2)"][-3:] == ["--skip", "base", "iter0"]
+    # each iteration is scored as soon as it is trained (an interrupted study has its table so far)
+    assert labels[labels.index("train dnpo-seed1 iter1") + 1] == "eval score dnpo-seed1 (to iter1)"
     assert {label for label in labels if "logps" in label} == {f"eval logps {r}-seed{s}" for r in ("spin", "dnpo")
                                                                 for s in (0, 1)}
     own = {s["label"]: s.get("cmd") for s in ablate.plan(ablate.parse_args(
@@ -152,8 +154,8 @@ def test_tiny_ablation_end_to_end_and_rerun_does_nothing(tmp_path, tiny_model_di
             "--logps-n", "3", "--", *tiny_train_flags(tiny_model_dir)]
     result = ablate.main(argv)
     assert [pathlib.Path(c[1]).name + " " + c[2] for c in calls] == [
-        "train.py --iter", "train.py --iter", "train.py --iter", "eval.py score", "eval.py score", "eval.py logps",
-        "eval.py logps"]
+        "train.py --iter", "eval.py score", "train.py --iter", "eval.py score", "train.py --iter", "eval.py score",
+        "eval.py logps", "eval.py logps"]  # spin iter0, spin iter1, dnpo iter1: each scored when trained
     spin, dnpo = out / "spin-seed0", out / "dnpo-seed0"
     config = json.loads((dnpo / "iter1" / "config.json").read_text())
     assert config["start_model"] == str(spin / "iter0" / "model") and config["dsl"] and config["noise"] == "trainable"
@@ -177,7 +179,7 @@ def test_tiny_ablation_end_to_end_and_rerun_does_nothing(tmp_path, tiny_model_di
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     md = (out / "ablation.md").read_text()
     assert "| +DNPO (DSL + NPO) | 1 |  | = SPIN |" in md and "one seed" in md
-    assert "| eval score dnpo-seed0 | — |" in md and "| train dnpo-seed0 iter1 |" in md
+    assert "| eval score dnpo-seed0 (to iter1) | — |" in md and "| train dnpo-seed0 iter1 |" in md
     calls.clear()
     before = (out / "ablation.json").read_text()
     ablate.main(argv)
