@@ -32,7 +32,6 @@ Where this departs from, or fills a gap in, the paper:
    ignored (< W elements per tensor).
 """
 import dataclasses
-import math
 
 import torch
 
