@@ -10,7 +10,8 @@ it cannot fit the device.
                                                     compute dtype and their unsharded fp32 gradients
     reference            c·P, replicated (generation uses it whole; see distributed.py)
     noise generator      (V·d + V)·4·(2 + s): weights, gradients, optimizer state (--noise trainable)
-    reference cache      the --ref-cache-gb bound of step.ReferenceCache's hidden states (noise on)
+    reference cache      step.ReferenceCache's rejected-answer hidden states (noise on): at most
+                         --ref-cache-gb, and at most history × max_prompts × max_length × d × c
     activations          below, for N = 2·B·T tokens of one micro-batch
 
 P parameters, c bytes of the compute dtype, d hidden size, k the key/value width (kv heads × head
@@ -175,7 +176,7 @@ def preflight(args, world, device, say=print):
     kw = dict(world=world, dist=dist, optimizer=args.optimizer, noise=args.noise,
               compute_bytes=models.pick_dtype(device, args.dtype).itemsize, batch_size=args.batch_size,
               length=args.max_length, gradient_checkpointing=bool(args.gradient_checkpointing),
-              precompute_ref=args.precompute_ref, ref_cache_bytes=args.ref_cache_gb * GIB,
+              precompute_ref=args.precompute_ref, ref_cache_bytes=cache_bound(args, shape, device),
               chunk_size=args.noise_chunk_size, gen_batch_size=args.gen_batch_size,
               gen_length=args.max_prompt_length + args.max_new_tokens)
     device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
@@ -183,6 +184,14 @@ def preflight(args, world, device, say=print):
     if device_bytes and args.memory_check:
         check(shape, kw, device_bytes, str(device))
     return dist
+
+
+def cache_bound(args, shape, device):
+    """step.ReferenceCache keeps the hidden states of every rejected answer only if all fit in --ref-cache-gb:
+    at most that, and at most history × max_prompts pairs of max_length tokens."""
+    c = models.pick_dtype(device, args.dtype).itemsize
+    budget = int(args.ref_cache_gb * GIB)
+    return min(budget, args.history * args.max_prompts * args.max_length * shape.hidden * c) if args.max_prompts else budget
 
 
 def check(shape, kw, device_bytes, where="the GPU"):

@@ -81,10 +81,13 @@ def test_preflight_prints_the_plan_and_resolves_dist(tiny_model_dir, capsys):
     args = types.SimpleNamespace(start_model=tiny_model_dir, trust_remote_code=False, dist="auto", optimizer="rmsprop",
                                  noise="trainable", dtype=None, batch_size=2, max_length=160, gradient_checkpointing=False,
                                  precompute_ref=True, ref_cache_gb=4.0, noise_chunk_size=256, gen_batch_size=6,
-                                 max_prompt_length=96, max_new_tokens=6, memory_check=True)
+                                 max_prompt_length=96, max_new_tokens=6, memory_check=True, history=1, max_prompts=6)
     assert memplan.preflight(args, 1, torch.device("cpu")) == "none"
     out = capsys.readouterr().out
     assert out.startswith("memory plan per rank: none over 1 rank(s)") and "policy parameters (fp32)" in out
+    assert "reference cache                        0.12 MiB" in out  # 6 pairs × 160 tokens × 32 × 4 B < 4 GiB
+    args.max_prompts = 0  # all prompts: only --ref-cache-gb bounds it
+    assert memplan.cache_bound(args, memplan.Shape(1, 1, 1, 32, 1, 1, 1), torch.device("cpu")) == 4 * 2 ** 30
     assert memplan.preflight(args, 2, torch.device("cpu")) == "ddp"  # a tiny model: DDP
     args.dist = "fsdp"
     assert memplan.preflight(args, 2, torch.device("cpu")) == "fsdp" and "FSDP working set" in capsys.readouterr().out
