@@ -55,6 +55,10 @@ def test_two_process_fsdp_matches_one_process_with_the_double_batch(iter0_run, t
     (run_dir / "iter0").mkdir(parents=True)
     for name in ("generated.jsonl", "judged.jsonl", "pairs.jsonl"):  # the same pairs as the single run
         shutil.copy(iter0_run / "iter0" / name, run_dir / "iter0" / name)
+    if (iter0_run / "iter0" / "stages.json").is_file():  # main's stage records: what the copied files were made from
+        records = json.loads((iter0_run / "iter0" / "stages.json").read_text())
+        records.pop("train", None)  # training runs anew with 2 processes
+        (run_dir / "iter0" / "stages.json").write_text(json.dumps(records))
     single = json.loads((iter0_run / "iter0" / "config.json").read_text())
     flags = tiny_flags(run_dir, single["base_model"])
     flags[flags.index("--batch-size") + 1] = "1"
