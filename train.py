@@ -30,13 +30,11 @@ Where this departs from, or fills a gap in, the paper:
 5. Policy weights are kept in fp32 (master copy) with bf16 autocast on CUDA; the reference is held in
    the compute dtype; the saved model is cast to --dtype. Judging runs even at iteration 0 (its
    scores feed the DSL flip statistics) although iteration 0 trains on human = chosen.
-6. Multi-GPU: torchrun → DDP for the policy, the generator's gradients all-reduced by hand,
-   generation sharded across ranks, judging and all file writing on rank 0. FSDP is not implemented:
-   a 7B policy with fp32 master weights, RMSprop state and a bf16 reference needs ~100 GB, so the
-   paper preset needs GPUs with that much memory per process (or a port to FSDP).
+6. Multi-GPU: torchrun → DDP or FSDP2 for the policy (--dist; distributed.py, with sharded DCP
+   checkpoints), the generator replicated with its gradients all-reduced by hand, generation sharded
+   across ranks, judging and all file writing on rank 0. memplan.py prints the bytes per rank first.
 """
 import argparse
-import contextlib
 import copy
 import math
 import pathlib
@@ -50,8 +48,11 @@ from transformers import get_linear_schedule_with_warmup
 
 import checkpoint as ckpt
 import data
+import distributed
 import generate
 import judge as judges
+import logps_rows
+import memplan
 import model as models
 import noise as noises
 import stages
@@ -158,6 +159,11 @@ def parse_args(argv=None):
                    help="keep iter{k}/checkpoint/ after the model is saved (default: delete it)")
     g.add_argument("--logp-examples", type=int, help="pairs whose log-probs go to logps.jsonl (0 = off; demo 16, paper 64)")
     g.add_argument("--stop-after-steps", type=int, help="debug: stop after N optimizer steps, as if killed (0 = off)")
+    g = p.add_argument_group("scale-out (distributed.py, memplan.py)")
+    g.add_argument("--dist", choices=["auto", "ddp", "fsdp"], default="auto",
+                   help="under torchrun: DDP or FSDP2 for the policy (auto: FSDP from 1 B parameters)")
+    g.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse a run whose memory plan does not fit the GPU (default on)")
     args = p.parse_args(argv)
     for key, value in {**COMMON, **PRESETS[args.preset]}.items():  # explicit flags win
         if getattr(args, key, None) is None:
@@ -288,25 +294,6 @@ def batch_loss(policy, reference, generator, batch, args, noise_rng, autocast):
     return out
 
 
-@torch.no_grad()
-def policy_logps_rows(policy, examples, pairs, n, stage, pad_id, device, batch_size):
-    """logps.jsonl rows: the policy's summed log-probs of the first n pairs (for the Fig. 2/10 histograms)."""
-    was_training, rows = policy.training, []
-    policy.eval()
-    for i in range(0, min(n, len(examples)), batch_size):
-        chunk = examples[i:min(i + batch_size, n)]
-        batch = {k: v.to(device) for k, v in data.collate_pairs(chunk, pad_id).items()}
-        logps = sequence_logps(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                               batch["labels"]).tolist()
-        counts = (batch["labels"][:, 1:] != -100).sum(-1).tolist()
-        for j, pair in enumerate(pairs[i:i + len(chunk)]):
-            rows.append(dict(stage=stage, id=pair["id"], chosen_logp=logps[j], rejected_logp=logps[len(chunk) + j],
-                             chosen_tokens=counts[j], rejected_tokens=counts[len(chunk) + j],
-                             chosen_source=pair.get("chosen_source")))
-    policy.train(was_training)
-    return rows
-
-
 # ----------------------------------------------------------------------------- the training loop
 def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world):
     """Stage 4: the hand-written loop. Returns the metrics rows of this iteration."""
@@ -325,6 +312,8 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
                                   alpha=args.noise_alpha, sigma=args.noise_sigma)
     generator = generator.to(device) if generator is not None else None
     noise_rng = torch.Generator(device=device).manual_seed(args.seed * 1000 + args.iter * 10 + rank)  # ε₁, ε₂
+    fsdp, module = args.dist == "fsdp", distributed.prepare(policy, args, device)  # fsdp: sharded, before the optimizer
+    logps_of = module if fsdp else policy  # the model logps.jsonl reads (FSDP: its root)
 
     # one optimizer, two parameter groups (policy, generator), one linear warmup + decay schedule
     groups = [dict(params=[p for p in policy.parameters() if p.requires_grad], lr=args.lr)]
@@ -339,19 +328,23 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
     # resume from the last checkpoint, if any
-    step, state = 0, ckpt.load_checkpoint(state_path)
+    distributed.check_format(state_path, args.dist)
+    step, state = 0, distributed.load_meta(state_path) if fsdp else ckpt.load_checkpoint(state_path)
     if state is not None:
-        step = ckpt.restore(state, state_path, args, TRAINING_KEYS, rank, policy, generator, optimizer, scheduler,
-                            noise_rng)
+        if fsdp:
+            step = distributed.restore_sharded(state, args, TRAINING_KEYS, rank, module, generator, optimizer,
+                                               scheduler, noise_rng)
+        else:
+            step = ckpt.restore(state, state_path, args, TRAINING_KEYS, rank, policy, generator, optimizer, scheduler,
+                                noise_rng)
         if main_proc:
-            print(f"[4/5] train: resuming {state_path} at step {step}/{total_steps}")
+            print(f"[4/5] train: resuming {state['dir'] if fsdp else state_path} at step {step}/{total_steps}")
             rows = data.read_jsonl(metrics_path) if metrics_path.is_file() else []
             data.write_jsonl(metrics_path, [r for r in rows if r["step"] <= step])  # drop unsaved steps
     elif main_proc:  # a fresh start: forget any metrics of a run killed before its first checkpoint
         data.write_jsonl(metrics_path, [])
-        if args.logp_examples:
-            data.write_jsonl(logps_path, policy_logps_rows(policy, examples, pairs, args.logp_examples, "start",
-                                                             pad_id, device, args.batch_size))
+    if state is None:
+        logps_rows.record(logps_path, "start", logps_of, examples, pairs, args, pad_id, device, main_proc, fsdp)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.train()
@@ -359,13 +352,15 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     if args.precompute_ref:  # the frozen reference, once for the whole iteration (step.py)
         cache = steps.ReferenceCache.build(reference, examples, pad_id, device, args.batch_size, args.noise != "none",
                                            autocast, args.noise_chunk_size, args.ref_cache_gb, progress=main_proc)
-    module = steps.PolicyLogps(policy, args.noise_chunk_size) if cache is not None else policy
-    ddp_policy = (torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
-                                                            else None) if world > 1 else module)
+    ddp_policy = distributed.wrap(module, args.dist, device)
     lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
 
     def save(step):
         noise_rng_states = ckpt.gather(noise_rng.get_state(), world)  # collective: every rank
+        if fsdp:  # collective: every rank writes its shards
+            return distributed.save_sharded(state_path, module, generator, optimizer, dict(
+                scheduler=scheduler.state_dict(), rng=ckpt.rng_state(), noise_rng=noise_rng_states, step=step,
+                epoch=step // spe, args=vars(args)))
         if main_proc:
             ckpt.save_checkpoint(state_path, dict(
                 policy=policy.state_dict(), generator=generator.state_dict() if generator is not None else None,
@@ -390,7 +385,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         for j, idx in enumerate(step_micro):
             batch = {k: v.to(device) for k, v in data.collate_pairs([examples[i] for i in idx], pad_id).items()}
             sync = j == len(step_micro) - 1 or world == 1
-            with contextlib.nullcontext() if sync else ddp_policy.no_sync():
+            with distributed.grad_sync(ddp_policy, sync):
                 if cache is not None:
                     out = steps.cached_batch_loss(ddp_policy, cache, idx, batch, generator, args, noise_rng, autocast)
                 else:
@@ -406,7 +401,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
             dist.all_reduce(sums, op=dist.ReduceOp.AVG)
         m = dict(zip(keys, (sums.cpu() / len(step_micro)).tolist()))
         if args.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            grad_norm = distributed.clip_grad_norm(policy.parameters(), args.max_grad_norm)  # FSDP: over all shards
             if generator_params:
                 torch.nn.utils.clip_grad_norm_(generator_params, args.max_grad_norm)
         else:
@@ -439,10 +434,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         if args.stop_after_steps and done == args.stop_after_steps and step < total_steps:
             raise SystemExit(f"train.py: stopped after {done} steps (--stop-after-steps); rerun to resume")
     bar.close()
-    if main_proc and args.logp_examples:
-        rows = [r for r in data.read_jsonl(logps_path) if r["stage"] == "start"] if logps_path.is_file() else []
-        data.write_jsonl(logps_path, rows + policy_logps_rows(policy, examples, pairs, args.logp_examples, "end",
-                                                                pad_id, device, args.batch_size))
+    logps_rows.record(logps_path, "end", logps_of, examples, pairs, args, pad_id, device, main_proc, fsdp)
     return data.read_jsonl(metrics_path) if main_proc else []
 
 
@@ -467,6 +459,7 @@ def main(argv=None):
         data.write_json(it_dir / "config.json", stages.public_args(vars(args)))  # no API key, no URL credentials
     ckpt.seed_everything(args.seed + args.iter)
     say(f"iter {args.iter}: start {args.start_model} | dsl {args.dsl} | noise {args.noise} | world {world}")
+    args.dist = memplan.preflight(args, world, device, say)  # prints the plan; refuses one that cannot fit
 
     # start model: the policy in fp32 (master weights), the reference a frozen copy in the compute dtype
     policy, tokenizer = models.load_model(args.start_model, device=device, dtype="fp32",
@@ -481,13 +474,17 @@ def main(argv=None):
     t_train = time.time()
     rows = train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world)  # 4 train
 
+    save_dtype = models.pick_dtype(device, args.dtype)
+    if args.dist == "fsdp":  # 5 save: a collective gather of the shards onto rank 0
+        distributed.save_full_model(policy, tokenizer, it_dir / "model", save_dtype)
     if rank == 0:  # 5 save
-        save_dtype = models.pick_dtype(device, args.dtype)
-        models.save_model(policy.to(save_dtype), tokenizer, it_dir / "model")
+        if args.dist != "fsdp":
+            models.save_model(policy.to(save_dtype), tokenizer, it_dir / "model")
         data.write_json(it_dir / "summary.json", ckpt.summarize(args, pairs, stats, rows, time.time() - t_train,
                                                                 time.time() - t_start))
         if not args.keep_checkpoint:
             (it_dir / "checkpoint" / "state.pt").unlink(missing_ok=True)
+            distributed.remove_sharded(it_dir / "checkpoint" / "state.pt")
         ckpt.print_summary(it_dir)
     ckpt.barrier()
     if dist.is_initialized():
