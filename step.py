@@ -9,7 +9,7 @@ and the policy's answer log-probs come from its last hidden states through lm_he
                            (loss.chunked_sequence_logps): what DDP wraps
     cached_batch_loss      Eq. 1–9 on one micro-batch from the two
 
-The reference is frozen for the whole iteration, so this is the same computation as train.batch_loss
+The reference is frozen for the whole iteration, so this is the same computation as batch_loss below
 (the reference inside the step, `--no-precompute-ref`), up to float rounding of matmuls of another
 shape: test_train.py checks loss and gradients agree to 1e-5 (relative) and that the noise draws
 the same ε for the same tokens.
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import data
 import noise as noises
-from loss import IGNORE_INDEX, chunked_sequence_logps, dnpo_loss
+from loss import IGNORE_INDEX, chunked_sequence_logps, dnpo_loss, sequence_logps
 
 
 def _decoder_hidden(model, input_ids, attention_mask):
@@ -118,20 +118,58 @@ def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rn
     policy_chosen, policy_rejected = logps[:B], logps[B:]
     ref = cache.logps[idx].to(logps.device)
     ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
-    sigma2, noisy_model, noisy_noise, variance_mean = 0.0, None, None, None
+    sigma2, noisy_ref_rejected_eps1, noisy_ref_rejected_eps2, variance_mean = 0.0, None, None, None
     if args.noise != "none":
         hidden, targets, seq_ids = cache.rejected_tokens(idx, batch)
         weight, bias = _head(cache.reference)  # z = lm_head(h) in the reference's dtype, as its own logits
         common = dict(head_bias=bias, chunk_size=args.noise_chunk_size, rng=noise_rng)
-        noisy_model = noises.noisy_answer_logps(hidden, targets, seq_ids, B, weight, generator,  # Eq. 6, ε₁
-                                                generator_grad=False, **common)
+        noisy_ref_rejected_eps1 = noises.noisy_answer_logps(hidden, targets, seq_ids, B, weight,  # Eq. 6, ε₁
+                                                            generator, generator_grad=False, **common)
         if args.noise == "trainable":  # Eq. 6, ε₂, gradient to the generator
-            noisy_noise, variance_mean = noises.noisy_answer_logps(
+            noisy_ref_rejected_eps2, variance_mean = noises.noisy_answer_logps(
                 hidden, targets, seq_ids, B, weight, generator, generator_grad=True, return_variance=True, **common)
         sigma2 = variance_mean.item() if variance_mean is not None else args.noise_sigma ** 2
-    out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen, noisy_model if noisy_model is not None else ref_rejected,
-                    noisy_noise, variance_mean, args.beta, args.noise_alpha, args.loss_type,
+    out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen,
+                    noisy_ref_rejected_eps1 if noisy_ref_rejected_eps1 is not None else ref_rejected,
+                    noisy_ref_rejected_eps2, variance_mean, args.beta, args.noise_alpha, args.loss_type,
                     ref_rejected_logps=ref_rejected)  # Eq. 9 (noise none: exactly SPIN)
     out["sigma2"] = sigma2
     out["tokens"] = int(batch["attention_mask"].sum())
+    return out
+
+
+def batch_loss(policy, reference, generator, batch, args, noise_rng, autocast):
+    """The old path (`--no-precompute-ref`), what cached_batch_loss is tested against: Eq. 1–9 on one
+    micro-batch with the reference inside the step: one policy forward over 2B rows (full (2B, T, V)
+    logits), one reference forward, the noise twice."""
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # (2B, T)
+    B = input_ids.shape[0] // 2
+    with autocast:
+        policy_logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits  # (2B, T, V)
+    policy_logps = sequence_logps(policy_logits, labels)  # (2B,)
+    with torch.no_grad(), autocast:
+        ref_out = reference(input_ids=input_ids, attention_mask=attention_mask,
+                            output_hidden_states=args.noise != "none")
+    ref_logps = sequence_logps(ref_out.logits, labels)  # (2B,)
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = policy_logps[:B], policy_logps[B:], ref_logps[:B], ref_logps[B:]
+    sigma2 = 0.0
+    if args.noise == "none":  # exactly SPIN: the clean reference, no noise term
+        out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, None, None, args.beta,
+                        args.noise_alpha, args.loss_type, ref_rejected_logps=ref_rejected)
+    else:
+        noise_inputs = (ref_out.logits[B:], ref_out.hidden_states[-1][B:], labels[B:])  # (B,T,V), (B,T,d), (B,T)
+        noisy_ref_rejected_eps1 = noises.noisy_sequence_logps(*noise_inputs, generator, generator_grad=False,  # Eq. 6, ε₁
+                                                  chunk_size=args.noise_chunk_size, rng=noise_rng)
+        noisy_ref_rejected_eps2, variance_mean = None, None
+        if args.noise == "trainable":
+            noisy_ref_rejected_eps2, variance_mean = noises.noisy_sequence_logps(  # Eq. 6, ε₂, grad to the generator
+                *noise_inputs, generator, generator_grad=True, chunk_size=args.noise_chunk_size, rng=noise_rng,
+                return_variance=True)
+            sigma2 = variance_mean.item()
+        else:
+            sigma2 = args.noise_sigma ** 2
+        out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen, noisy_ref_rejected_eps1, noisy_ref_rejected_eps2,
+                        variance_mean, args.beta, args.noise_alpha, args.loss_type, ref_rejected_logps=ref_rejected)  # Eq. 9
+    out["sigma2"] = sigma2
+    out["tokens"] = int(attention_mask.sum())
     return out

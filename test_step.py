@@ -69,7 +69,7 @@ def _pairs(n):
 
 @pytest.mark.parametrize("noise", ["none", "fixed", "trainable"])
 def test_precomputed_reference_step_equals_reference_in_the_step(tiny_tokenizer, noise):
-    """cached_batch_loss (reference once, chunked log-probs) == train.batch_loss (reference forward in the
+    """cached_batch_loss (reference once, chunked log-probs) == step.batch_loss (reference forward in the
     step, full logits): every loss term and the gradients of policy and generator, to 1e-5 (fp32: the
     margins are β × differences of log-probs of magnitude ~10², whose rounding is ~1e-5)."""
     policy = make_tiny_model(tiny_tokenizer, seed=3).float()
@@ -91,7 +91,7 @@ def test_precomputed_reference_step_equals_reference_in_the_step(tiny_tokenizer,
         if fast:
             out = steps.cached_batch_loss(steps.PolicyLogps(policy, 7), cache, idx, batch, generator, args, rng, off)
         else:
-            out = train.batch_loss(policy, reference, generator, batch, args, rng, off)
+            out = steps.batch_loss(policy, reference, generator, batch, args, rng, off)
         out["loss"].backward()
         grads = [p.grad.clone() for p in policy.parameters()]
         grads += [p.grad.clone() for p in (generator.parameters() if generator is not None else [])]

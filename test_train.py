@@ -149,7 +149,7 @@ def test_noise_none_is_exactly_the_spin_loss_on_a_batch():
     examples = tiny_batch(tokenizer)
     batch = data.collate_pairs(examples, tokenizer.pad_token_id)
     args = types.SimpleNamespace(noise="none", beta=0.1, noise_alpha=1.0, loss_type="sigmoid", noise_chunk_size=16)
-    out = train.batch_loss(policy, reference, None, batch, args, None, torch.autocast("cpu", enabled=False))
+    out = train.steps.batch_loss(policy, reference, None, batch, args, None, torch.autocast("cpu", enabled=False))
 
     def one(model, ids, labels):  # one unpadded sequence
         ids, labels = torch.tensor([ids]), torch.tensor([labels])
@@ -173,7 +173,7 @@ def test_reference_last_hidden_state_is_the_lm_head_input():
 def test_nonfinite_loss_stops_with_a_message(iter0_run, tmp_path, monkeypatch):
     """A NaN loss at step 3 stops the run naming iter and step, and keeps the step-2 checkpoint."""
     run_dir = fresh_copy(iter0_run, tmp_path)
-    real, calls = train.dnpo_loss, []
+    real, calls = train.steps.dnpo_loss, []
 
     def poisoned(*a, **kw):
         out = real(*a, **kw)
@@ -181,8 +181,7 @@ def test_nonfinite_loss_stops_with_a_message(iter0_run, tmp_path, monkeypatch):
         if len(calls) == 3:
             out["loss"] = out["loss"] * float("nan")
         return out
-    monkeypatch.setattr(train, "dnpo_loss", poisoned)  # the reference-in-the-step path
-    monkeypatch.setattr(train.steps, "dnpo_loss", poisoned)  # the precomputed-reference path (default)
+    monkeypatch.setattr(train.steps, "dnpo_loss", poisoned)  # both paths (step.cached_batch_loss, step.batch_loss)
     with pytest.raises(SystemExit, match="iter 1 step 3: non-finite loss") as err:
         train.main(["--iter", "1", *tiny_flags(run_dir, "unused")])
     assert "\n" not in str(err.value)
@@ -413,12 +412,11 @@ def test_flags_are_checked_before_anything_is_written(tmp_path, flag, value, mes
 
 def test_nonfinite_loss_before_any_checkpoint_claims_none(iter0_run, tmp_path, monkeypatch):
     run_dir = fresh_copy(iter0_run, tmp_path)
-    real = train.dnpo_loss
+    real = train.steps.dnpo_loss
 
     def poisoned(*a, **kw):
         out = real(*a, **kw)
         return {**out, "loss": out["loss"] * float("nan")}
-    monkeypatch.setattr(train, "dnpo_loss", poisoned)
     monkeypatch.setattr(train.steps, "dnpo_loss", poisoned)
     message = refused(["--iter", "1", *tiny_flags(run_dir, "unused")], "step 1: non-finite loss", "none is kept")
     assert "last good checkpoint" not in message and not (run_dir / "iter1" / "checkpoint" / "state.pt").exists()
