@@ -30,6 +30,8 @@ import tempfile
 
 import torch
 
+import demo
+
 # --- JSONL ------------------------------------------------------------------------------------------
 
 
@@ -243,7 +245,6 @@ def load_prompts(data=None, split="train", max_prompts=None, seed=0, flaw_rate=0
     """Records to train or evaluate on: the demo task when data is None/"demo" (default sizes: train 2000,
     eval 200), else a dataset file; max_prompts keeps a deterministic prefix (None = all / the default)."""
     if data in (None, "demo"):
-        import demo  # lazy: demo.py imports prompt_id from this module
         return demo.demo_records(split, n=max_prompts, seed=seed, flaw_rate=flaw_rate)
     records = load_records(data, skip_bad=skip_bad)
     return records if max_prompts is None else records[:max_prompts]
