@@ -22,6 +22,7 @@ Where this departs from, or fills a gap in, the paper:
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pathlib
 import re
@@ -253,29 +254,48 @@ def load_prompts(data=None, split="train", max_prompts=None, seed=0, flaw_rate=0
 # --- DSL pairing and history ---------------------------------------------------------------------------
 
 
-def dsl_pairs(judged: list[dict], dsl: bool):
-    """Pairs from judged rows: DSL puts the higher-scored answer chosen (ties and missing scores keep the
-    human answer chosen, identical answers are dropped); dsl=False always keeps the human chosen.
-    Returns (pairs, stats(n, flips, ties, missing, identical))."""
-    pairs, stats = [], dict(n=len(judged), flips=0, ties=0, missing=0, identical=0)
+def dsl_outcome(row) -> str:
+    """DSL's verdict on one judged row, the one rule every flip count uses: "identical" (the two texts are
+    equal after stripping whitespace: dropped), "missing" (a null score: SPIN's pairing), "flip" (generated
+    scored higher: it becomes chosen), "tie" (equal scores: the human answer stays chosen) or "human"."""
+    for key in ("id", "prompt", "human", "generated"):
+        if key not in row:
+            raise ValueError(f"record {row.get('id', '?')}: judged row is missing {key!r}")
+    if row["human"].strip() == row["generated"].strip():
+        return "identical"
+    hs, gs = row.get("human_score"), row.get("generated_score")
+    if hs is None or gs is None:
+        return "missing"
+    return "flip" if gs > hs else "tie" if gs == hs else "human"
+
+
+def dsl_stats(judged) -> dict:
+    """Counts of dsl_outcome over judged rows, with flip and tie rates among the rows DSL decided by score
+    (neither identical nor missing; NaN when there is none)."""
+    counts = {outcome: 0 for outcome in ("flip", "tie", "human", "missing", "identical")}
     for row in judged:
-        for key in ("id", "prompt", "human", "generated"):
-            if key not in row:
-                raise ValueError(f"record {row.get('id', '?')}: judged row is missing {key!r}")
-        human, generated = row["human"], row["generated"]
-        if human.strip() == generated.strip():
-            stats["identical"] += 1
+        counts[dsl_outcome(row)] += 1
+    decided = counts["flip"] + counts["tie"] + counts["human"]
+    return dict(n=len(judged), flips=counts["flip"], ties=counts["tie"], missing=counts["missing"],
+                identical=counts["identical"], flip_rate=counts["flip"] / decided if decided else math.nan,
+                tie_rate=counts["tie"] / decided if decided else math.nan)
+
+
+def dsl_pairs(judged: list[dict], dsl: bool):
+    """Pairs from judged rows by dsl_outcome: DSL puts the higher-scored answer chosen (ties and missing
+    scores keep the human answer chosen, identical answers are dropped); dsl=False always keeps the human
+    chosen. Returns (pairs, stats(n, flips, ties, missing, identical)): what was applied (0 flips without DSL)."""
+    counts = dsl_stats(judged)
+    stats = dict(n=counts["n"], flips=0, ties=0, missing=0, identical=counts["identical"])
+    if dsl:
+        stats.update(flips=counts["flips"], ties=counts["ties"], missing=counts["missing"])
+    pairs = []
+    for row in judged:
+        outcome = dsl_outcome(row)
+        if outcome == "identical":
             continue
-        hs, gs = row.get("human_score"), row.get("generated_score")
-        flip = False
-        if dsl:
-            if hs is None or gs is None:
-                stats["missing"] += 1
-            elif gs > hs:
-                flip = True
-                stats["flips"] += 1
-            elif gs == hs:
-                stats["ties"] += 1
+        flip = dsl and outcome == "flip"
+        human, generated = row["human"], row["generated"]
         pairs.append({"id": row["id"], "prompt": row["prompt"],
                       "chosen": generated if flip else human, "rejected": human if flip else generated,
                       "chosen_source": "generated" if flip else "human"})
@@ -336,16 +356,24 @@ def tokenize_pair(tokenizer, pair, max_length=1024, max_prompt_length=512) -> di
     return out
 
 
+def pad_rows(rows, pad_value, side="right"):
+    """Lists of token ids (or labels) -> ((N, T) long tensor padded with pad_value on `side`, (N, T) attention
+    mask: 1 on each row's own entries). Training pads on the right, generation and the hf judge on the left."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(row) for row in rows)
+    padded = torch.full((len(rows), width), pad_value, dtype=torch.long)    # (N, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)                # (N, T)
+    for i, row in enumerate(rows):
+        cols = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        padded[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
+    return padded, mask
+
+
 def collate_pairs(examples, pad_token_id) -> dict:
     """Stack B tokenized pairs into 2B right-padded rows (chosen rows 0..B-1, rejected rows B..2B-1)."""
-    rows = [(e["chosen_input_ids"], e["chosen_labels"]) for e in examples]
-    rows += [(e["rejected_input_ids"], e["rejected_labels"]) for e in examples]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)     # (2B, T)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)                # (2B, T)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)             # (2B, T)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[i, :len(lab)] = torch.tensor(lab, dtype=torch.long)
-        attention_mask[i, :len(ids)] = 1
+    sides = [[e[f"{side}_{key}"] for side in ("chosen", "rejected") for e in examples] for key in ("input_ids", "labels")]
+    input_ids, attention_mask = pad_rows(sides[0], pad_token_id)            # (2B, T)
+    labels, _ = pad_rows(sides[1], -100)                                    # (2B, T)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -32,8 +32,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import (append_jsonl, chat_prompt_ids, load_prompts, open_append, read_jsonl, read_jsonl_tolerant,
-                  truncate_prompt, write_jsonl)
+from data import (append_jsonl, chat_prompt_ids, load_prompts, open_append, pad_rows, read_jsonl,
+                  read_jsonl_tolerant, truncate_prompt, write_jsonl)
+from model import load_model, pick_device, resolve_model
 
 # --- resumable bookkeeping (pure functions, tested without a model or a process group) ----------------
 
@@ -85,12 +86,8 @@ def _dist():
 def _generate_hf(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed):
     """Answers (and new-token counts) for one batch of tokenized prompts: left padding, KV cache."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(map(len, prompt_ids))
-    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)            # (B, T)
-    attention_mask = torch.zeros_like(input_ids)                                        # (B, T)
-    for i, ids in enumerate(prompt_ids):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        attention_mask[i, width - len(ids):] = 1
+    input_ids, attention_mask = pad_rows(prompt_ids, pad, side="left")                 # (B, T)
+    width = input_ids.shape[1]
     kwargs = dict(max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad)
     if model.generation_config.eos_token_id is None:
         kwargs["eos_token_id"] = tokenizer.eos_token_id
@@ -222,7 +219,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from model import load_model, pick_device, resolve_model
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_prompt_length < 1:
         raise SystemExit("--max-new-tokens, --max-prompt-length and --batch-size must be >= 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0 and 0 < args.top_p <= 1):
