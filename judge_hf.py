@@ -40,8 +40,9 @@ class HFJudge(Judge):
         self.stats["rating_mass"] = 0.0  # Σ over answers of Σ_i p_i: low means the LM ignores the format
         self.rating_ids = self._rating_tokens()  # rating i -> its token ids after the prompt
         self.inner = sorted({tuple(ids[:j]) for ids in self.rating_ids.values() for j in range(1, len(ids))})
-        self.extensions = {node: [ids[len(node)] for ids in self.rating_ids.values()
-                                  if len(ids) > len(node) and tuple(ids[:len(node)]) == node] for node in self.inner}
+        self.extensions = {node: sorted({ids[len(node)] for ids in self.rating_ids.values()  # next tokens below node
+                                         if len(ids) > len(node) and tuple(ids[:len(node)]) == node})
+                           for node in self.inner}
 
     def prompt_text(self, question, answer) -> str:
         messages = [{"role": "user", "content": build_prompt(question, answer, self.scale)}]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from data import (check_file, collate_pairs, drop_torn_line, dsl_pairs, history_pairs, load_records, prompt_id,
+from data import (check_file, collate_pairs, drop_torn_line, dsl_pairs, history_pairs, load_records, pad_rows, prompt_id,
                   read_jsonl, read_jsonl_tolerant, tokenize_pair, truncate_prompt, write_jsonl)
 
 
@@ -209,3 +209,13 @@ def test_drop_torn_line(tmp_path):
 def test_truncate_prompt_keeps_the_end():
     assert truncate_prompt([1, 2, 3, 4, 5], 2) == [4, 5] and truncate_prompt([1, 2], 5) == [1, 2]
     assert truncate_prompt([1, 2, 3], None) == [1, 2, 3]
+
+
+def test_pad_rows_left_and_right():
+    """Rows are padded on the asked side to the longest; the mask is 1 exactly on each row's own entries."""
+    ids, mask = pad_rows([[1, 2, 3], [4]], 0, side="left")
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_rows([[1, 2, 3], [4]], -100)
+    assert ids.tolist() == [[1, 2, 3], [4, -100, -100]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="padding side"):
+        pad_rows([[1]], 0, side="middle")

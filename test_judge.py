@@ -132,6 +132,32 @@ def test_hf_judge_single_token_ten():
     assert err is None and score == pytest.approx(sum((i + 1) * v for i, v in enumerate(probs)) / sum(probs), abs=1e-6)
 
 
+def test_hf_judge_100_point_scale_by_hand(tiny_model_dir):
+    """On scale 100 with digit tokens, p_i comes from full forward passes: P(d) · P(e | d) · the mass left for
+    "the rating ends here" (P("0" | "10") is the rating 100); the score is Σ p_i·i / Σ p_i, in [1, 100]."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf = judge.make_judge("hf", model=tiny_model_dir, device="cpu", scale=100)
+    assert hf.name.endswith(":scale100") and len(hf.inner) == 10  # "1".."9" and "10"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    digit = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    items = [{"prompt": "What is 2+3?", "answer": "5", "record": {}}, {"prompt": "Hi", "answer": "Hello!", "record": {}}]
+    for item, (score, err) in zip(items, hf.score_many(items)):
+        ids = tok(hf.prompt_text(item["prompt"], item["answer"]), add_special_tokens=False)["input_ids"]
+
+        def next_probs(extra):
+            with torch.no_grad():
+                return model(torch.tensor([ids + extra])).logits[0, -1].double().softmax(-1)
+        root, after = next_probs([]), {d: next_probs([digit[d]]) for d in range(1, 10)}
+        after_10 = next_probs([digit[1], digit[0]])
+        p = {d: root[digit[d]] * (1 - after[d][digit].sum()) for d in range(1, 10)}
+        p.update({r: root[digit[r // 10]] * after[r // 10][digit[r % 10]] for r in range(10, 100)})
+        p[10] = p[10] * (1 - after_10[digit[0]])
+        p[100] = root[digit[1]] * after[1][digit[0]] * after_10[digit[0]]
+        expected = float(sum(r * v for r, v in p.items()) / sum(p.values()))
+        assert err is None and score == pytest.approx(expected, abs=1e-5) and 1 <= score <= 100
+
+
 # ---------------------------------------------------------------- comparisons
 def test_win_tie_loss_by_hand():
     """A vs B over 6 prompts, one with a missing score: 2 wins, 2 ties, 1 loss out of 5, 1 excluded."""

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+import data
 import judge
 import judge_base
 import judge_cache
@@ -208,3 +209,113 @@ def test_cost_estimate_for_known_models():
     j = judge.make_judge("openai", model="gpt-4o-mini-2024-07-18", base_url="http://localhost:1/v1")
     assert j.estimate_cost(1_000_000, 1_000_000) == pytest.approx(0.75)
     assert judge.make_judge("openai", model="llama3", base_url="http://localhost:1/v1").estimate_cost(10, 10) is None
+
+
+# ---------------------------------------------------------------- the 100-point scale and the pairwise mode
+@pytest.mark.parametrize("reply, score", [("Rating: [[85]]", 85), ("[[85/100]]", 85), ("Score: 72.5", 72.5),
+                                          ("85/100", 85), ("64 out of 100", 64), ("100", 100), ("7", 7)])
+def test_parse_rating_on_100_point_scale(reply, score):
+    """On scale 100, ratings 1..100 and "N/100" parse; the same reply of 85 is out of range on scale 10."""
+    assert judge_http.parse_rating(reply, scale=100) == score
+
+
+@pytest.mark.parametrize("reply", ["[[101]]", "Rating: 0", "Score: 8/10", "7/10"])
+def test_parse_rating_100_rejects(reply):
+    """Out of 1..100, or a rating out of 10, is no rating on the 100-point scale."""
+    with pytest.raises(ValueError):
+        judge_http.parse_rating(reply, scale=100)
+
+
+def test_scale_100_template_ratings_and_cache_key(server, key_env, tmp_path):
+    """A scale-100 judge asks for 1..100 and reads 85; its cache rows are not hits for a scale-10 judge, which
+    asks again and cannot read 85 (null + error); the judge names differ, so rows are never mixed."""
+    text = judge_base.build_prompt("q", "a", scale=100)
+    assert "1 to 100" in text and "[[50]]" in text and judge_base.template_version(100) != judge_base.template_version()
+    cache = tmp_path / "c.jsonl"
+    items = [{"prompt": "q", "answer": a, "record": {}} for a in ("x score=85", "y score=7")]
+    j100 = fast_judge(server.url, cache_path=cache, scale=100)
+    assert j100.name == "openai:judge-x:scale100" and j100.score_many(items) == [(85.0, None), (7.0, None)]
+    j10 = fast_judge(server.url, cache_path=cache)
+    out = j10.score_many(items)
+    assert j10.stats["cache_hits"] == 0 and out[1] == (7.0, None) and out[0][0] is None and "85" in out[0][1]
+    again = fast_judge(server.url, cache_path=cache, scale=100)
+    assert again.score_many(items) == [(85.0, None), (7.0, None)] and again.stats["requests"] == 0
+
+
+def pair_records():
+    """human vs generated: generated better, human better, equally good, generated empty, identical."""
+    return [{"id": str(i), "prompt": f"q{i}", "human": h, "generated": g} for i, (h, g) in enumerate(
+        [("h0 score=3", "g0 score=8"), ("h1 score=9", "g1 score=2"), ("h2 score=5", "g2 score=5"),
+         ("h3 score=5", "  "), ("same score=4", "same score=4")])]
+
+
+def test_pairwise_asks_both_orders_and_scores_votes(server, key_env, tmp_path):
+    """Pairwise: two requests per record (human first, then generated first); each answer's score is its votes
+    over both orders (the two sum to 2); an empty or identical answer is decided without a request. DSL flips
+    exactly the record whose generated answer won both orders; a rerun is answered from the cache."""
+    out = tmp_path / "j.jsonl"
+    rows, summary = judge.judge_records(pair_records(), fast_judge(server.url, mode="pairwise"), out, progress=False)
+    assert [(r["human_score"], r["generated_score"]) for r in rows] == [(0, 2), (2, 0), (1, 1), (2, 0), (1, 1)]
+    assert set(server.received) == {(f"q{i}", order) for i, (h, g) in enumerate(
+        (r["human"], r["generated"]) for r in pair_records()[:3]) for order in ((h, g), (g, h))}
+    assert summary["requests"] == 6 and summary["empty_answers"] == 1 and rows[0]["judge"] == "openai:judge-x:pairwise"
+    pairs, stats = data.dsl_pairs(rows, dsl=True)
+    assert [p["chosen_source"] for p in pairs] == ["generated", "human", "human", "human"]
+    assert (stats["flips"], stats["ties"], stats["identical"]) == (1, 1, 1)
+    out.unlink()
+    _, summary = judge.judge_records(pair_records(), fast_judge(server.url, mode="pairwise"), out, progress=False)
+    assert summary["requests"] == 0 and summary["cache_hits"] == 6
+
+
+def test_pairwise_position_bias_cancels_to_a_tie(key_env, tmp_path):
+    """A judge that always prefers the answer shown first gives every asked record one vote each: a tie,
+    so DSL keeps the human answer; a single-answer scale cannot see this bias at all."""
+    biased = FakeChat(position_bias="A")
+    try:
+        rows, _ = judge.judge_records(pair_records()[:3], fast_judge(biased.url, mode="pairwise"), tmp_path / "j.jsonl",
+                                      progress=False)
+    finally:
+        biased.close()
+    assert [(r["human_score"], r["generated_score"]) for r in rows] == [(1, 1)] * 3
+    assert data.dsl_stats(rows)["flips"] == 0
+
+
+def test_pairwise_unreadable_order_is_a_missing_score(server, key_env):
+    """An order whose verdict cannot be read (after one more try) leaves both scores of the record null,
+    with an error naming the order; other records are unaffected."""
+    recs = pair_records()[:2]
+    server.script = {(recs[0]["generated"], recs[0]["human"]): ["garbage", "garbage"]}
+    (h0, g0), (h1, g1) = fast_judge(server.url, mode="pairwise").score_records(recs)
+    assert h0[0] is None and g0[0] is None and h0[1].startswith("generated first: unparseable")
+    assert (h1, g1) == ((2.0, None), (0.0, None))
+
+
+@pytest.mark.parametrize("reply, vote", [("[[A]]", 1.0), ("My verdict: [[B]]", 0.0), ("[[c]]", 0.5), ("B", 0.0)])
+def test_parse_verdict(reply, vote):
+    """[[A]], [[B]], [[C]] (any case, anywhere) or a bare letter give the first answer's share of the vote."""
+    assert judge_http.parse_verdict(reply) == vote
+
+
+@pytest.mark.parametrize("reply", ["", "[[A]] or [[B]]", "Assistant A is better.", "[[D]]"])
+def test_parse_verdict_rejects(reply):
+    """No verdict, two different verdicts or an unknown letter raise ValueError."""
+    with pytest.raises(ValueError):
+        judge_http.parse_verdict(reply)
+
+
+def test_scale_and_mode_flags_checked(server, key_env, tmp_path):
+    """judge.py --judge-scale/--judge-mode reach the HTTP judge; combinations that cannot work are one-line errors."""
+    inp = tmp_path / "generated.jsonl"
+    data.write_jsonl(inp, pair_records()[:1])
+    judge.main(["--in", str(inp), "--out", str(tmp_path / "a.jsonl"), "--judge", "openai", "--judge-model", "m",
+                "--judge-base-url", server.url, "--judge-mode", "pairwise"])
+    assert data.read_jsonl(tmp_path / "a.jsonl")[0]["judge"] == "openai:m:pairwise"
+    judge.main(["--in", str(inp), "--out", str(tmp_path / "b.jsonl"), "--judge", "openai", "--judge-model", "m",
+                "--judge-base-url", server.url, "--judge-scale", "100"])
+    assert data.read_jsonl(tmp_path / "b.jsonl")[0]["judge"] == "openai:m:scale100"
+    for argv, message in [(["--judge", "rule", "--judge-scale", "100"], "rule judge grades 10 / 3 / 1"),
+                          (["--judge", "hf", "--judge-model", "x", "--judge-mode", "pairwise"], "needs --judge openai"),
+                          (["--judge", "openai", "--judge-base-url", server.url, "--judge-mode", "pairwise",
+                            "--judge-scale", "100"], "pairwise mode gives verdicts")]:
+        with pytest.raises(SystemExit, match=message):
+            judge.main(["--in", str(inp), "--out", str(tmp_path / "c.jsonl"), *argv])
