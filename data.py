@@ -17,7 +17,9 @@ Where this departs from, or fills a gap in, the paper:
    with a missing score keeps SPIN's pairing and is counted; a record whose generated answer equals the
    human answer (after stripping whitespace) is dropped and counted: its margin is 0 whatever θ is, so it
    carries no preference.
-3. α-SPIN history (`history_pairs`) concatenates the pairs of the last h iterations unchanged.
+3. α-SPIN history (`history_pairs`): the paper trains α-SPIN on "a 50:50 mix" of the data of iterations
+   t and t-1 (Sec. 5.3); we read that as a data set of one iteration's size, half drawn from each (seeded),
+   and generalise it to h iterations in equal shares. `mix="concat"` keeps all pairs of all h iterations.
 """
 import contextlib
 import hashlib
@@ -25,6 +27,7 @@ import json
 import math
 import os
 import pathlib
+import random
 import re
 import sys
 import tempfile
@@ -309,17 +312,37 @@ def iterations(run_dir) -> list[int]:
     return sorted(found)
 
 
-def history_pairs(run_dir, k, h) -> list[dict]:
-    """α-SPIN mixing: iter{j}/pairs.jsonl for j = max(0, k-h+1) .. k, concatenated, each pair tagged "iter": j."""
+HISTORY_MIXES = ("same_size", "concat")
+
+
+def history_pairs(run_dir, k, h, mix="same_size", seed=0) -> list[dict]:
+    """α-SPIN mixing of iter{j}/pairs.jsonl for j = max(0, k-h+1) .. k, each pair tagged "iter": j.
+
+    same_size (default, the paper's "50:50 mix" for h = 2): as many pairs as iteration k has, an equal share
+    drawn from each iteration (the latest ones take the remainder), without replacement, seeded by (seed, k),
+    kept in file order; an iteration with fewer pairs than its share gives all it has. concat: every pair of
+    every iteration (h times the data). h = 1: iteration k's pairs either way.
+    """
     if h < 1:
         raise ValueError(f"history must be >= 1 iteration, got {h}")
-    pairs = []
-    for j in range(max(0, k - h + 1), k + 1):
+    if mix not in HISTORY_MIXES:
+        raise ValueError(f"history mix must be one of {HISTORY_MIXES}, got {mix!r}")
+    window = range(max(0, k - h + 1), k + 1)
+    by_iter = {}
+    for j in window:
         path = pathlib.Path(run_dir) / f"iter{j}" / "pairs.jsonl"
         if not path.is_file():
-            raise ValueError(f"{path}: missing (history {h} needs iterations {max(0, k - h + 1)}..{k})")
-        pairs.extend({**p, "iter": j} for p in read_jsonl(path))
-    return pairs
+            raise ValueError(f"{path}: missing (history {h} needs iterations {window[0]}..{k})")
+        by_iter[j] = [{**p, "iter": j} for p in read_jsonl(path)]
+    if mix == "concat" or len(window) == 1:
+        return [p for j in window for p in by_iter[j]]
+    total, rng = len(by_iter[k]), random.Random(f"history:{seed}:{k}")
+    shares = [total // len(window) + (i >= len(window) - total % len(window)) for i in range(len(window))]
+    out = []
+    for j, share in zip(window, shares):
+        keep = sorted(rng.sample(range(len(by_iter[j])), min(share, len(by_iter[j]))))
+        out += [by_iter[j][i] for i in keep]
+    return out
 
 
 # --- tokenization and collation ------------------------------------------------------------------------
