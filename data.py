@@ -289,16 +289,12 @@ def dsl_pairs(judged: list[dict], dsl: bool):
     scores keep the human answer chosen, identical answers are dropped); dsl=False always keeps the human
     chosen. Returns (pairs, stats(n, flips, ties, missing, identical)): what was applied (0 flips without DSL)."""
     counts = dsl_stats(judged)
-    stats = dict(n=counts["n"], flips=0, ties=0, missing=0, identical=counts["identical"])
-    if dsl:
-        stats.update(flips=counts["flips"], ties=counts["ties"], missing=counts["missing"])
+    stats = {k: counts[k] if dsl or k in ("n", "identical") else 0 for k in ("n", "flips", "ties", "missing", "identical")}
     pairs = []
     for row in judged:
-        outcome = dsl_outcome(row)
-        if outcome == "identical":
+        if (outcome := dsl_outcome(row)) == "identical":
             continue
-        flip = dsl and outcome == "flip"
-        human, generated = row["human"], row["generated"]
+        flip, human, generated = dsl and outcome == "flip", row["human"], row["generated"]
         pairs.append({"id": row["id"], "prompt": row["prompt"],
                       "chosen": generated if flip else human, "rejected": human if flip else generated,
                       "chosen_source": "generated" if flip else "human"})
