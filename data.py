@@ -13,7 +13,7 @@ Where this departs from, or fills a gap in, the paper:
 1. Truncation (paper: max length 1024, max prompt length 512; the rule is TRL/SPIN's): when prompt + the
    longer answer exceed max_length, the prompt keeps its LAST max_prompt_length tokens (the generation
    prompt stays), then each answer keeps its FIRST max_length - len(prompt) tokens (EOS may be cut).
-2. DSL tie rule: equal scores keep the human answer chosen (SPIN's pairing, the paper's baseline); a record
+2. DSL ties: equal scores keep the human answer chosen (SPIN's pairing, the paper's baseline); a record
    with a missing score keeps SPIN's pairing and is counted; a record whose generated answer equals the
    human answer (after stripping whitespace) is dropped and counted: its margin is 0 whatever θ is, so it
    carries no preference.
@@ -352,13 +352,13 @@ def chat_prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 def truncate_prompt(prompt_ids, max_prompt_length) -> list[int]:
-    """The LAST max_prompt_length prompt tokens (item 1: the assistant header at the end stays)."""
+    """The LAST max_prompt_length prompt tokens (departure "Truncation": the assistant header at the end stays)."""
     return list(prompt_ids[-max_prompt_length:]) if max_prompt_length else list(prompt_ids)
 
 
 def tokenize_pair(tokenizer, pair, max_length=1024, max_prompt_length=512) -> dict:
     """Chat-template token ids and labels (-100 on the prompt) of a pair's chosen and rejected sequences,
-    truncated by the rule in the module docstring (item 2)."""
+    truncated by the rule in the module docstring (departure "Truncation")."""
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
     prompt_ids = chat_prompt_ids(tokenizer, pair["prompt"])
