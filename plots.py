@@ -352,9 +352,10 @@ def write_report(run_dir) -> Path:
                            [[r["iter"], r["dsl"], r["noise"], r["pairs"], r["dsl_flips"], r["final_margin"],
                              r["final_reward_acc"], r["wall_s"], r["eval_mean_score"], r["eval_accuracy"]] for r in rows]),
             "", "## DSL flip rates", "",
-            "Fraction of training prompts on which the judge scored the model's answer above the human answer "
-            "(observed, from judged.jsonl), and the fraction of pairs DSL actually flipped (applied, from "
-            "summary.json; 0 when DSL is off, e.g. iteration 0).", "",
+            "Fraction of training prompts (with both scores and two different answers) on which the judge scored "
+            "the model's answer above the human answer (observed, from judged.jsonl), and the fraction of pairs "
+            "DSL actually flipped (applied, from summary.json; 0 when DSL is off, e.g. iteration 0); both counted "
+            "by data.dsl_outcome.", "",
             markdown_table(["iter", "generated > human (observed)", "flipped (applied)", "ties", "missing scores"],
                            [[r["iter"], r["generated_beats_human"], r["flip_rate_applied"], r["ties"], r["missing_scores"]] for r in rows])]
     if scores:
