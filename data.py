@@ -289,7 +289,8 @@ def dsl_pairs(judged: list[dict], dsl: bool):
     scores keep the human answer chosen, identical answers are dropped); dsl=False always keeps the human
     chosen. Returns (pairs, stats(n, flips, ties, missing, identical)): what was applied (0 flips without DSL)."""
     counts = dsl_stats(judged)
-    stats = {k: counts[k] if dsl or k in ("n", "identical") else 0 for k in ("n", "flips", "ties", "missing", "identical")}
+    stats = {k: counts[k] if dsl or k in ("n", "identical") else 0
+             for k in ("n", "flips", "ties", "missing", "identical")}
     pairs = []
     for row in judged:
         if (outcome := dsl_outcome(row)) == "identical":
@@ -392,7 +393,7 @@ def pad_rows(rows, pad_value, side="right"):
 
 def collate_pairs(examples, pad_token_id) -> dict:
     """Stack B tokenized pairs into 2B right-padded rows (chosen rows 0..B-1, rejected rows B..2B-1)."""
-    sides = [[e[f"{side}_{key}"] for side in ("chosen", "rejected") for e in examples] for key in ("input_ids", "labels")]
-    input_ids, attention_mask = pad_rows(sides[0], pad_token_id)            # (2B, T)
-    labels, _ = pad_rows(sides[1], -100)                                    # (2B, T)
+    rows = {key: [e[f"{side}_{key}"] for side in ("chosen", "rejected") for e in examples] for key in ("input_ids", "labels")}
+    input_ids, attention_mask = pad_rows(rows["input_ids"], pad_token_id)   # (2B, T)
+    labels, _ = pad_rows(rows["labels"], -100)                              # (2B, T)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -11,9 +11,9 @@ Where this departs from, or fills a gap in, the paper:
 1. Decoding: not specified by the paper (SPIN samples); the default here is greedy (temperature 0),
    which makes iterations reproducible; --temperature/--top-p switch to sampling, seeded per batch
    (torch.manual_seed(seed + batch index)), so a sampled run is reproducible only for the same batches.
-2. Order and empty answers: prompts are sorted by tokenized length (longest first) to cut padding; the answer is the decoded new
-   tokens with special tokens skipped and whitespace stripped. An empty answer is kept as "" (the judge
-   scores it), never dropped.
+2. Order and empty answers: prompts are sorted by tokenized length (longest first) to cut padding; the
+   answer is the decoded new tokens with special tokens skipped and whitespace stripped. An empty answer
+   is kept as "" (the judge scores it), never dropped.
 3. Chat template: the prompt is the chat template of a single user turn; any system prompt is the template's default.
 4. Long prompts: a prompt longer than max_prompt_length tokens keeps its LAST max_prompt_length tokens
    (data.py, departure "Truncation": the assistant header stays): a huge prompt costs bounded memory. Training cuts

@@ -91,7 +91,8 @@ def make_judge(kind, *, model=None, base_url=None, cache_path=None, concurrency=
         raise ValueError(f"--judge-mode {mode} needs --judge openai (the {kind} judge grades each answer alone)")
     if kind == "rule":
         if scale != DEFAULT_SCALE:
-            raise ValueError(f"the rule judge grades 10 / 3 / 1 and has no {scale}-point scale (use --judge openai or hf)")
+            raise ValueError(f"the rule judge grades 10 / 3 / 1 and has no {scale}-point scale "
+                             f"(use --judge openai or hf)")
         return RuleJudge()
     if kind == "openai":
         return OpenAIJudge(model=model or "gpt-4o-mini", base_url=base_url or "https://api.openai.com/v1",

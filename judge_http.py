@@ -218,7 +218,8 @@ class OpenAIJudge(Judge):
         for n, i in enumerate(asked):
             (human_first, err1), (generated_first, err2) = verdicts[2 * n], verdicts[2 * n + 1]
             if err1 or err2:
-                error = "; ".join(f"{order}: {e}" for order, e in (("human first", err1), ("generated first", err2)) if e)
+                orders = (("human first", err1), ("generated first", err2))
+                error = "; ".join(f"{order}: {e}" for order, e in orders if e)
                 out[i] = ((None, error), (None, error))
             else:
                 votes = human_first + (1.0 - generated_first)

@@ -113,7 +113,7 @@ def test_dsl_pairs_hand_scores():
 
 
 def test_history_pairs_window(tmp_path):
-    """history h at iteration k concatenates iterations max(0,k-h+1)..k in order (mix concat); a missing one is an error."""
+    """history h at iteration k, mix concat, concatenates iterations max(0,k-h+1)..k in order; a missing one is an error."""
     for j in range(3):
         write_jsonl(tmp_path / f"iter{j}" / "pairs.jsonl", [{"id": f"{j}-{i}"} for i in range(2)])
     assert [p["id"] for p in history_pairs(tmp_path, 2, 2, mix="concat")] == ["1-0", "1-1", "2-0", "2-1"]

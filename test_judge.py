@@ -141,7 +141,8 @@ def test_hf_judge_100_point_scale_by_hand(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     digit = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
-    items = [{"prompt": "What is 2+3?", "answer": "5", "record": {}}, {"prompt": "Hi", "answer": "Hello!", "record": {}}]
+    items = [{"prompt": "What is 2+3?", "answer": "5", "record": {}},
+             {"prompt": "Hi", "answer": "Hello!", "record": {}}]
     for item, (score, err) in zip(items, hf.score_many(items)):
         ids = tok(hf.prompt_text(item["prompt"], item["answer"]), add_special_tokens=False)["input_ids"]
 

@@ -1,4 +1,4 @@
-"""Tests for noise.py: the chunked Eq. 5–6 paths against noise.plain_noisy_sequence_logps (float64, same ε) and Monte Carlo."""
+"""Tests for noise.py: the chunked Eq. 5–6 paths against plain_noisy_sequence_logps (float64, same ε), Monte Carlo."""
 import pytest
 import torch
 
