@@ -219,7 +219,7 @@ def bench_dnpo_step(device, pairs=2, length=96, prompt=24, beta=0.1, alpha=1.0, 
 
 def _serve_fake_chat(latency, conn):
     """Run test_judge_http.FakeChat in this (spawned) process until told to stop."""
-    from test_judge_http import FakeChat
+    from fakechat import FakeChat
     fake = FakeChat(latency=latency)
     conn.send(fake.url)
     conn.recv()
@@ -232,7 +232,7 @@ def bench_judge_throughput(device, records=64, latency=0.05, concurrencies=(1, 1
     import tempfile
 
     import judge
-    from test_judge_http import FAKE_KEY, records as make_records
+    from fakechat import FAKE_KEY, records as make_records
     os.environ.setdefault("OPENAI_API_KEY", FAKE_KEY)  # a fake key for the fake server; never a real one
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()

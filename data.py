@@ -13,22 +13,28 @@ Where this departs from, or fills a gap in, the paper:
 1. Truncation (paper: max length 1024, max prompt length 512; the rule is TRL/SPIN's): when prompt + the
    longer answer exceed max_length, the prompt keeps its LAST max_prompt_length tokens (the generation
    prompt stays), then each answer keeps its FIRST max_length - len(prompt) tokens (EOS may be cut).
-2. DSL tie rule: equal scores keep the human answer chosen (SPIN's pairing, the paper's baseline); a record
+2. DSL ties: equal scores keep the human answer chosen (SPIN's pairing, the paper's baseline); a record
    with a missing score keeps SPIN's pairing and is counted; a record whose generated answer equals the
    human answer (after stripping whitespace) is dropped and counted: its margin is 0 whatever θ is, so it
    carries no preference.
-3. α-SPIN history (`history_pairs`) concatenates the pairs of the last h iterations unchanged.
+3. α-SPIN history (`history_pairs`): the paper trains α-SPIN on "a 50:50 mix" of the data of iterations
+   t and t-1 (Sec. 5.3); we read that as a data set of one iteration's size, half drawn from each (seeded),
+   and generalise it to h iterations in equal shares. `mix="concat"` keeps all pairs of all h iterations.
 """
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pathlib
+import random
 import re
 import sys
 import tempfile
 
 import torch
+
+import demo
 
 # --- JSONL ------------------------------------------------------------------------------------------
 
@@ -243,7 +249,6 @@ def load_prompts(data=None, split="train", max_prompts=None, seed=0, flaw_rate=0
     """Records to train or evaluate on: the demo task when data is None/"demo" (default sizes: train 2000,
     eval 200), else a dataset file; max_prompts keeps a deterministic prefix (None = all / the default)."""
     if data in (None, "demo"):
-        import demo  # lazy: demo.py imports prompt_id from this module
         return demo.demo_records(split, n=max_prompts, seed=seed, flaw_rate=flaw_rate)
     records = load_records(data, skip_bad=skip_bad)
     return records if max_prompts is None else records[:max_prompts]
@@ -252,29 +257,45 @@ def load_prompts(data=None, split="train", max_prompts=None, seed=0, flaw_rate=0
 # --- DSL pairing and history ---------------------------------------------------------------------------
 
 
-def dsl_pairs(judged: list[dict], dsl: bool):
-    """Pairs from judged rows: DSL puts the higher-scored answer chosen (ties and missing scores keep the
-    human answer chosen, identical answers are dropped); dsl=False always keeps the human chosen.
-    Returns (pairs, stats(n, flips, ties, missing, identical))."""
-    pairs, stats = [], dict(n=len(judged), flips=0, ties=0, missing=0, identical=0)
+def dsl_outcome(row) -> str:
+    """DSL's verdict on one judged row, the one rule every flip count uses: "identical" (the two texts are
+    equal after stripping whitespace: dropped), "missing" (a null score: SPIN's pairing), "flip" (generated
+    scored higher: it becomes chosen), "tie" (equal scores: the human answer stays chosen) or "human"."""
+    for key in ("id", "prompt", "human", "generated"):
+        if key not in row:
+            raise ValueError(f"record {row.get('id', '?')}: judged row is missing {key!r}")
+    if row["human"].strip() == row["generated"].strip():
+        return "identical"
+    hs, gs = row.get("human_score"), row.get("generated_score")
+    if hs is None or gs is None:
+        return "missing"
+    return "flip" if gs > hs else "tie" if gs == hs else "human"
+
+
+def dsl_stats(judged) -> dict:
+    """Counts of dsl_outcome over judged rows, with flip and tie rates among the rows DSL decided by score
+    (neither identical nor missing; NaN when there is none)."""
+    counts = {outcome: 0 for outcome in ("flip", "tie", "human", "missing", "identical")}
     for row in judged:
-        for key in ("id", "prompt", "human", "generated"):
-            if key not in row:
-                raise ValueError(f"record {row.get('id', '?')}: judged row is missing {key!r}")
-        human, generated = row["human"], row["generated"]
-        if human.strip() == generated.strip():
-            stats["identical"] += 1
+        counts[dsl_outcome(row)] += 1
+    decided = counts["flip"] + counts["tie"] + counts["human"]
+    return dict(n=len(judged), flips=counts["flip"], ties=counts["tie"], missing=counts["missing"],
+                identical=counts["identical"], flip_rate=counts["flip"] / decided if decided else math.nan,
+                tie_rate=counts["tie"] / decided if decided else math.nan)
+
+
+def dsl_pairs(judged: list[dict], dsl: bool):
+    """Pairs from judged rows by dsl_outcome: DSL puts the higher-scored answer chosen (ties and missing
+    scores keep the human answer chosen, identical answers are dropped); dsl=False always keeps the human
+    chosen. Returns (pairs, stats(n, flips, ties, missing, identical)): what was applied (0 flips without DSL)."""
+    counts = dsl_stats(judged)
+    stats = {k: counts[k] if dsl or k in ("n", "identical") else 0
+             for k in ("n", "flips", "ties", "missing", "identical")}
+    pairs = []
+    for row in judged:
+        if (outcome := dsl_outcome(row)) == "identical":
             continue
-        hs, gs = row.get("human_score"), row.get("generated_score")
-        flip = False
-        if dsl:
-            if hs is None or gs is None:
-                stats["missing"] += 1
-            elif gs > hs:
-                flip = True
-                stats["flips"] += 1
-            elif gs == hs:
-                stats["ties"] += 1
+        flip, human, generated = dsl and outcome == "flip", row["human"], row["generated"]
         pairs.append({"id": row["id"], "prompt": row["prompt"],
                       "chosen": generated if flip else human, "rejected": human if flip else generated,
                       "chosen_source": "generated" if flip else "human"})
@@ -288,17 +309,37 @@ def iterations(run_dir) -> list[int]:
     return sorted(found)
 
 
-def history_pairs(run_dir, k, h) -> list[dict]:
-    """α-SPIN mixing: iter{j}/pairs.jsonl for j = max(0, k-h+1) .. k, concatenated, each pair tagged "iter": j."""
+HISTORY_MIXES = ("same_size", "concat")
+
+
+def history_pairs(run_dir, k, h, mix="same_size", seed=0) -> list[dict]:
+    """α-SPIN mixing of iter{j}/pairs.jsonl for j = max(0, k-h+1) .. k, each pair tagged "iter": j.
+
+    same_size (default, the paper's "50:50 mix" for h = 2): as many pairs as iteration k has, an equal share
+    drawn from each iteration (the latest ones take the remainder), without replacement, seeded by (seed, k),
+    kept in file order; an iteration with fewer pairs than its share gives all it has. concat: every pair of
+    every iteration (h times the data). h = 1: iteration k's pairs either way.
+    """
     if h < 1:
         raise ValueError(f"history must be >= 1 iteration, got {h}")
-    pairs = []
-    for j in range(max(0, k - h + 1), k + 1):
+    if mix not in HISTORY_MIXES:
+        raise ValueError(f"history mix must be one of {HISTORY_MIXES}, got {mix!r}")
+    window = range(max(0, k - h + 1), k + 1)
+    by_iter = {}
+    for j in window:
         path = pathlib.Path(run_dir) / f"iter{j}" / "pairs.jsonl"
         if not path.is_file():
-            raise ValueError(f"{path}: missing (history {h} needs iterations {max(0, k - h + 1)}..{k})")
-        pairs.extend({**p, "iter": j} for p in read_jsonl(path))
-    return pairs
+            raise ValueError(f"{path}: missing (history {h} needs iterations {window[0]}..{k})")
+        by_iter[j] = [{**p, "iter": j} for p in read_jsonl(path)]
+    if mix == "concat" or len(window) == 1:
+        return [p for j in window for p in by_iter[j]]
+    total, rng = len(by_iter[k]), random.Random(f"history:{seed}:{k}")
+    shares = [total // len(window) + (i >= len(window) - total % len(window)) for i in range(len(window))]
+    out = []
+    for j, share in zip(window, shares):
+        keep = sorted(rng.sample(range(len(by_iter[j])), min(share, len(by_iter[j]))))
+        out += [by_iter[j][i] for i in keep]
+    return out
 
 
 # --- tokenization and collation ------------------------------------------------------------------------
@@ -312,13 +353,13 @@ def chat_prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 def truncate_prompt(prompt_ids, max_prompt_length) -> list[int]:
-    """The LAST max_prompt_length prompt tokens (item 1: the assistant header at the end stays)."""
+    """The LAST max_prompt_length prompt tokens (departure "Truncation": the assistant header at the end stays)."""
     return list(prompt_ids[-max_prompt_length:]) if max_prompt_length else list(prompt_ids)
 
 
 def tokenize_pair(tokenizer, pair, max_length=1024, max_prompt_length=512) -> dict:
     """Chat-template token ids and labels (-100 on the prompt) of a pair's chosen and rejected sequences,
-    truncated by the rule in the module docstring (item 2)."""
+    truncated by the rule in the module docstring (departure "Truncation")."""
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
     prompt_ids = chat_prompt_ids(tokenizer, pair["prompt"])
@@ -335,16 +376,24 @@ def tokenize_pair(tokenizer, pair, max_length=1024, max_prompt_length=512) -> di
     return out
 
 
+def pad_rows(rows, pad_value, side="right"):
+    """Lists of token ids (or labels) -> ((N, T) long tensor padded with pad_value on `side`, (N, T) attention
+    mask: 1 on each row's own entries). Training pads on the right, generation and the hf judge on the left."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(row) for row in rows)
+    padded = torch.full((len(rows), width), pad_value, dtype=torch.long)    # (N, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)                # (N, T)
+    for i, row in enumerate(rows):
+        cols = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        padded[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
+    return padded, mask
+
+
 def collate_pairs(examples, pad_token_id) -> dict:
     """Stack B tokenized pairs into 2B right-padded rows (chosen rows 0..B-1, rejected rows B..2B-1)."""
-    rows = [(e["chosen_input_ids"], e["chosen_labels"]) for e in examples]
-    rows += [(e["rejected_input_ids"], e["rejected_labels"]) for e in examples]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)     # (2B, T)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)                # (2B, T)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)             # (2B, T)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[i, :len(lab)] = torch.tensor(lab, dtype=torch.long)
-        attention_mask[i, :len(ids)] = 1
+    rows = {key: [e[f"{side}_{key}"] for side in ("chosen", "rejected") for e in examples] for key in ("input_ids", "labels")}
+    input_ids, attention_mask = pad_rows(rows["input_ids"], pad_token_id)   # (2B, T)
+    labels, _ = pad_rows(rows["labels"], -100)                              # (2B, T)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

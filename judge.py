@@ -1,63 +1,62 @@
 """Judges for Dynamic Sample Labeling: score the human and the generated answer of every record.
 
     python judge.py --in generated.jsonl --out judged.jsonl --judge rule|openai|hf
-                    [--judge-model M] [--judge-base-url URL] [--concurrency C] [--cache FILE]
-                    [--judge-max-missing F]
+                    [--judge-model M] [--judge-base-url URL] [--judge-scale 10|100] [--judge-mode single|pairwise]
+                    [--concurrency C] [--cache FILE] [--judge-max-missing F]
     python judge.py --flip-report runs/demo          # DSL flip rate per iteration
 
-Three judges share one scale, 1..10 (higher is better):
-* `rule`  (demo records, offline, deterministic), graded by `demo.grade_answer(response, record["answer"],
-  prompt)`: 10 if `demo.check_answer` finds the record's canonical answer in the response, 3 for an
-  on-topic wrong attempt, 1 for an empty answer, a refusal or an off-topic one. Records without
-  "answer" are an error naming the record id.
-* `openai` (judge_http.py): any OpenAI-compatible chat-completions server; the reply "Rating: [[N]]" is
-  parsed; cached on disk; retried; the key comes from an environment variable only.
-* `hf`: a local causal LM given the same template followed by "Rating: [[". With p_i the next-token
-  probability of the rating i, the score is the expected rating  Σ_i p_i·i / Σ_i p_i  over i = 1..10.
-  "10": if it is one token of its own, its probability is used; if its first token is the token of
-  "1" (digit-by-digit tokenizers, e.g. SmolLM2), one more token on the KV cache gives q = P("0" | "1")
-  and p_1 is split into p_10 = p_1·q and p_1·(1 - q) (p_1·(1 - q) also holds "1.5", "11", ...: an
-  approximation); otherwise "10" is read by its first token.
-Every judge scores an empty answer 1 without asking (judge_http deviation 4).
+The judges (higher is better; judge_base.py holds their interface, templates and scales):
+* `rule` (here; demo records, offline, deterministic), graded by `demo.grade_answer(response,
+  record["answer"], prompt)`: 10 if `demo.check_answer` finds the record's canonical answer in the
+  response, 3 for an on-topic wrong attempt, 1 for an empty answer, a refusal or an off-topic one.
+  Records without "answer" are an error naming the record id.
+* `openai` (judge_http.py): any OpenAI-compatible chat-completions server, rating each answer on 1..10 or
+  1..100 (`scale`), or comparing both answers in both orders (`mode="pairwise"`); cached on disk; retried;
+  the key comes from an environment variable only.
+* `hf` (judge_hf.py): a local causal LM's expected rating on 1..10 or 1..100 from its next-token probabilities.
+Every judge scores an empty answer 1 without asking (judge_base.py, departure "Empty answers").
 
 `judge_records` appends finished rows to `<out>.partial` and, for the HTTP judge, every score to a
 cache (`<out>.cache.jsonl` unless one was given), so a killed run resumes without repeating work;
 the final file is written atomically. A score that could not be obtained is `null` + "judge_error";
-it is never final: a rerun asks for it again (deviation 5). When more than `max_missing` (default 0.2)
-of all 2 x records scores are missing, the stage stops with a one-line `TooManyMissing` (a
-JudgeFatalError) as soon as that is certain, and no final file is written (deviation 6).
+it is never final: a rerun asks for it again (departure "Reruns"). When more than `max_missing` (default
+0.2) of all 2 x records scores are missing, the stage stops with a one-line `TooManyMissing` (a
+JudgeFatalError) as soon as that is certain, and no final file is written (departure "Missing scores").
+The DSL flip counts (`dsl_flip_rate`, the flip report, the summary) are data.dsl_stats, the rule
+data.dsl_pairs labels by.
 
 Where this departs from, or fills a gap in, the paper:
-1. The rule judge stands in for GPT-4o-mini on the offline demo task (the paper only uses GPT-4o-mini).
+1. Rule judge: it stands in for GPT-4o-mini on the offline demo task (the paper only uses GPT-4o-mini).
    It grades (correct > wrong attempt > refusal / off-topic / empty) because a grading LLM judge would:
    with a binary right/wrong score, a human refusal would tie with the model's wrong attempt, and a tie
    keeps the human answer chosen, so DSL would keep training the model toward refusals.
-2. The paper's grading template (Appendix B) is lost from our copy; see judge_http.TEMPLATE.
-3. Fig. 7's win/tie/loss here compares two single-answer scores of the same prompt, so it has no
+2. Win/tie/loss: Fig. 7's rates here compare two single-answer scores of the same prompt, so they have no
    position bias (no answer is ever shown first); the paper does not say how it ordered answers.
-4. The DSL flip rate counts generated > human; the paper's "~30 %" counts equal *or* higher, so the
-   tie rate is reported beside it.
-5. Rows already judged by the same judge for the same texts are kept on a rerun, unless a score is
-   null: such rows are judged again (the cache never holds a null either).
-6. A judge stage with more than `max_missing` of its scores missing is an error, not a run of plain
-   SPIN pairs (DSL keeps SPIN's pairing for a record without both scores); the paper reports no
-   missing scores. `--judge-max-missing 1` accepts any number of them.
+3. Flip rate: it counts generated > human among the records DSL decides by score (identical answers and
+   missing scores left out); the paper's "~30 %" counts equal *or* higher, so the tie rate is reported
+   beside it.
+4. Reruns: rows already judged by the same judge (name, scale, mode) for the same texts are kept on a
+   rerun, unless a score is null: such rows are judged again (the cache never holds a null either).
+5. Missing scores: a judge stage with more than `max_missing` of its scores missing is an error, not a
+   run of plain SPIN pairs (DSL keeps SPIN's pairing for a record without both scores); the paper reports
+   no missing scores. `--judge-max-missing 1` accepts any number of them.
 """
 import argparse
 import math
 import os
 
-import torch
 from tqdm import tqdm
 
-from data import append_jsonl, iterations, open_append, read_jsonl, read_jsonl_tolerant, write_jsonl
-from judge_http import (EMPTY_SCORE, MAX_RETRY_WAIT, RATING_PREFIX, Judge, JudgeFatalError, OpenAIJudge,  # noqa: F401
-                        build_prompt, parse_rating)
+import demo
+from data import append_jsonl, dsl_stats, iterations, open_append, read_jsonl, read_jsonl_tolerant, write_jsonl
+from judge_base import DEFAULT_SCALE, MODES, SCALES, Judge, JudgeFatalError
+from judge_hf import HFJudge
+from judge_http import MAX_RETRY_WAIT, OpenAIJudge
 
 RULE_CORRECT, RULE_WRONG = 10.0, 1.0
 RULE_GRADES = {"correct": RULE_CORRECT, "attempt": 3.0, "none": RULE_WRONG}  # demo.grade_answer -> score
 REQUIRED = ("id", "prompt", "human", "generated")
-MAX_MISSING = 0.2  # judge_records stops when more than this fraction of scores is missing (deviation 6)
+MAX_MISSING = 0.2  # judge_records stops above this fraction of missing scores (departure "Missing scores")
 
 
 class TooManyMissing(JudgeFatalError):
@@ -71,8 +70,6 @@ class RuleJudge(Judge):
     name = "rule"
 
     def _score(self, items):
-        import demo  # lazy: demo.py owns what "correct" means for each demo family
-
         out = []
         for item in items:
             record = item["record"]
@@ -84,105 +81,26 @@ class RuleJudge(Judge):
         return out
 
 
-# ---------------------------------------------------------------- local LM judge
-class HFJudge(Judge):
-    """Expected rating from a local causal LM's next-token probabilities after "Rating: [["."""
-
-    def __init__(self, model, tokenizer=None, device=None, batch_size=8):
-        super().__init__()
-        if tokenizer is None:
-            import model as model_lib  # lazy: loading is model.py's job
-            name = model
-            model, tokenizer = model_lib.load_model(model, device=device)
-        else:
-            name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.name = f"hf:{name}"
-        self.stats["rating_mass"] = 0.0  # Σ over answers of Σ_i p_i: low means the LM ignores the format
-        self.digit_ids, self.ten_ids = self._rating_tokens()
-
-    def prompt_text(self, question, answer) -> str:
-        messages = [{"role": "user", "content": build_prompt(question, answer)}]
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = messages[0]["content"] + "\n\n"
-        return text + RATING_PREFIX
-
-    def _ids(self, text):
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _rating_tokens(self):
-        """First tokens of "1".."9" and all tokens of "10" as they follow the prompt."""
-        prefix = self.prompt_text("q", "a")
-        base = self._ids(prefix)
-
-        def continuation(s):
-            ids = self._ids(prefix + s)
-            if ids[:len(base)] != base or len(ids) == len(base):
-                raise ValueError(f"{self.name}: the tokenizer merges the rating {s!r} into the prompt")
-            return ids[len(base):]
-        digits = [continuation(str(i))[0] for i in range(1, 10)]
-        if len(set(digits)) != 9:
-            raise ValueError(f"{self.name}: the ratings 1..9 do not start with 9 distinct tokens")
-        ten = continuation("10")
-        if ten[0] in digits and (ten[0] != digits[0] or len(ten) < 2):
-            raise ValueError(f"{self.name}: cannot tell the rating 10 from the single digits")
-        return digits, ten
-
-    @torch.no_grad()
-    def _rating_probs(self, id_lists):
-        """(b, 10) float64 probabilities of the ratings 1..10 as the next token(s) after each prompt."""
-        device = next(self.model.parameters()).device
-        width = max(len(x) for x in id_lists)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in id_lists], device=device)  # left padding
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in id_lists], device=device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # pads do not shift positions
-        split_ten = self.ten_ids[0] == self.digit_ids[0]  # "10" = "1" then "0"
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         use_cache=split_ten, logits_to_keep=1)
-        probs = out.logits[:, -1].double().softmax(-1)                # (b, V)
-        p = probs[:, self.digit_ids]                                  # (b, 9): ratings 1..9
-        if split_ten:  # one more token on the KV cache: q = P("0" | prompt + "1")
-            one = torch.full((len(id_lists), 1), self.digit_ids[0], device=device)
-            out = self.model(input_ids=one, attention_mask=torch.cat([mask, torch.ones_like(one)], 1),
-                             position_ids=position_ids[:, -1:] + 1, past_key_values=out.past_key_values,
-                             logits_to_keep=1)
-            q = out.logits[:, -1].double().softmax(-1)[:, self.ten_ids[1]]
-            p10 = p[:, 0] * q
-            p = torch.cat([(p[:, 0] * (1 - q))[:, None], p[:, 1:]], dim=1)
-        else:
-            p10 = probs[:, self.ten_ids[0]]
-        return torch.cat([p, p10[:, None]], dim=1)                    # (b, 10): ratings 1..10
-
-    def _score(self, items):
-        out = []
-        for start in range(0, len(items), self.batch_size):
-            batch = items[start:start + self.batch_size]
-            p = self._rating_probs([self._ids(self.prompt_text(it["prompt"], it["answer"])) for it in batch])
-            ratings = torch.arange(1, 11, dtype=p.dtype, device=p.device)
-            mass = p.sum(-1)
-            scores = (p * ratings).sum(-1) / mass                     # expected rating Σ p_i·i / Σ p_i
-            self.stats["requests"] += len(batch)
-            self.stats["rating_mass"] += float(mass.sum())
-            out += [(float(s), None) for s in scores.tolist()]
-        return out
-
-
-def make_judge(kind, *, model=None, base_url=None, cache_path=None, concurrency=8,
-               api_key_env="OPENAI_API_KEY", device=None, **options) -> Judge:
-    """rule | openai (model default gpt-4o-mini, base_url default OpenAI) | hf (model required)."""
+def make_judge(kind, *, model=None, base_url=None, cache_path=None, concurrency=8, api_key_env="OPENAI_API_KEY",
+               device=None, scale=DEFAULT_SCALE, mode="single", **options) -> Judge:
+    """rule | openai (model default gpt-4o-mini, base_url default OpenAI) | hf (model required). scale (10 or
+    100) and mode (single | pairwise) are the LLM judges' (judge_base.py); pairwise needs the openai judge."""
+    if kind not in ("rule", "openai", "hf"):
+        raise ValueError(f"unknown judge {kind!r} (rule, openai or hf)")
+    if kind != "openai" and mode != "single":
+        raise ValueError(f"--judge-mode {mode} needs --judge openai (the {kind} judge grades each answer alone)")
     if kind == "rule":
+        if scale != DEFAULT_SCALE:
+            raise ValueError(f"the rule judge grades 10 / 3 / 1 and has no {scale}-point scale "
+                             f"(use --judge openai or hf)")
         return RuleJudge()
     if kind == "openai":
         return OpenAIJudge(model=model or "gpt-4o-mini", base_url=base_url or "https://api.openai.com/v1",
-                           cache_path=cache_path, concurrency=concurrency, api_key_env=api_key_env, **options)
-    if kind == "hf":
-        if not model:
-            raise ValueError("--judge hf needs --judge-model (a Hugging Face id, a directory or smollm2-135m)")
-        return HFJudge(model, device=device, **options)
-    raise ValueError(f"unknown judge {kind!r} (rule, openai or hf)")
+                           cache_path=cache_path, concurrency=concurrency, api_key_env=api_key_env, scale=scale,
+                           mode=mode, **options)
+    if not model:
+        raise ValueError("--judge hf needs --judge-model (a Hugging Face id, a directory or smollm2-135m)")
+    return HFJudge(model, device=device, scale=scale, **options)
 
 
 # ---------------------------------------------------------------- judging records
@@ -223,7 +141,7 @@ def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, 
         judge.attach_cache(out_path + ".cache.jsonl")
     by_id = {r["id"]: r for r in records}
     done = {}
-    for path in (out_path, partial):  # earlier rows of the same judge and texts are kept (deviation 5)
+    for path in (out_path, partial):  # earlier rows of the same judge and texts are kept (departure "Reruns")
         if os.path.exists(path):
             for row in read_jsonl_tolerant(path):
                 r = by_id.get(row.get("id"))
@@ -237,10 +155,7 @@ def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, 
               disable=not progress) as bar, open_append(partial) as fh:
         for start in range(0, len(todo), chunk_records):
             chunk = todo[start:start + chunk_records]
-            items = [{"prompt": r["prompt"], "answer": r[side], "record": r} for r in chunk for side in ("human", "generated")]
-            scores = judge.score_many(items)
-            for j, r in enumerate(chunk):
-                (hs, herr), (gs, gerr) = scores[2 * j], scores[2 * j + 1]
+            for r, ((hs, herr), (gs, gerr)) in zip(chunk, judge.score_records(chunk)):
                 row = {k: v for k, v in r.items() if k != "judge_error"}
                 row.update(human_score=hs, generated_score=gs, judge=judge.name)
                 errors = [f"{side}: {err}" for side, s, err in (("human", hs, herr), ("generated", gs, gerr)) if s is None]
@@ -251,7 +166,7 @@ def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, 
                 append_jsonl(fh, row)
                 done[r["id"]] = row
             bar.update(len(chunk))
-            if missing > max_missing * total:  # the final fraction can only be higher (deviation 6)
+            if missing > max_missing * total:  # the final fraction can only grow (departure "Missing scores")
                 raise TooManyMissing(
                     f"judge {judge.name}: {missing} of {total} scores missing ({100 * missing / total:.1f} %) after "
                     f"{start + len(chunk)} of {len(todo)} records to judge, more than the allowed {100 * max_missing:g} %; "
@@ -261,7 +176,7 @@ def judge_records(records, judge, out_path, *, chunk_records=64, progress=True, 
     write_jsonl(out_path, rows)
     os.remove(partial)
     used = {k: judge.stats[k] - before.get(k, 0) for k in judge.stats}
-    flips = dsl_flip_stats(rows)
+    flips = dsl_stats(rows)
     summary = dict(records=len(rows), judged_now=len(todo), resumed=len(rows) - len(todo),
                    requests=used["requests"], cache_hits=used["cache_hits"], retries=used["retries"],
                    parse_failures=used["parse_failures"], empty_answers=used["empty_answers"],
@@ -288,7 +203,7 @@ def format_summary(summary: dict) -> str:
 def win_tie_loss(scores_a, scores_b) -> dict:
     """Rates of A > B, A == B, A < B over prompts where both scores exist (Fig. 7); Nones excluded, counted.
 
-    Each answer was scored alone, so the comparison has no position bias (deviation 3). Rates are NaN
+    Each answer was scored alone, so the comparison has no position bias (departure "Win/tie/loss"). Rates are NaN
     when no prompt has both scores.
     """
     if len(scores_a) != len(scores_b):
@@ -301,25 +216,15 @@ def win_tie_loss(scores_a, scores_b) -> dict:
                 excluded=len(scores_a) - n, wins=wins, ties=ties, losses=n - wins - ties)
 
 
-def dsl_flip_stats(judged_rows) -> dict:
-    """How often DSL makes the generated answer chosen: flips (gen > human), ties, missing scores."""
-    scored = [r for r in judged_rows if r.get("human_score") is not None and r.get("generated_score") is not None]
-    n = len(scored)
-    flips = sum(r["generated_score"] > r["human_score"] for r in scored)
-    ties = sum(r["generated_score"] == r["human_score"] for r in scored)
-    return dict(n=n, flips=flips, ties=ties, missing=len(judged_rows) - n,
-                flip_rate=flips / n if n else math.nan, tie_rate=ties / n if n else math.nan)
-
-
 def dsl_flip_rate(judged_rows) -> float:
-    """Fraction of records with generated_score > human_score (records without both scores excluded)."""
-    return dsl_flip_stats(judged_rows)["flip_rate"]
+    """Fraction of the rows DSL decides by score (data.dsl_stats) whose generated answer scored higher."""
+    return dsl_stats(judged_rows)["flip_rate"]
 
 
 def flip_rates_by_iteration(run_dir) -> list[dict]:
-    """dsl_flip_stats of every <run_dir>/iter{k}/judged.jsonl, ordered by k."""
+    """data.dsl_stats of every <run_dir>/iter{k}/judged.jsonl, ordered by k."""
     paths = [(k, os.path.join(run_dir, f"iter{k}", "judged.jsonl")) for k in iterations(run_dir)]
-    return [dict(iter=k, **dsl_flip_stats(read_jsonl(path))) for k, path in paths if os.path.exists(path)]
+    return [dict(iter=k, **dsl_stats(read_jsonl(path))) for k, path in paths if os.path.exists(path)]
 
 
 # ---------------------------------------------------------------- CLI
@@ -333,6 +238,10 @@ def parse_args(argv=None):
     p.add_argument("--judge", choices=("rule", "openai", "hf"), default="rule", help="which judge (default rule)")
     p.add_argument("--judge-model", help="openai: model name (default gpt-4o-mini); hf: HF id, directory or smollm2-135m")
     p.add_argument("--judge-base-url", help="openai: server base URL (default https://api.openai.com/v1)")
+    p.add_argument("--judge-scale", type=int, choices=SCALES, default=DEFAULT_SCALE,
+                   help="openai, hf: rate each answer on 1..10 (default) or 1..100 (most likely the paper's)")
+    p.add_argument("--judge-mode", choices=MODES, default="single",
+                   help="openai: single (each answer rated alone, default) or pairwise (both answers, both orders)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (not needed for a local server)")
     p.add_argument("--cache", help="openai: score cache JSONL (default <out>.cache.jsonl; 'off' = no cache)")
@@ -370,7 +279,8 @@ def main(argv=None) -> None:
             options = dict(batch_size=args.batch_size)
         cache = None if args.cache in (None, "off") else args.cache
         judge = make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url, cache_path=cache,
-                           concurrency=args.concurrency, api_key_env=args.api_key_env, device=args.device, **options)
+                           concurrency=args.concurrency, api_key_env=args.api_key_env, device=args.device,
+                           scale=args.judge_scale, mode=args.judge_mode, **options)
         _, summary = judge_records(records, judge, args.out, default_cache=args.cache != "off",
                                    max_missing=args.max_missing)
         print(format_summary(summary))

@@ -1,7 +1,7 @@
 """The HTTP judge's score cache: an append-only JSONL file of {key, score, prompt_tokens, completion_tokens}.
 
 The key is the sha256 of what decides a score (judge_http uses: the base URL without credentials, judge
-model, template version, prompt, answer), so two servers serving models of the same name share nothing.
+model, template version, prompt, answer or answers), so two servers serving models of the same name share nothing.
 A row holds the parsed score and the reply's token counts only, never the reply's text (a reply may be
 large, or repeat what it was sent, the API key included). Only a finite number is a score: a row with a
 null or unreadable score is no hit, so an answer that failed is asked again on a rerun.
@@ -11,7 +11,8 @@ row keeps its score and token counts, and the file is rewritten once, atomically
 line on stderr says so). Their keys lack the base URL, so they never match a new key and cost nothing.
 
 Where this departs from, or fills a gap in, the paper:
-1. The paper does not say whether its judge scores were cached; this cache is ours (judge_http deviation 2).
+1. The paper does not say whether its judge scores were cached; this cache is ours (judge_http.py,
+   departure "Cache format").
 """
 import hashlib
 import json

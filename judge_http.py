@@ -1,42 +1,40 @@
-"""The judge interface, the grading template, the reply parser and the OpenAI-compatible HTTP judge.
+"""The OpenAI-compatible HTTP judge: `OpenAIJudge`, and the parsers of its replies.
 
 `OpenAIJudge` POSTs `{base_url}/chat/completions` with httpx (async): OpenAI's gpt-4o-mini as in the
 paper, or any local server speaking the same shape (vLLM, llama.cpp `llama-server`, Ollama's `/v1`).
-Each answer is graded alone with `TEMPLATE` (question + answer -> "Rating: [[N]]", N in 1..10) and the
-reply is read by `parse_rating`. Requests run `concurrency` at a time; 429 / 408 / 5xx / timeouts /
-connection errors are retried with exponential backoff and jitter (a `Retry-After` in seconds or as an
-HTTP date is waited out, capped at `retry_after_max`), at most `max_retries` times and `max_retry_wait`
-seconds of waiting in all per answer, then the run stops with a one-line `JudgeFatalError`; 401 / 403 /
-404 stop it at once. Each request has one wall-clock deadline, `timeout`, over connect and every read,
-and its body is read through `judge_net.read_capped` (at most `max_reply_bytes` read and decoded).
-The base URL must be http(s) and the key a plain visible-ASCII string, checked when the judge is built.
-The API key is read from an environment variable and is never stored, logged or written; error texts
-are scrubbed of it. Scores (and token counts, never reply text) are cached in an append-only JSONL file
-(judge_cache.py) keyed by sha256(base URL without credentials, judge model, template version, prompt,
-answer), so a rerun or a resumed run never sends a request twice for an answer that got a score.
+In single mode each answer is graded alone with `judge_base.template(scale)` (question + answer ->
+"Rating: [[N]]", N in 1..scale, scale 10 or 100) and the reply is read by `parse_rating`; in pairwise mode
+both answers of a record go in one prompt, in both orders, and `parse_verdict` reads "[[A]]" / "[[B]]" /
+"[[C]]" (judge_base.py says how the votes become scores). Requests run `concurrency` at a time; 429 / 408 /
+5xx / timeouts / connection errors are retried with exponential backoff and jitter (a `Retry-After` in
+seconds or as an HTTP date is waited out, capped at `retry_after_max`), at most `max_retries` times and
+`max_retry_wait` seconds of waiting in all per request, then the run stops with a one-line
+`JudgeFatalError`; 401 / 403 / 404 stop it at once. Each request has one wall-clock deadline, `timeout`,
+over connect and every read, and its body is read through `judge_net.read_capped` (at most
+`max_reply_bytes` read and decoded). The base URL must be http(s) and the key a plain visible-ASCII
+string, checked when the judge is built. The API key is read from an environment variable and is never
+stored, logged or written; error texts are scrubbed of it. Scores (and token counts, never reply text)
+are cached in an append-only JSONL file (judge_cache.py) keyed by sha256(base URL without credentials,
+judge model, template version (which names the scale or the pairwise template), prompt, answer(s)), so a
+rerun or a resumed run never sends a request twice for an answer that got a score.
 
 Where this departs from, or fills a gap in, the paper:
-1. The paper's Appendix B grading template is lost from our copy of the text; `TEMPLATE` is our own
-   plain single-answer template in the style of MT-Bench's single-answer grading (1..10, "[[N]]"),
-   asking for the rating only (no explanation) so that a reply costs a few tokens.
-2. The cache is a JSONL file rather than sqlite: human-readable, greppable, "JSONL everywhere", and an
-   append of one line per score survives a kill (a torn last line is skipped on load). One writer
-   per cache file is assumed (judging is one process). It keeps scores and token counts only.
-3. A reply that cannot be parsed is asked again `parse_retries` times (default 1) and then recorded as
-   a `None` score with the reason; it is not cached, and a non-200 4xx other than 401/403/404 (e.g. 400
-   "context length exceeded") is an error for that answer only, not for the run. So is a 200 reply
-   larger than `max_reply_bytes` (1 MiB) read or decoded, or in an unknown Content-Encoding; it is not
-   asked again (the same request would most likely bring the same reply).
-4. An empty (whitespace-only) answer gets the scale's minimum, 1, without asking any judge, and is
-   counted as `empty_answers`.
-5. Bounds the paper has no need to state, for servers that misbehave: a deadline per request (`timeout`,
-   60 s), a Retry-After above `retry_after_max` (60 s) is cut to it, and an answer whose next backoff
-   would take its total wait past `max_retry_wait` (300 s) stops the run (`JudgeFatalError`), so one
-   answer costs at most (max_retries + 1) * timeout + max_retry_wait seconds.
+1. Cache format: the cache is a JSONL file rather than sqlite: human-readable, greppable, "JSONL
+   everywhere", and an append of one line per score survives a kill (a torn last line is skipped on load).
+   One writer per cache file is assumed (judging is one process). It keeps scores and token counts only.
+2. Unparseable replies: a reply that cannot be parsed is asked again `parse_retries` times (default 1) and
+   then recorded as a `None` score with the reason; it is not cached, and a non-200 4xx other than
+   401/403/404 (e.g. 400 "context length exceeded") is an error for that answer only, not for the run. So
+   is a 200 reply larger than `max_reply_bytes` (1 MiB) read or decoded, or in an unknown
+   Content-Encoding; it is not asked again (the same request would most likely bring the same reply).
+3. Bounds: the paper has no need to state them, for servers that misbehave: a deadline per request
+   (`timeout`, 60 s), a Retry-After above `retry_after_max` (60 s) is cut to it, and a request whose next
+   backoff would take its total wait past `max_retry_wait` (300 s) stops the run (`JudgeFatalError`), so
+   one request costs at most (max_retries + 1) * timeout + max_retry_wait seconds.
+4. Pairwise verdicts are cached as the first answer's share of the vote (1, 0 or 0.5) under a key naming
+   both answers in their order; the paper describes no pairwise mode (judge_base.py, departure "Scale").
 """
-import abc
 import asyncio
-import hashlib
 import json
 import os
 import random
@@ -44,23 +42,12 @@ import re
 
 import httpx
 
+from judge_base import (DEFAULT_SCALE, PAIRWISE_VERSION, Judge, JudgeFatalError, build_pairwise_prompt,
+                        build_prompt, check_scale_and_mode, judge_name, template_version)
 from judge_cache import ScoreCache, cache_key, token_count
-from judge_net import (ACCEPT_ENCODING, MAX_REPLY_BYTES, BadReply, JudgeFatalError, check_base_url,  # noqa: F401
-                       check_header_value, is_local_url, parse_retry_after, public_url, read_capped, redact)
+from judge_net import (ACCEPT_ENCODING, MAX_REPLY_BYTES, BadReply, check_base_url, check_header_value, is_local_url,
+                       parse_retry_after, public_url, read_capped, redact)
 
-SCALE = (1.0, 10.0)          # every judge, rule and LLM, scores on this closed range
-EMPTY_SCORE = 1.0            # an empty answer is the worst answer (deviation 4)
-TEMPLATE = (
-    "Please act as an impartial judge and evaluate the quality of the response provided by an AI "
-    "assistant to the user question displayed below. Consider correctness first, then helpfulness, "
-    "relevance, accuracy, depth and level of detail. Be as objective as possible. Rate the response on "
-    "a scale of 1 to 10 and reply with the rating only, strictly in this format: \"Rating: [[N]]\", "
-    "for example \"Rating: [[5]]\".\n\n"
-    "[Question]\n{question}\n\n"
-    "[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]"
-)
-TEMPLATE_VERSION = "single-v1-" + hashlib.sha256(TEMPLATE.encode()).hexdigest()[:8]
-RATING_PREFIX = "Rating: [["  # the hf judge reads the next token after this
 # USD per 1M (prompt, completion) tokens, OpenAI pricing page as of 2024-10 (gpt-4o-mini unchanged since
 # its 2024-07-18 launch). Dated snapshots ("gpt-4o-mini-2024-07-18") match their family.
 PRICES_PER_MTOK = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00)}
@@ -69,23 +56,14 @@ RETRY_AFTER_MAX = 60.0       # seconds: a longer Retry-After is cut to this
 MAX_RETRY_WAIT = 300.0       # seconds of backoff in all per answer before the run stops
 
 
-def build_prompt(question: str, answer: str) -> str:
-    """The user message that asks for one answer's rating."""
-    return TEMPLATE.format(question=question, answer=answer)
-
-
-def new_stats() -> dict:
-    return dict(requests=0, cache_hits=0, retries=0, parse_failures=0, empty_answers=0,
-                prompt_tokens=0, completion_tokens=0)
-
-
-# ---------------------------------------------------------------- reply parser
+# ---------------------------------------------------------------- reply parsers
 _NUM = r"(-?\d+(?:\.\d+)?)"
-_BRACKETS = re.compile(r"\[\[\s*" + _NUM + r"\s*(?:/\s*10\s*)?\]\]")
 _LABELLED = re.compile(r"\b(?:rating|score|grade)\b\s*(?:is|of)?\s*[:=]?\s*\**\s*" + _NUM + r"(?:\s*(?:/|out\s+of)\s*(\d+))?",
                        re.IGNORECASE)
-_OUT_OF_TEN = re.compile(_NUM + r"\s*(?:/|out\s+of)\s*10\b", re.IGNORECASE)
 _BARE = re.compile(r"^\s*\**\s*" + _NUM + r"\s*\**\s*\.?\s*$")
+_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]", re.IGNORECASE)
+_BARE_VERDICT = re.compile(r"^\s*\**\s*([ABC])\s*\**\s*\.?\s*$", re.IGNORECASE)
+VOTES = {"A": 1.0, "B": 0.0, "C": 0.5}  # a pairwise verdict as the first answer's share of the vote
 
 
 def _one_value(values, text: str) -> float:
@@ -95,35 +73,54 @@ def _one_value(values, text: str) -> float:
     return distinct[0]
 
 
-def parse_rating(text) -> float:
-    """The rating in a judge reply, in [1, 10]; ValueError for anything else.
+def _check_reply(text) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty reply" if isinstance(text, str) else "reply is not a chat completion with text")
+
+
+def parse_rating(text, scale=DEFAULT_SCALE) -> float:
+    """The rating in a judge reply, in [1, scale]; ValueError for anything else.
 
     Accepted, most specific first: "[[7]]" anywhere (other numbers ignored), a JSON object with a
     "score"/"rating" number, "Rating: 7" / "Score: 7.5" / "rating = 7/10", "7/10" / "7 out of 10",
-    and a reply that is a bare number ("7", "7."). Rejected: empty replies, numbers outside 1..10,
-    two different ratings, and prose whose numbers are not marked as a rating.
+    and a reply that is a bare number ("7", "7."). Rejected: empty replies, numbers outside 1..scale,
+    two different ratings, ratings out of another scale ("4/5" when scale is 10), and prose whose
+    numbers are not marked as a rating.
     """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("empty reply" if isinstance(text, str) else "reply is not a chat completion with text")
+    _check_reply(text)
+    brackets = re.compile(r"\[\[\s*" + _NUM + rf"\s*(?:/\s*{scale}\s*)?\]\]")
+    out_of_scale = re.compile(_NUM + rf"\s*(?:/|out\s+of)\s*{scale}\b", re.IGNORECASE)
     value = None
-    if found := _BRACKETS.findall(text):
+    if found := brackets.findall(text):
         value = _one_value([float(v) for v in found], text)
     elif (m := re.search(r"\{.*\}", text, re.DOTALL)) and (value := _json_rating(m.group(0))) is not None:
         pass
     elif found := _LABELLED.findall(text):
-        bad = [d for _, d in found if d and d != "10"]
+        bad = [d for _, d in found if d and d != str(scale)]
         if bad:
-            raise ValueError(f"rating on a scale of {bad[0]}, expected 10, in reply {text[:80]!r}")
+            raise ValueError(f"rating on a scale of {bad[0]}, expected {scale}, in reply {text[:80]!r}")
         value = _one_value([float(v) for v, _ in found], text)
-    elif found := _OUT_OF_TEN.findall(text):
+    elif found := out_of_scale.findall(text):
         value = _one_value([float(v) for v in found], text)
     elif m := _BARE.match(text):
         value = float(m.group(1))
     if value is None:
         raise ValueError(f"no rating in reply {text[:80]!r}")
-    if not SCALE[0] <= value <= SCALE[1]:
-        raise ValueError(f"rating {value:g} outside {SCALE[0]:g}..{SCALE[1]:g} in reply {text[:80]!r}")
+    if not 1 <= value <= scale:
+        raise ValueError(f"rating {value:g} outside 1..{scale} in reply {text[:80]!r}")
     return value
+
+
+def parse_verdict(text) -> float:
+    """A pairwise reply's verdict as the first answer's share of the vote: "[[A]]" 1, "[[B]]" 0, "[[C]]" (tie)
+    0.5; a reply that is only the letter counts too. ValueError for no verdict or two different ones."""
+    _check_reply(text)
+    found = {v.upper() for v in _VERDICT.findall(text)}
+    if not found and (m := _BARE_VERDICT.match(text)):
+        found = {m.group(1).upper()}
+    if len(found) != 1:
+        raise ValueError(f"{'conflicting verdicts' if found else 'no verdict'} in reply {text[:80]!r}")
+    return VOTES[found.pop()]
 
 
 def _json_rating(blob: str):
@@ -142,50 +139,16 @@ def _json_rating(blob: str):
     return None
 
 
-# ---------------------------------------------------------------- judges
-class Judge(abc.ABC):
-    """score_many(items) -> [(score | None, error | None)]; item = {"prompt", "answer", "record"}."""
-
-    name = "judge"
-
-    def __init__(self):
-        self.stats = new_stats()
-
-    def score_many(self, items: list[dict]) -> list[tuple]:
-        results = [None] * len(items)
-        todo = []
-        for i, item in enumerate(items):
-            if not isinstance(item["answer"], str):
-                raise ValueError(f"record {item.get('record', {}).get('id')}: answer is not a string")
-            if item["answer"].strip():
-                todo.append(i)
-            else:
-                results[i] = (EMPTY_SCORE, None)  # deviation 4
-                self.stats["empty_answers"] += 1
-        for i, res in zip(todo, self._score([items[i] for i in todo]) if todo else []):
-            results[i] = res
-        assert all(r is not None and (r[0] is not None or r[1]) for r in results), "a None score needs a reason"
-        return results
-
-    @abc.abstractmethod
-    def _score(self, items: list[dict]) -> list[tuple]:
-        """(score, error) for non-empty answers."""
-
-    def estimate_cost(self, prompt_tokens: int, completion_tokens: int):
-        return 0.0  # local judges cost nothing per request
-
-    def close(self):
-        pass
-
-
+# ---------------------------------------------------------------- the judge
 class OpenAIJudge(Judge):
     """Scores answers with an OpenAI-compatible chat-completions server (see the module docstring)."""
 
     def __init__(self, model="gpt-4o-mini", base_url="https://api.openai.com/v1", cache_path=None, concurrency=8,
                  api_key_env="OPENAI_API_KEY", timeout=60.0, max_retries=6, backoff_base=1.0, backoff_max=60.0,
                  retry_after_max=RETRY_AFTER_MAX, max_retry_wait=MAX_RETRY_WAIT, parse_retries=1, max_tokens=16,
-                 max_reply_bytes=MAX_REPLY_BYTES, sleep=asyncio.sleep):
+                 max_reply_bytes=MAX_REPLY_BYTES, sleep=asyncio.sleep, scale=DEFAULT_SCALE, mode="single"):
         super().__init__()
+        check_scale_and_mode(scale, mode)
         if concurrency < 1 or max_retries < 0 or parse_retries < 0:
             raise ValueError(f"judge: concurrency must be >= 1 and retries >= 0 (got {concurrency}, {max_retries}, {parse_retries})")
         if not (timeout > 0 and max_retry_wait >= 0 and retry_after_max >= 0 and max_reply_bytes > 0):
@@ -195,7 +158,9 @@ class OpenAIJudge(Judge):
         self.model, self.base_url = model, base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self.public = public_url(base_url)  # for messages and the cache key: no credentials
-        self.name = f"openai:{model}"
+        self.scale, self.mode = scale, mode
+        self.name = judge_name(f"openai:{model}", scale, mode)
+        self.template_version = PAIRWISE_VERSION if mode == "pairwise" else template_version(scale)
         self.api_key_env = api_key_env  # the variable's name; its value is read per run and never stored
         if not self._api_key() and not is_local_url(self.base_url):
             raise JudgeFatalError(f"${api_key_env} is not set; the judge at {self.public} needs an API key "
@@ -231,21 +196,57 @@ class OpenAIJudge(Judge):
         return cap * (0.5 + 0.5 * self._rng.random())
 
     def _score(self, items):
-        return asyncio.run(self._score_async(items))
+        """Single mode: one request per distinct (prompt, answer)."""
+        return self._ask([(item["prompt"], item["answer"]) for item in items])
 
-    async def _score_async(self, items):
-        results = [None] * len(items)
-        by_key = {}  # one request per distinct (prompt, answer) in this call
-        for i, item in enumerate(items):
-            key = cache_key(self.public, self.model, TEMPLATE_VERSION, item["prompt"], item["answer"])
+    def score_records(self, records):
+        """Single mode: Judge.score_records. Pairwise: both answers in one prompt, in both orders; each
+        answer's score is its share of the two votes (judge_base.py)."""
+        if self.mode == "single":
+            return super().score_records(records)
+        out, asked = [None] * len(records), []
+        for i, r in enumerate(records):
+            human, generated = r["human"].strip(), r["generated"].strip()
+            if human and generated and human != generated:
+                asked.append(i)
+                continue
+            self.stats["empty_answers"] += (not human) + (not generated)  # judge_base departure "Empty answers"
+            votes = 1.0 if human == generated else 2.0 * bool(human)  # identical answers tie without asking
+            out[i] = ((votes, None), (2.0 - votes, None))
+        verdicts = self._ask([(records[i]["prompt"], records[i][first], records[i][second])
+                              for i in asked for first, second in (("human", "generated"), ("generated", "human"))])
+        for n, i in enumerate(asked):
+            (human_first, err1), (generated_first, err2) = verdicts[2 * n], verdicts[2 * n + 1]
+            if err1 or err2:
+                orders = (("human first", err1), ("generated first", err2))
+                error = "; ".join(f"{order}: {e}" for order, e in orders if e)
+                out[i] = ((None, error), (None, error))
+            else:
+                votes = human_first + (1.0 - generated_first)
+                out[i] = ((votes, None), (2.0 - votes, None))
+        return out
+
+    def _valid(self, value) -> bool:
+        """A cached value this judge could have produced: a rating in 1..scale, or a share of a vote."""
+        return value in (0.0, 0.5, 1.0) if self.mode == "pairwise" else 1 <= value <= self.scale
+
+    def _ask(self, requests):
+        """(value | None, error | None) per request (prompt, answer) or (prompt, answer A, answer B)."""
+        results = [None] * len(requests)
+        by_key = {}  # one HTTP request per distinct key in this call
+        for i, request in enumerate(requests):
+            key = cache_key(self.public, self.model, self.template_version, *request)
             hit = self.cache.get(key) if self.cache else None
-            if hit is not None and SCALE[0] <= hit["score"] <= SCALE[1]:
+            if hit is not None and self._valid(hit["score"]):
                 results[i] = (hit["score"], None)
                 self.stats["cache_hits"] += 1
             else:
                 by_key.setdefault(key, []).append(i)
-        if not by_key:
-            return results
+        if by_key:
+            asyncio.run(self._ask_async(requests, by_key, results))
+        return results
+
+    async def _ask_async(self, requests, by_key, results):
         api_key = self._api_key()
         headers = {"Accept-Encoding": ACCEPT_ENCODING}
         if api_key:
@@ -253,19 +254,18 @@ class OpenAIJudge(Judge):
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         try:
             async with httpx.AsyncClient(timeout=self.timeout, headers=headers, limits=limits) as client:
-                await self._run_all(client, items, by_key, results, api_key)
+                await self._run_all(client, requests, by_key, results, api_key)
         finally:
             if self.cache:
                 self.cache.close()
-        return results
 
-    async def _run_all(self, client, items, by_key, results, api_key):
-        """Score every distinct key, `concurrency` at a time; the first fatal error cancels the rest."""
+    async def _run_all(self, client, requests, by_key, results, api_key):
+        """Ask every distinct key, `concurrency` at a time; the first fatal error cancels the rest."""
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(key, idx):
             async with sem:  # held through backoff too, which slows a rate-limited run down as it should
-                res = await self._score_one(client, items[idx[0]], key, api_key)
+                res = await self._ask_one(client, requests[idx[0]], key, api_key)
             for i in idx:
                 results[i] = res
         tasks = [asyncio.create_task(one(k, idx)) for k, idx in by_key.items()]
@@ -279,7 +279,7 @@ class OpenAIJudge(Judge):
 
     async def _post(self, client, payload):
         """(status, headers, body, refused) of one POST, all within the deadline; refused: why the body was not read."""
-        async with asyncio.timeout(self.timeout):  # wall clock over connect and all reads (deviation 5)
+        async with asyncio.timeout(self.timeout):  # wall clock over connect and all reads (departure "Bounds")
             async with client.stream("POST", self.url, json=payload) as resp:
                 if _retryable(resp.status_code):
                     return resp.status_code, resp.headers, b"", None
@@ -288,9 +288,14 @@ class OpenAIJudge(Judge):
                 except BadReply as e:
                     return resp.status_code, resp.headers, b"", str(e)
 
-    async def _score_one(self, client, item, key, api_key):
+    async def _ask_one(self, client, request, key, api_key):
+        """One request, retried as the module docstring says -> (value, None) or (None, why)."""
+        if self.mode == "pairwise":
+            text, parse = build_pairwise_prompt(*request), parse_verdict
+        else:
+            text, parse = build_prompt(*request, scale=self.scale), lambda reply: parse_rating(reply, self.scale)
         payload = {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
-                   "messages": [{"role": "user", "content": build_prompt(item["prompt"], item["answer"])}]}
+                   "messages": [{"role": "user", "content": text}]}
         transient = garbled = 0
         waited = 0.0
         while True:
@@ -315,13 +320,13 @@ class OpenAIJudge(Judge):
                 elif status != 200:
                     return None, f"HTTP {status}: {redact(refused or _error_text(body), api_key)}"
                 elif refused:
-                    return None, f"judge reply refused: {refused}"  # not asked again (deviation 3)
+                    return None, f"judge reply refused: {refused}"  # not asked again (departure "Unparseable replies")
                 else:
                     content, usage = _read_reply(body)
                     self.stats["prompt_tokens"] += usage["prompt_tokens"]
                     self.stats["completion_tokens"] += usage["completion_tokens"]
                     try:
-                        score = parse_rating(content)
+                        score = parse(content)
                     except ValueError as e:
                         self.stats["parse_failures"] += 1
                         if garbled < self.parse_retries:

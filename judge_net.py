@@ -14,7 +14,7 @@ CR) into a one-line `JudgeFatalError` when the judge is built, instead of rounds
 
 Where this departs from, or fills a gap in, the paper:
 1. The paper does not deal with misbehaving judge servers; the caps and checks here are ours
-   (judge_http deviations 3 and 5).
+   (judge_http.py, departures "Unparseable replies" and "Bounds").
 """
 import email.utils
 import ipaddress
@@ -23,12 +23,10 @@ import time
 import urllib.parse
 import zlib
 
+from judge_base import JudgeFatalError
+
 MAX_REPLY_BYTES = 1 << 20             # 1 MiB: a rating reply is a few hundred bytes
 ACCEPT_ENCODING = "gzip, deflate"     # the encodings read_capped decodes
-
-
-class JudgeFatalError(ValueError):
-    """The judge cannot work at all (bad key, wrong URL, server unreachable); CLIs turn it into SystemExit."""
 
 
 def is_local_url(url: str) -> bool:

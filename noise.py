@@ -1,5 +1,8 @@
 """The trainable noise generator (Eq. 5) and the noisy reference log-probs of rejected answers (Eq. 6).
 
+`plain_noisy_sequence_logps` is Eq. 5–6 in three lines on whole tensors, for reading and testing;
+`noisy_sequence_logps` / `noisy_answer_logps` compute the same chunk by chunk (what training runs).
+
 Notation as in loss.py: B sequences, T tokens, V vocabulary entries, d hidden size; N = number of answer
 tokens in the batch (labels != -100 after the shift), c = chunk_size.
 
@@ -38,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from loss import IGNORE_INDEX
+from loss import IGNORE_INDEX, sequence_logps
 
 DEFAULT_INIT_VARIANCE = 1e-2
 DEFAULT_SIGMA = math.sqrt(DEFAULT_INIT_VARIANCE)
@@ -99,6 +102,20 @@ def make_noise(kind, hidden_size, vocab_size, alpha=DEFAULT_ALPHA, sigma=DEFAULT
     generator = NoiseGenerator(hidden_size, vocab_size, init_variance=init_variance)
     generator.alpha = float(alpha)
     return generator
+
+
+def plain_noisy_sequence_logps(ref_logits, ref_hidden, labels, generator, eps):
+    """Eq. 5–6 as written, on whole (B, T, V) tensors: the reference the chunked paths are tested against.
+
+    ref_logits (B, T, V), ref_hidden (B, T, d), labels (B, T) with -100; eps (B, T, V) ~ N(0, I).
+    Returns (log π̃_ref(y) per sequence (B,), mean σ² over answer tokens × V). Memory O(B·T·V): training
+    uses noisy_sequence_logps / noisy_answer_logps, which compute the same numbers chunk by chunk.
+    """
+    variance = generator(ref_hidden)                                   # Eq. 5: σ² = softplus(W h + b), (B, T, V)
+    noisy_logits = ref_logits + variance.sqrt() * eps                 # Eq. 6: z̃ = z + σ ⊙ ε
+    answer = labels[:, 1:] != IGNORE_INDEX                            # (B, T-1): positions t predicting y_t+1
+    variance_mean = variance[:, :-1][answer].mean() if answer.any() else variance.new_zeros(())  # Eq. 9: mean(σ²)
+    return sequence_logps(noisy_logits, labels), variance_mean       # Eq. 6: Σ_t log_softmax(z̃_t)[y_t]
 
 
 def draw_base_seed(rng=None):

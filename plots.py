@@ -37,6 +37,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data import iterations, read_jsonl  # noqa: E402
+from judge import dsl_flip_rate  # noqa: E402
+from stagnation import read_summaries  # noqa: E402
 
 COLORS = {"chosen": "tab:blue", "rejected": "tab:red", "generated": "black"}
 
@@ -171,8 +173,6 @@ def plot_logps(run_dir, out_dir, per_token=False) -> Path | None:
 def plot_stagnation(run_dirs, out_path, per_token=False) -> Path | None:
     """Fig. 2 / 10: per run (rows) and iteration (columns), histograms of the log-probs under iter{k}/model of
     the human answers and of the model's own fresh answers; bottom panel: margin per iteration per run."""
-    from stagnation import read_summaries
-
     series = [(Path(d).name, s) for d in run_dirs if (s := read_summaries(d, per_token))]
     if not series:
         return None
@@ -300,8 +300,6 @@ def read_json(path):
 
 def iteration_rows(run_dir, scores=None):
     """One dict per iteration: summary.json numbers, observed flip rate (judged.jsonl), held-out score."""
-    from judge import dsl_flip_rate
-
     run_dir, rows = Path(run_dir), []
     models = (scores or {}).get("models", {})
     for k in iterations(run_dir):
@@ -354,9 +352,10 @@ def write_report(run_dir) -> Path:
                            [[r["iter"], r["dsl"], r["noise"], r["pairs"], r["dsl_flips"], r["final_margin"],
                              r["final_reward_acc"], r["wall_s"], r["eval_mean_score"], r["eval_accuracy"]] for r in rows]),
             "", "## DSL flip rates", "",
-            "Fraction of training prompts on which the judge scored the model's answer above the human answer "
-            "(observed, from judged.jsonl), and the fraction of pairs DSL actually flipped (applied, from "
-            "summary.json; 0 when DSL is off, e.g. iteration 0).", "",
+            "Fraction of training prompts (with both scores and two different answers) on which the judge scored "
+            "the model's answer above the human answer (observed, from judged.jsonl), and the fraction of pairs "
+            "DSL actually flipped (applied, from summary.json; 0 when DSL is off, e.g. iteration 0); both counted "
+            "by data.dsl_outcome.", "",
             markdown_table(["iter", "generated > human (observed)", "flipped (applied)", "ties", "missing scores"],
                            [[r["iter"], r["generated_beats_human"], r["flip_rate_applied"], r["ties"], r["missing_scores"]] for r in rows])]
     if scores:

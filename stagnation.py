@@ -30,9 +30,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import data
+import generate
+import model as model_lib
+from loss import IGNORE_INDEX, sequence_logps
 
 Z95 = 1.959963984540054
 
@@ -43,10 +47,6 @@ def _read_json(path):
 
 def answer_logps(model, tokenizer, rows, max_length, max_prompt_length, batch_size=8):
     """Summed log-probs and answer-token counts of rows' "human" and "generated" answers under model."""
-    import torch
-
-    from loss import IGNORE_INDEX, sequence_logps
-
     device, out = next(model.parameters()).device, []
     for i in tqdm(range(0, len(rows), batch_size), desc="log-probs", file=sys.stderr, leave=False):
         chunk = rows[i:i + batch_size]
@@ -84,9 +84,6 @@ def reusable_generations(run_dir, k, n):
 
 def compute_logps(run_dir, n=64, device=None, batch_size=8):
     """Write eval/logps_iter{k}.jsonl for every iter{k}/model of run_dir; returns {k: margin_summary}."""
-    import generate
-    import model as model_lib
-
     run_dir = Path(run_dir)
     out_dir = run_dir / "eval"
     ks = [k for k in data.iterations(run_dir) if (run_dir / f"iter{k}" / "model" / "config.json").is_file()]

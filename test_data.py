@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from data import (check_file, collate_pairs, drop_torn_line, dsl_pairs, history_pairs, load_records, prompt_id,
+from data import (check_file, collate_pairs, drop_torn_line, dsl_pairs, history_pairs, load_records, pad_rows, prompt_id,
                   read_jsonl, read_jsonl_tolerant, tokenize_pair, truncate_prompt, write_jsonl)
 
 
@@ -113,14 +113,29 @@ def test_dsl_pairs_hand_scores():
 
 
 def test_history_pairs_window(tmp_path):
-    """history h at iteration k concatenates iterations max(0,k-h+1)..k in order; a missing one is an error."""
+    """history h at iteration k, mix concat, concatenates iterations max(0,k-h+1)..k in order; a missing one is an error."""
     for j in range(3):
         write_jsonl(tmp_path / f"iter{j}" / "pairs.jsonl", [{"id": f"{j}-{i}"} for i in range(2)])
-    assert [p["id"] for p in history_pairs(tmp_path, 2, 2)] == ["1-0", "1-1", "2-0", "2-1"]
-    assert [p["iter"] for p in history_pairs(tmp_path, 1, 5)] == [0, 0, 1, 1]
+    assert [p["id"] for p in history_pairs(tmp_path, 2, 2, mix="concat")] == ["1-0", "1-1", "2-0", "2-1"]
+    assert [p["iter"] for p in history_pairs(tmp_path, 1, 5, mix="concat")] == [0, 0, 1, 1]
     assert len(history_pairs(tmp_path, 2, 1)) == 2
     with pytest.raises(ValueError, match="iter3"):
         history_pairs(tmp_path, 3, 2)
+    with pytest.raises(ValueError, match="history mix"):
+        history_pairs(tmp_path, 2, 2, mix="half")
+
+
+def test_history_pairs_same_size_mix(tmp_path):
+    """The default α-SPIN mix has iteration k's size, an equal share from each iteration (the latest take the
+    remainder), no pair twice, file order within an iteration, the same draw for the same seed."""
+    for j, n in enumerate([10, 9, 9]):
+        write_jsonl(tmp_path / f"iter{j}" / "pairs.jsonl", [{"id": f"{j}-{i:02d}"} for i in range(n)])
+    mix = history_pairs(tmp_path, 2, 2, seed=1)
+    assert len(mix) == 9 and [p["iter"] for p in mix] == [1] * 4 + [2] * 5
+    assert len({p["id"] for p in mix}) == 9 and [p["id"] for p in mix] == sorted(p["id"] for p in mix)
+    assert mix == history_pairs(tmp_path, 2, 2, seed=1) and mix != history_pairs(tmp_path, 2, 2, seed=2)
+    assert [p["iter"] for p in history_pairs(tmp_path, 2, 3)] == [0] * 3 + [1] * 3 + [2] * 3
+    assert len(history_pairs(tmp_path, 2, 2, mix="concat")) == 18
 
 
 # --- tokenization and collation
@@ -209,3 +224,13 @@ def test_drop_torn_line(tmp_path):
 def test_truncate_prompt_keeps_the_end():
     assert truncate_prompt([1, 2, 3, 4, 5], 2) == [4, 5] and truncate_prompt([1, 2], 5) == [1, 2]
     assert truncate_prompt([1, 2, 3], None) == [1, 2, 3]
+
+
+def test_pad_rows_left_and_right():
+    """Rows are padded on the asked side to the longest; the mask is 1 exactly on each row's own entries."""
+    ids, mask = pad_rows([[1, 2, 3], [4]], 0, side="left")
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_rows([[1, 2, 3], [4]], -100)
+    assert ids.tolist() == [[1, 2, 3], [4, -100, -100]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="padding side"):
+        pad_rows([[1]], 0, side="middle")

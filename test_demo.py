@@ -2,7 +2,7 @@
 import pytest
 
 import demo
-from data import load_prompts
+from data import load_prompts, prompt_id
 from demo import check_answer, demo_records
 
 
@@ -90,3 +90,8 @@ def test_comparison_answers_come_first():
     assert all(r["response"].split(",")[0] in ("Yes", "No") for r in records if not r["flawed"])
     cut = [r for r in records if r["flaw"] == "truncated"]
     assert cut and all(demo.grade_answer(r["response"], r["answer"], r["prompt"]) == "none" for r in cut)
+
+
+def test_demo_ids_are_the_prompt_hash():
+    """A demo record's id is "demo-" + data.prompt_id(prompt), so ids of existing run directories stay valid."""
+    assert all(r["id"] == f"demo-{prompt_id(r['prompt'])}" for r in demo_records("eval", n=50))

@@ -6,9 +6,12 @@ from collections import Counter
 import pytest
 import torch
 
+import data
+import demo
 import judge
-
-from test_judge_http import records
+import judge_base
+import judge_hf
+from fakechat import records
 
 
 # ---------------------------------------------------------------- rule judge
@@ -29,7 +32,6 @@ def test_rule_judge_hand_made_records(tmp_path):
 def test_rule_judge_matches_demo_flaws(tmp_path):
     """On demo.demo_records the human answer scores 10 exactly when it is not flawed; refusals and
     off-topic answers score 1, wrong values 3 (an on-topic attempt)."""
-    import demo
     recs = [dict(r, human=r["response"], generated=r["response"]) for r in demo.demo_records("eval", n=60)]
     rows, _ = judge.judge_records(recs, judge.make_judge("rule"), tmp_path / "j.jsonl", progress=False)
     assert [r["human_score"] == 10.0 for r in rows] == [not r["flawed"] for r in recs]
@@ -100,7 +102,7 @@ def test_hf_judge_expected_score_by_hand(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     digit = {d: tok.convert_tokens_to_ids(str(d)) for d in range(10)}
     for item, score in zip(items, got):
-        text = tok.apply_chat_template([{"role": "user", "content": judge.build_prompt(item["prompt"], item["answer"])}],
+        text = tok.apply_chat_template([{"role": "user", "content": judge_base.build_prompt(item["prompt"], item["answer"])}],
                                        add_generation_prompt=True, tokenize=False) + "Rating: [["
         ids = tok(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
@@ -110,7 +112,7 @@ def test_hf_judge_expected_score_by_hand(tiny_model_dir):
         probs[1], probs[10] = float(p[digit[1]] * (1 - q)), float(p[digit[1]] * q)
         expected = sum(i * v for i, v in probs.items()) / sum(probs.values())
         assert score == pytest.approx(expected, abs=1e-6) and 1 <= score <= 10
-    assert len(set(got)) == 3 and hf.ten_ids == [digit[1], digit[0]]
+    assert len(set(got)) == 3 and hf.rating_ids[10] == [digit[1], digit[0]]
 
 
 def test_hf_judge_single_token_ten():
@@ -119,15 +121,42 @@ def test_hf_judge_single_token_ten():
     tok = make_tiny_tokenizer()
     tok.add_tokens(["10"])
     model = make_tiny_model(tok, seed=1)
-    hf = judge.HFJudge(model, tok)
+    hf = judge_hf.HFJudge(model, tok)
     ten = tok.convert_tokens_to_ids("10")
-    assert hf.ten_ids == [ten]
+    assert hf.rating_ids[10] == [ten]
     (score, err), = hf.score_many([{"prompt": "What is 5+5?", "answer": "10", "record": {}}])
     ids = tok(hf.prompt_text("What is 5+5?", "10"), add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         p = model(torch.tensor([ids])).logits[0, -1].double().softmax(-1)
     probs = [float(p[tok.convert_tokens_to_ids(str(i))]) for i in range(1, 10)] + [float(p[ten])]
     assert err is None and score == pytest.approx(sum((i + 1) * v for i, v in enumerate(probs)) / sum(probs), abs=1e-6)
+
+
+def test_hf_judge_100_point_scale_by_hand(tiny_model_dir):
+    """On scale 100 with digit tokens, p_i comes from full forward passes: P(d) · P(e | d) · the mass left for
+    "the rating ends here" (P("0" | "10") is the rating 100); the score is Σ p_i·i / Σ p_i, in [1, 100]."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf = judge.make_judge("hf", model=tiny_model_dir, device="cpu", scale=100)
+    assert hf.name.endswith(":scale100") and len(hf.inner) == 10  # "1".."9" and "10"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    digit = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    items = [{"prompt": "What is 2+3?", "answer": "5", "record": {}},
+             {"prompt": "Hi", "answer": "Hello!", "record": {}}]
+    for item, (score, err) in zip(items, hf.score_many(items)):
+        ids = tok(hf.prompt_text(item["prompt"], item["answer"]), add_special_tokens=False)["input_ids"]
+
+        def next_probs(extra):
+            with torch.no_grad():
+                return model(torch.tensor([ids + extra])).logits[0, -1].double().softmax(-1)
+        root, after = next_probs([]), {d: next_probs([digit[d]]) for d in range(1, 10)}
+        after_10 = next_probs([digit[1], digit[0]])
+        p = {d: root[digit[d]] * (1 - after[d][digit].sum()) for d in range(1, 10)}
+        p.update({r: root[digit[r // 10]] * after[r // 10][digit[r % 10]] for r in range(10, 100)})
+        p[10] = p[10] * (1 - after_10[digit[0]])
+        p[100] = root[digit[1]] * after[1][digit[0]] * after_10[digit[0]]
+        expected = float(sum(r * v for r, v in p.items()) / sum(p.values()))
+        assert err is None and score == pytest.approx(expected, abs=1e-5) and 1 <= score <= 100
 
 
 # ---------------------------------------------------------------- comparisons
@@ -141,16 +170,30 @@ def test_win_tie_loss_by_hand():
 
 
 def test_flip_rates_by_iteration(tmp_path):
-    """Per-iteration flip and tie rates are read from iter*/judged.jsonl in numeric order."""
-    import data
-    for k, pairs in {0: [(5, 6), (5, 5), (7, 1), (2, None)], 10: [(1, 9)], 2: [(9, 1), (9, 1)]}.items():
+    """Per-iteration flip and tie rates are read from iter*/judged.jsonl in numeric order; missing scores and
+    identical answers are counted apart and left out of the rates."""
+    for k, pairs in {0: [(5, 6), (5, 5), (7, 1), (2, None), (3, 3)], 10: [(1, 9)], 2: [(9, 1), (9, 1)]}.items():
         (tmp_path / f"iter{k}").mkdir()
         data.write_jsonl(tmp_path / f"iter{k}" / "judged.jsonl",
-                         [{"id": str(i), "human_score": h, "generated_score": g} for i, (h, g) in enumerate(pairs)])
+                         [{"id": str(i), "prompt": "p", "human": "h", "generated": "h" if i == 4 else "g",
+                           "human_score": h, "generated_score": g} for i, (h, g) in enumerate(pairs)])
     res = judge.flip_rates_by_iteration(tmp_path)
-    assert [(r["iter"], r["n"], r["flips"], r["ties"], r["missing"]) for r in res] == \
-        [(0, 3, 1, 1, 1), (2, 2, 0, 0, 0), (10, 1, 1, 0, 0)]
-    assert res[0]["flip_rate"] == pytest.approx(1 / 3)
+    assert [(r["iter"], r["n"], r["flips"], r["ties"], r["missing"], r["identical"]) for r in res] == \
+        [(0, 5, 1, 1, 1, 1), (2, 2, 0, 0, 0, 0), (10, 1, 1, 0, 0, 0)]
+    assert res[0]["flip_rate"] == pytest.approx(1 / 3) and res[0]["tie_rate"] == pytest.approx(1 / 3)
+
+
+def test_flips_are_counted_by_the_rule_that_labels():
+    """judge.dsl_flip_rate, the judge summary and data.dsl_pairs count flips, ties, missing scores and identical
+    answers by one rule (data.dsl_outcome): the flips counted are the pairs whose generated answer is chosen."""
+    rows = [dict(id=str(i), prompt="p", human=h, generated=g, human_score=hs, generated_score=gs)
+            for i, (h, g, hs, gs) in enumerate([("a", "b", 1, 9), ("a", " a ", 1, 9), ("a", "b", 4, 4),
+                                                ("a", "b", None, 2), ("a", "b", 8, 2), ("a", "c", 2, 3)])]
+    pairs, applied = data.dsl_pairs(rows, dsl=True)
+    observed = data.dsl_stats(rows)
+    assert sum(p["chosen_source"] == "generated" for p in pairs) == applied["flips"] == observed["flips"] == 2
+    assert {k: observed[k] for k in applied} == applied == dict(n=6, flips=2, ties=1, missing=1, identical=1)
+    assert judge.dsl_flip_rate(rows) == observed["flip_rate"] == pytest.approx(2 / 4)
 
 
 class Flaky(judge.RuleJudge):

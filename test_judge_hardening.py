@@ -8,8 +8,12 @@ import tracemalloc
 import pytest
 
 import judge
+import judge_base
+import judge_cache
 import judge_http
-from test_judge_http import FAKE_KEY, FakeChat, fast_judge, key_env, records, server  # noqa: F401 (fixtures)
+import judge_net
+from fakechat import FAKE_KEY, FakeChat, records
+from test_judge_http import fast_judge, key_env, server  # noqa: F401 (fixtures)
 
 
 def one(answer="a score=3"):
@@ -35,7 +39,7 @@ def test_huge_reply_capped_and_not_cached(server, key_env, tmp_path):
     (score, err), = j.score_many(one())
     assert score is None and "1 MiB" in err and "\n" not in err
     assert sum(server.received.values()) == 1 and (not cache.exists() or cache.stat().st_size < 1000)
-    assert judge_http.MAX_REPLY_BYTES == 1 << 20
+    assert judge_net.MAX_REPLY_BYTES == 1 << 20
 
 
 def test_gzip_bomb_bounded_memory(server, key_env):
@@ -58,7 +62,7 @@ def test_compressed_reply_decoded(server, key_env, mode):
     """An honest gzip or deflate reply is decoded as before; the judge asks for those encodings only."""
     server.default = mode
     assert fast_judge(server.url).score_many(one()) == [(3.0, None)]
-    assert judge_http.ACCEPT_ENCODING == "gzip, deflate"
+    assert judge_net.ACCEPT_ENCODING == "gzip, deflate"
 
 
 def test_retry_after_600_bounded(server, key_env):
@@ -66,7 +70,7 @@ def test_retry_after_600_bounded(server, key_env):
     server.default = "429:600"
     sleeps = []
     j = fast_judge(server.url, sleeps, max_retries=6)  # default Retry-After cap and wait budget
-    with pytest.raises(judge.JudgeFatalError, match="--max-retry-wait") as e:
+    with pytest.raises(judge_base.JudgeFatalError, match="--max-retry-wait") as e:
         j.score_many(one())
     assert "\n" not in str(e.value) and sleeps and max(sleeps) <= 60 and sum(sleeps) <= 300
     assert (judge_http.RETRY_AFTER_MAX, judge_http.MAX_RETRY_WAIT) == (60.0, 300.0)
@@ -77,7 +81,7 @@ def test_html_200_stops_the_stage_and_rerun_asks_again(server, key_env, tmp_path
     written as final, and once the server is fixed a rerun asks every answer again."""
     server.default = "html"
     recs, out = records(20), tmp_path / "j.jsonl"
-    with pytest.raises(judge.JudgeFatalError) as e:
+    with pytest.raises(judge_base.JudgeFatalError) as e:
         judge.judge_records(recs, fast_judge(server.url), out, chunk_records=2, progress=False)
     msg = str(e.value)
     assert "\n" not in msg and "of 40 scores missing" in msg and "--judge-max-missing" in msg
@@ -119,7 +123,7 @@ def test_non_http_base_url_fails_fast(key_env):
     """file://, ftp://, a missing scheme or host, a query: one-line JudgeFatalError at construction, no retries."""
     for url in ("file:///tmp/v1", "ftp://example.com/v1", "localhost:8000/v1", "http:///v1", "http://h/v1?x=1"):
         start = time.monotonic()
-        with pytest.raises(judge.JudgeFatalError, match="base URL") as e:
+        with pytest.raises(judge_base.JudgeFatalError, match="base URL") as e:
             fast_judge(url)
         assert "\n" not in str(e.value) and time.monotonic() - start < 1.0
 
@@ -128,7 +132,7 @@ def test_non_http_base_url_fails_fast(key_env):
 def test_invalid_key_fails_fast(server, monkeypatch, bad):
     """A key with CR/LF, a space or non-ASCII fails at construction naming the variable, never the key."""
     monkeypatch.setenv("OPENAI_API_KEY", bad)
-    with pytest.raises(judge.JudgeFatalError, match=r"\$OPENAI_API_KEY") as e:
+    with pytest.raises(judge_base.JudgeFatalError, match=r"\$OPENAI_API_KEY") as e:
         fast_judge(server.url)
     assert "\n" not in str(e.value) and bad.strip() not in str(e.value)
 
@@ -137,7 +141,7 @@ def test_key_broken_after_construction_fails_without_requests(server, key_env, m
     """The key is read again per run: a trailing CR then is fatal at once, and nothing is sent."""
     j = fast_judge(server.url)
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY + "\r")
-    with pytest.raises(judge.JudgeFatalError, match=r"\$OPENAI_API_KEY"):
+    with pytest.raises(judge_base.JudgeFatalError, match=r"\$OPENAI_API_KEY"):
         j.score_many(one())
     assert sum(server.received.values()) == 0
 
@@ -154,7 +158,7 @@ def test_cache_key_includes_base_url_without_credentials(key_env, tmp_path):
         creds = a.url.replace("http://", "http://user:hunter2pw@") + "/"
         assert fast_judge(creds, cache_path=cache).score_many(one("x")) == [(3.0, None)]
         assert sum(a.received.values()) == 1 and b"hunter2pw" not in cache.read_bytes()
-        assert judge_http.public_url(creds) == a.url
+        assert judge_net.public_url(creds) == a.url
     finally:
         a.close()
         b.close()
@@ -178,8 +182,8 @@ def test_old_cache_rows_with_text_load_without_it(tmp_path, capsys):
     path.write_text(json.dumps({"key": "k1", "model": "m", "template": "t", "score": 7.0,
                                 "reply": f"Rating: [[7]] {FAKE_KEY}", "usage": {"prompt_tokens": 5, "x": FAKE_KEY}})
                     + "\n" + json.dumps({"key": "k2", "score": None}) + "\n")
-    cache = judge_http.ScoreCache(path)
+    cache = judge_cache.ScoreCache(path)
     assert cache.get("k1") == {"key": "k1", "score": 7.0, "prompt_tokens": 5, "completion_tokens": 0}
     assert cache.get("k2") is None
     assert FAKE_KEY.encode() not in path.read_bytes() and "rewrote" in capsys.readouterr().err
-    assert judge_http.ScoreCache(path).entries == cache.entries
+    assert judge_cache.ScoreCache(path).entries == cache.entries

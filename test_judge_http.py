@@ -1,157 +1,20 @@
-"""Tests for judge_http.py: the reply parser, the template, and the OpenAI-compatible judge against a real
-HTTP server on 127.0.0.1 (429 + Retry-After, 500, slow replies, garbage, 400, 401), cache and resume.
-`FakeChat` also plays the hostile servers of test_judge_hardening.py (trickle, huge, gzip bomb, HTML, echo)."""
+"""Tests for judge_http.py: the reply parsers, the templates, and the OpenAI-compatible judge against a real
+HTTP server on 127.0.0.1 (fakechat.FakeChat: 429 + Retry-After, 500, slow replies, garbage, 400, 401), cache
+and resume, the 100-point scale and the pairwise mode."""
 import asyncio
+import hashlib
 import json
 import math
-import re
 import socket
-import threading
-import time
-import zlib
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import data
 import judge
+import judge_base
+import judge_cache
 import judge_http
-
-
-
-FAKE_KEY = "sk-test-DISTINCTIVE-key-7f3a9c"
-QA = re.compile(r"\[Question\]\n(.*)\n\n\[The Start of Assistant's Answer\]\n(.*)\n\[The End of Assistant's Answer\]", re.S)
-
-
-# ---------------------------------------------------------------- a chat-completions server on 127.0.0.1
-class FakeChat:
-    """Scripted OpenAI-compatible server: per-answer failure modes, then "Rating: [[score=N in answer]]"."""
-
-    def __init__(self, latency=0.0, slow_s=1.0, score=None, trickle_bytes=10, trickle_s=1.0, huge_bytes=4 << 20,
-                 bomb_bytes=64 << 20):
-        self.lock = threading.Lock()
-        self.received, self.answered = Counter(), Counter()  # (question, answer) -> count
-        self.script = {}          # answer -> list of modes, consumed one per request
-        self.default = "ok"       # mode when the script is empty
-        self.ok_budget = None     # after this many OK replies, answer 401
-        self.auth = set()
-        self.in_flight = self.max_in_flight = 0
-        self.latency, self.slow_s = latency, slow_s
-        self.score = score        # every answer gets this score instead of its "score=N"
-        self.trickle_bytes, self.trickle_s, self.huge_bytes, self.bomb_bytes = trickle_bytes, trickle_s, huge_bytes, bomb_bytes
-        self._bomb = None
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            wbufsize = 1 << 16  # headers + body in one send (unbuffered writes meet delayed ACKs: +40 ms)
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with fake.lock:
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                try:
-                    fake.handle(self, body)
-                finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.handle_error = lambda *a: None  # clients that timed out close early
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-    def handle(self, req, body):
-        question, answer = QA.search(body["messages"][-1]["content"]).groups()
-        with self.lock:
-            self.auth.add(req.headers.get("Authorization"))
-            self.received[(question, answer)] += 1
-            modes = self.script.get(answer)
-            mode = modes.pop(0) if modes else self.default
-            if mode == "ok" and self.ok_budget is not None:
-                mode = "ok" if self.ok_budget > 0 else "401"
-                self.ok_budget -= 1
-        if self.latency:
-            time.sleep(self.latency)
-        if mode.startswith("429"):
-            return self.send(req, 429, {"error": {"message": "rate limited"}}, {"Retry-After": mode.split(":")[1]})
-        if mode in ("500", "400"):
-            return self.send(req, int(mode), {"error": {"message": f"status {mode}"}})
-        if mode == "401":
-            key = (req.headers.get("Authorization") or "").removeprefix("Bearer ")
-            return self.send(req, 401, {"error": {"message": f"Incorrect API key provided: {key}. Bearer {key}"}})
-        if mode == "slow":
-            time.sleep(self.slow_s)
-        if mode == "notjson":
-            return self.send(req, 200, "<html>oops</html>")
-        if mode == "html":  # a proxy's error page with status 200
-            return self.send(req, 200, "<html><body>Bad gateway</body></html>", content_type="text/html")
-        if mode == "trickle":  # valid headers, then one byte per trickle_s
-            return self.trickle(req)
-        if mode == "gzipbomb":  # a small gzip body that decompresses to bomb_bytes zeros
-            return self.send(req, 200, self.bomb(), {"Content-Encoding": "gzip"})
-        score = self.score if self.score is not None else _score_of(answer)
-        content = "I cannot rate this." if mode == "garbage" else f"Rating: [[{score}]]"
-        usage = {"prompt_tokens": 100, "completion_tokens": 7}
-        if mode == "huge":
-            content += " " * self.huge_bytes
-        if mode == "echo":  # a reply that repeats the request's Authorization header
-            content += f" (you sent {req.headers.get('Authorization')})"
-            usage["note"] = req.headers.get("Authorization")
-        with self.lock:
-            if mode != "garbage":
-                self.answered[(question, answer)] += 1
-        reply = {"choices": [{"message": {"role": "assistant", "content": content}}], "usage": usage}
-        if mode in ("gzip", "deflate"):  # an honest compressed reply
-            c = zlib.compressobj(wbits=31 if mode == "gzip" else 15)
-            return self.send(req, 200, c.compress(json.dumps(reply).encode()) + c.flush(), {"Content-Encoding": mode})
-        self.send(req, 200, reply)
-
-    def bomb(self):
-        """gzip of bomb_bytes zeros (about a thousandth of that on the wire), built 1 MiB at a time."""
-        with self.lock:
-            if self._bomb is None:
-                c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: gzip header and trailer
-                block = bytes(1 << 20)
-                self._bomb = b"".join([c.compress(block) for _ in range(self.bomb_bytes >> 20)] + [c.flush()])
-            return self._bomb
-
-    def trickle(self, req):
-        req.send_response(200)
-        req.send_header("Content-Type", "application/json")
-        req.send_header("Content-Length", str(self.trickle_bytes))
-        req.end_headers()
-        req.wfile.flush()
-        for _ in range(self.trickle_bytes):
-            time.sleep(self.trickle_s)
-            req.wfile.write(b" ")
-            req.wfile.flush()
-
-    @staticmethod
-    def send(req, status, obj, headers=(), content_type="application/json"):
-        data = obj if isinstance(obj, bytes) else (obj if isinstance(obj, str) else json.dumps(obj)).encode()
-        req.send_response(status)
-        req.send_header("Content-Type", content_type)
-        req.send_header("Content-Length", str(len(data)))
-        for k, v in dict(headers).items():
-            req.send_header(k, v)
-        req.end_headers()
-        req.wfile.write(data)
-
-
-def _score_of(answer):
-    m = re.search(r"score=(\d+)", answer)
-    return int(m.group(1)) if m else 5
+from fakechat import FAKE_KEY, QA, FakeChat, records, score_of
 
 
 @pytest.fixture
@@ -164,11 +27,6 @@ def server():
 @pytest.fixture
 def key_env(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
-
-
-def records(n, start=0):
-    return [{"id": f"r{i}", "prompt": f"question {i}?", "human": f"human {i} score={1 + i % 10}",
-             "generated": f"generated {i} score={1 + (i * 7) % 10}"} for i in range(start, start + n)]
 
 
 def fast_judge(url, sleeps=None, **kw):
@@ -192,7 +50,7 @@ def fast_judge(url, sleeps=None, **kw):
 ])
 def test_parse_rating_accepts(reply, score):
     """Usual reply shapes give their rating."""
-    assert judge.parse_rating(reply) == score
+    assert judge_http.parse_rating(reply) == score
 
 
 @pytest.mark.parametrize("reply", [
@@ -203,15 +61,16 @@ def test_parse_rating_accepts(reply, score):
 def test_parse_rating_rejects(reply):
     """Empty, out-of-range, conflicting, unmarked or foreign-scale replies raise ValueError."""
     with pytest.raises(ValueError):
-        judge.parse_rating(reply)
+        judge_http.parse_rating(reply)
 
 
 def test_template_has_question_answer_and_format():
     """The grading prompt holds the question, the answer and the requested reply format; version is its hash."""
-    text = judge.build_prompt("What is 2+3?", "It is 5.")
+    text = judge_base.build_prompt("What is 2+3?", "It is 5.")
     assert QA.search(text).groups() == ("What is 2+3?", "It is 5.")
     assert "Rating: [[N]]" in text and "1 to 10" in text
-    assert judge_http.TEMPLATE_VERSION.endswith(judge_http.hashlib.sha256(judge_http.TEMPLATE.encode()).hexdigest()[:8])
+    assert judge_base.template_version().endswith(hashlib.sha256(judge_base.template().encode()).hexdigest()[:8])
+    assert judge_base.template_version() == "single-v1-e33b025a"  # the 1..10 template of earlier caches, unchanged
 
 
 # ---------------------------------------------------------------- HTTP judge
@@ -223,7 +82,7 @@ def test_every_record_scored_once(server, key_env, tmp_path):
                                         chunk_records=16, progress=False)
     assert server.received == server.answered and set(server.answered.values()) == {1} and len(server.answered) == 100
     assert [(r["human_score"], r["generated_score"]) for r in rows] == \
-        [(_score_of(r["human"]), _score_of(r["generated"])) for r in recs]
+        [(score_of(r["human"]), score_of(r["generated"])) for r in recs]
     assert summary["requests"] == 100 and summary["prompt_tokens"] == 100 * 100 and summary["completion_tokens"] == 700
     assert summary["cost_usd"] is None and server.auth == {f"Bearer {FAKE_KEY}"}
     assert 1 < server.max_in_flight <= 8
@@ -253,7 +112,7 @@ def test_retries_exhausted_is_fatal(server, key_env):
     """A server that always answers 500 is tried max_retries + 1 times, then a one-line JudgeFatalError."""
     server.default = "500"
     j = fast_judge(server.url, max_retries=3)
-    with pytest.raises(judge.JudgeFatalError, match="unreachable after 3 retries: HTTP 500"):
+    with pytest.raises(judge_base.JudgeFatalError, match="unreachable after 3 retries: HTTP 500"):
         j.score_many([{"prompt": "q", "answer": "a", "record": {}}])
     assert server.received[("q", "a")] == 4
 
@@ -264,7 +123,7 @@ def test_unreachable_server_is_fatal(key_env):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     j = fast_judge(f"http://127.0.0.1:{port}/v1", max_retries=2)
-    with pytest.raises(judge.JudgeFatalError, match="unreachable after 2 retries: connection error"):
+    with pytest.raises(judge_base.JudgeFatalError, match="unreachable after 2 retries: connection error"):
         j.score_many([{"prompt": "q", "answer": "a", "record": {}}])
     assert j.stats["requests"] == 3
 
@@ -318,7 +177,7 @@ def test_killed_http_run_resumes_without_repeats(server, key_env, tmp_path):
     """A run stopped mid-way (fatal 401 after 7 answers) resumes from cache + partial with no repeated request."""
     recs, out = records(12), tmp_path / "j.jsonl"
     server.ok_budget = 7
-    with pytest.raises(judge.JudgeFatalError):
+    with pytest.raises(judge_base.JudgeFatalError):
         judge.judge_records(recs, fast_judge(server.url, concurrency=2), out, chunk_records=2, progress=False)
     server.ok_budget = None
     rows, summary = judge.judge_records(recs, fast_judge(server.url, concurrency=2), out, chunk_records=2, progress=False)
@@ -338,11 +197,11 @@ def test_cache_skips_torn_last_line(tmp_path):
     """A cache whose last line was cut by a kill loads the whole lines and appends cleanly after it."""
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"key": "k1", "score": 3}) + "\n" + '{"key": "k2", "sco')
-    cache = judge_http.ScoreCache(path)
+    cache = judge_cache.ScoreCache(path)
     assert set(cache.entries) == {"k1"}
     cache.put("k3", {"score": 4})
     cache.close()
-    assert set(judge_http.ScoreCache(path).entries) == {"k1", "k3"}
+    assert set(judge_cache.ScoreCache(path).entries) == {"k1", "k3"}
 
 
 def test_cost_estimate_for_known_models():
@@ -350,3 +209,113 @@ def test_cost_estimate_for_known_models():
     j = judge.make_judge("openai", model="gpt-4o-mini-2024-07-18", base_url="http://localhost:1/v1")
     assert j.estimate_cost(1_000_000, 1_000_000) == pytest.approx(0.75)
     assert judge.make_judge("openai", model="llama3", base_url="http://localhost:1/v1").estimate_cost(10, 10) is None
+
+
+# ---------------------------------------------------------------- the 100-point scale and the pairwise mode
+@pytest.mark.parametrize("reply, score", [("Rating: [[85]]", 85), ("[[85/100]]", 85), ("Score: 72.5", 72.5),
+                                          ("85/100", 85), ("64 out of 100", 64), ("100", 100), ("7", 7)])
+def test_parse_rating_on_100_point_scale(reply, score):
+    """On scale 100, ratings 1..100 and "N/100" parse; the same reply of 85 is out of range on scale 10."""
+    assert judge_http.parse_rating(reply, scale=100) == score
+
+
+@pytest.mark.parametrize("reply", ["[[101]]", "Rating: 0", "Score: 8/10", "7/10"])
+def test_parse_rating_100_rejects(reply):
+    """Out of 1..100, or a rating out of 10, is no rating on the 100-point scale."""
+    with pytest.raises(ValueError):
+        judge_http.parse_rating(reply, scale=100)
+
+
+def test_scale_100_template_ratings_and_cache_key(server, key_env, tmp_path):
+    """A scale-100 judge asks for 1..100 and reads 85; its cache rows are not hits for a scale-10 judge, which
+    asks again and cannot read 85 (null + error); the judge names differ, so rows are never mixed."""
+    text = judge_base.build_prompt("q", "a", scale=100)
+    assert "1 to 100" in text and "[[50]]" in text and judge_base.template_version(100) != judge_base.template_version()
+    cache = tmp_path / "c.jsonl"
+    items = [{"prompt": "q", "answer": a, "record": {}} for a in ("x score=85", "y score=7")]
+    j100 = fast_judge(server.url, cache_path=cache, scale=100)
+    assert j100.name == "openai:judge-x:scale100" and j100.score_many(items) == [(85.0, None), (7.0, None)]
+    j10 = fast_judge(server.url, cache_path=cache)
+    out = j10.score_many(items)
+    assert j10.stats["cache_hits"] == 0 and out[1] == (7.0, None) and out[0][0] is None and "85" in out[0][1]
+    again = fast_judge(server.url, cache_path=cache, scale=100)
+    assert again.score_many(items) == [(85.0, None), (7.0, None)] and again.stats["requests"] == 0
+
+
+def pair_records():
+    """human vs generated: generated better, human better, equally good, generated empty, identical."""
+    return [{"id": str(i), "prompt": f"q{i}", "human": h, "generated": g} for i, (h, g) in enumerate(
+        [("h0 score=3", "g0 score=8"), ("h1 score=9", "g1 score=2"), ("h2 score=5", "g2 score=5"),
+         ("h3 score=5", "  "), ("same score=4", "same score=4")])]
+
+
+def test_pairwise_asks_both_orders_and_scores_votes(server, key_env, tmp_path):
+    """Pairwise: two requests per record (human first, then generated first); each answer's score is its votes
+    over both orders (the two sum to 2); an empty or identical answer is decided without a request. DSL flips
+    exactly the record whose generated answer won both orders; a rerun is answered from the cache."""
+    out = tmp_path / "j.jsonl"
+    rows, summary = judge.judge_records(pair_records(), fast_judge(server.url, mode="pairwise"), out, progress=False)
+    assert [(r["human_score"], r["generated_score"]) for r in rows] == [(0, 2), (2, 0), (1, 1), (2, 0), (1, 1)]
+    assert set(server.received) == {(f"q{i}", order) for i, (h, g) in enumerate(
+        (r["human"], r["generated"]) for r in pair_records()[:3]) for order in ((h, g), (g, h))}
+    assert summary["requests"] == 6 and summary["empty_answers"] == 1 and rows[0]["judge"] == "openai:judge-x:pairwise"
+    pairs, stats = data.dsl_pairs(rows, dsl=True)
+    assert [p["chosen_source"] for p in pairs] == ["generated", "human", "human", "human"]
+    assert (stats["flips"], stats["ties"], stats["identical"]) == (1, 1, 1)
+    out.unlink()
+    _, summary = judge.judge_records(pair_records(), fast_judge(server.url, mode="pairwise"), out, progress=False)
+    assert summary["requests"] == 0 and summary["cache_hits"] == 6
+
+
+def test_pairwise_position_bias_cancels_to_a_tie(key_env, tmp_path):
+    """A judge that always prefers the answer shown first gives every asked record one vote each: a tie,
+    so DSL keeps the human answer; a single-answer scale cannot see this bias at all."""
+    biased = FakeChat(position_bias="A")
+    try:
+        rows, _ = judge.judge_records(pair_records()[:3], fast_judge(biased.url, mode="pairwise"), tmp_path / "j.jsonl",
+                                      progress=False)
+    finally:
+        biased.close()
+    assert [(r["human_score"], r["generated_score"]) for r in rows] == [(1, 1)] * 3
+    assert data.dsl_stats(rows)["flips"] == 0
+
+
+def test_pairwise_unreadable_order_is_a_missing_score(server, key_env):
+    """An order whose verdict cannot be read (after one more try) leaves both scores of the record null,
+    with an error naming the order; other records are unaffected."""
+    recs = pair_records()[:2]
+    server.script = {(recs[0]["generated"], recs[0]["human"]): ["garbage", "garbage"]}
+    (h0, g0), (h1, g1) = fast_judge(server.url, mode="pairwise").score_records(recs)
+    assert h0[0] is None and g0[0] is None and h0[1].startswith("generated first: unparseable")
+    assert (h1, g1) == ((2.0, None), (0.0, None))
+
+
+@pytest.mark.parametrize("reply, vote", [("[[A]]", 1.0), ("My verdict: [[B]]", 0.0), ("[[c]]", 0.5), ("B", 0.0)])
+def test_parse_verdict(reply, vote):
+    """[[A]], [[B]], [[C]] (any case, anywhere) or a bare letter give the first answer's share of the vote."""
+    assert judge_http.parse_verdict(reply) == vote
+
+
+@pytest.mark.parametrize("reply", ["", "[[A]] or [[B]]", "Assistant A is better.", "[[D]]"])
+def test_parse_verdict_rejects(reply):
+    """No verdict, two different verdicts or an unknown letter raise ValueError."""
+    with pytest.raises(ValueError):
+        judge_http.parse_verdict(reply)
+
+
+def test_scale_and_mode_flags_checked(server, key_env, tmp_path):
+    """judge.py --judge-scale/--judge-mode reach the HTTP judge; combinations that cannot work are one-line errors."""
+    inp = tmp_path / "generated.jsonl"
+    data.write_jsonl(inp, pair_records()[:1])
+    judge.main(["--in", str(inp), "--out", str(tmp_path / "a.jsonl"), "--judge", "openai", "--judge-model", "m",
+                "--judge-base-url", server.url, "--judge-mode", "pairwise"])
+    assert data.read_jsonl(tmp_path / "a.jsonl")[0]["judge"] == "openai:m:pairwise"
+    judge.main(["--in", str(inp), "--out", str(tmp_path / "b.jsonl"), "--judge", "openai", "--judge-model", "m",
+                "--judge-base-url", server.url, "--judge-scale", "100"])
+    assert data.read_jsonl(tmp_path / "b.jsonl")[0]["judge"] == "openai:m:scale100"
+    for argv, message in [(["--judge", "rule", "--judge-scale", "100"], "rule judge grades 10 / 3 / 1"),
+                          (["--judge", "hf", "--judge-model", "x", "--judge-mode", "pairwise"], "needs --judge openai"),
+                          (["--judge", "openai", "--judge-base-url", server.url, "--judge-mode", "pairwise",
+                            "--judge-scale", "100"], "pairwise mode gives verdicts")]:
+        with pytest.raises(SystemExit, match=message):
+            judge.main(["--in", str(inp), "--out", str(tmp_path / "c.jsonl"), *argv])

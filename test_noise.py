@@ -1,10 +1,10 @@
-"""Tests for noise.py: Eq. 5–6 against naive full-tensor and Monte Carlo computations."""
+"""Tests for noise.py: the chunked Eq. 5–6 paths against plain_noisy_sequence_logps (float64, same ε), Monte Carlo."""
 import pytest
 import torch
 
 from loss import sequence_logps
 from noise import (DEFAULT_INIT_VARIANCE, FixedNoise, NoiseGenerator, chunk_noise, draw_base_seed,
-                   make_noise, noisy_sequence_logps)
+                   make_noise, noisy_sequence_logps, plain_noisy_sequence_logps)
 
 B, T, V, D = 3, 9, 13, 6
 
@@ -32,19 +32,15 @@ def random_generator(seed=0, dtype=torch.float32):
 
 
 def naive_noisy_logps(logits, hidden, labels, gen, base_seed, chunk_size):
-    """Full (N, V) computation in float64 with ε concatenated from the same per-chunk seeds."""
-    logits, hidden, labels = logits[:, :-1].double(), hidden[:, :-1], labels[:, 1:]
-    rows, cols = (labels != -100).nonzero(as_tuple=True)
-    n = rows.numel()
-    eps = torch.cat([chunk_noise(base_seed, k, min(chunk_size, n - s), logits.shape[-1])
-                     for k, s in enumerate(range(0, n, chunk_size))]).double()  # (N, V)
-    variance = gen(hidden[rows, cols]).double()  # (N, V)
-    noisy = logits[rows, cols] + variance.sqrt() * eps
-    token_logps = torch.log_softmax(noisy, -1)[torch.arange(n), labels[rows, cols]]
-    out = torch.zeros(labels.shape[0], dtype=torch.float64)
-    for r, lp in zip(rows.tolist(), token_logps):
-        out[r] = out[r] + lp
-    return out, variance.mean()
+    """noise.plain_noisy_sequence_logps in float64 with ε at the answer positions (row-major) concatenated from
+    the chunked path's per-chunk seeds, so both see the same noise."""
+    answer = labels[:, 1:] != -100                                  # (B, T-1)
+    n = int(answer.sum())
+    eps = torch.zeros(logits.shape, dtype=torch.float64)            # (B, T, V); ε at non-answer positions is unused
+    eps[:, :-1][answer] = torch.cat([chunk_noise(base_seed, k, min(chunk_size, n - s), logits.shape[-1])
+                                     for k, s in enumerate(range(0, n, chunk_size))]).double()
+    logps, variance_mean = plain_noisy_sequence_logps(logits.double(), hidden, labels, gen, eps)
+    return logps, variance_mean.double()
 
 
 def test_generator_starts_at_init_variance():
