@@ -29,14 +29,14 @@ PRESETS = {
     "paper": dict(  # Table 3 on zephyr-7b-sft-full, 20k UltraChat prompts, gpt-4o-mini judge
         run_dir="runs/paper", base_model="alignment-handbook/zephyr-7b-sft-full", data=None,
         max_prompts=20000, max_length=1024, max_prompt_length=512, max_new_tokens=512, gen_batch_size=32,
-        judge="openai", judge_model="gpt-4o-mini", beta=0.1, epochs=3, batch_size=4, grad_accum=1,
+        judge="openai", judge_model="gpt-4o-mini", judge_scale=100, beta=0.1, epochs=3, batch_size=4, grad_accum=1,
         lr=5e-7, optimizer="rmsprop", warmup_ratio=0.1, dtype="bf16", save_every=200,
         gradient_checkpointing=True, logp_examples=64),
 }
 COMMON = dict(  # defaults shared by both presets
     seed=0, device=None, history=1, flaw_rate=0.3, trust_remote_code=False, temperature=0.0, top_p=1.0,
     gen_backend="hf", judge_base_url=None, judge_concurrency=8, judge_api_key_env="OPENAI_API_KEY",
-    judge_max_missing=0.2, loss_type="sigmoid", noise_alpha=noises.DEFAULT_ALPHA, noise_sigma=noises.DEFAULT_SIGMA,
+    judge_max_missing=0.2, judge_scale=10, judge_mode="single", loss_type="sigmoid", noise_alpha=noises.DEFAULT_ALPHA, noise_sigma=noises.DEFAULT_SIGMA,
     noise_lr=1e-3, noise_chunk_size=256, weight_decay=0.0, max_grad_norm=1.0, keep_checkpoint=False,
     stop_after_steps=0, precompute_ref=True, ref_cache_gb=4.0, group_by_length=True)
 FLOAT_FLAGS = ("beta", "lr", "noise_alpha", "noise_sigma", "noise_lr", "weight_decay", "warmup_ratio", "max_grad_norm",
@@ -87,6 +87,10 @@ def parse_args(argv=None):
     g.add_argument("--judge-concurrency", type=int, help="parallel judge requests (default 8)")
     g.add_argument("--judge-api-key-env", help="environment variable holding the API key (default OPENAI_API_KEY)")
     g.add_argument("--judge-max-missing", type=float, help="fraction of records allowed without a score (default 0.2)")
+    g.add_argument("--judge-scale", type=int, choices=[10, 100],
+                   help="LLM judges: rate 1..10 (default) or 1..100 (most likely the paper's, judge_base.py)")
+    g.add_argument("--judge-mode", choices=["single", "pairwise"],
+                   help="openai judge: single-answer scores (default) or pairwise (both answers, both orders)")
     g.add_argument("--dsl", action=argparse.BooleanOptionalAction,
                    help="dynamic sample labeling (default on for k ≥ 1; --no-dsl: human = chosen)")
     g = p.add_argument_group("DNPO")
@@ -153,6 +157,8 @@ def check_args(args):
          f"--max-prompt-length ({args.max_prompt_length}) must be < --max-length ({args.max_length})")
     need(args.data is not None, f"--preset {args.preset} needs --data FILE (an UltraChat jsonl/parquet file)")
     need(args.judge != "hf" or args.judge_model, "--judge hf needs --judge-model (a hub id or a directory)")
+    need(args.judge == "openai" or args.judge_mode == "single", "--judge-mode pairwise needs --judge openai")
+    need(args.judge != "rule" or args.judge_scale == 10, "--judge rule scores 1..10 only (drop --judge-scale)")
     if args.data != "demo":
         try:
             data.check_file(args.data)

@@ -102,7 +102,9 @@ def stage_flags(args, training_keys, run_dir, embedded=()):
         generate.update(gen_batch_size=args.gen_batch_size, world_size=args.world_size)
     flags = dict(generate=generate,
                  judge=dict(judge=args.judge, judge_model=args.judge_model,
-                            judge_base_url=redact_url(args.judge_base_url)),
+                            judge_base_url=redact_url(args.judge_base_url),
+                            **{k: getattr(args, k) for k, default in (("judge_scale", 10), ("judge_mode", "single"))
+                               if getattr(args, k, default) != default}),  # recorded when not the default
                  label=dict(dsl=args.dsl),
                  train={k: start_model if k == "start_model" else getattr(args, k, None)
                         for k in training_keys if k != "pairs_sha256"})

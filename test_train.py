@@ -196,6 +196,9 @@ def test_nonfinite_loss_stops_with_a_message(iter0_run, tmp_path, monkeypatch):
     (["--lr", "1e-5"], "--iter"),
     (["--iter", "-1"], "--iter must be"),
     (["--iter", "0", "--judge", "hf"], "--judge-model"),
+    (["--iter", "0", "--judge-mode", "pairwise"], "--judge-mode pairwise needs --judge openai"),
+    (["--iter", "0", "--judge-scale", "100"], "--judge rule scores 1..10 only"),
+    (["--iter", "0", "--judge-scale", "7"], "--judge-scale"),
 ])
 def test_bad_flags_give_one_line_errors(argv, message):
     """A flag no run can use is a one-line SystemExit naming the flag, before any work."""
@@ -436,3 +439,16 @@ def test_generation_gets_the_prompt_limit_and_judging_the_missing_limit(iter0_ru
     with pytest.raises(KeyboardInterrupt):
         train.main(["--iter", "1", *tiny_flags(run_dir, "unused"), "--judge-max-missing", "0.5"])
     assert seen["generate"]["max_prompt_length"] == 96 and seen["judge"]["max_missing"] == 0.5
+
+
+def test_judge_scale_and_mode_reach_the_judge(iter0_run, tmp_path, monkeypatch):
+    """--judge-scale and --judge-mode are passed to judges.make_judge and recorded with the judge stage."""
+    run_dir, seen = fresh_copy(iter0_run, tmp_path), {}
+    monkeypatch.setattr(train.judges, "make_judge", lambda *a, **kw: seen.update(make=kw) or object())
+    monkeypatch.setattr(train.judges, "judge_records", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--iter", "1", *tiny_flags(run_dir, "unused"), "--judge", "openai", "--judge-scale", "100",
+                    "--judge-mode", "pairwise", "--judge-base-url", "http://127.0.0.1:9/v1"])
+    assert seen["make"]["scale"] == 100 and seen["make"]["mode"] == "pairwise"
+    judge_stage = json.loads((run_dir / "iter1" / "stages.json").read_text())["judge"]["flags"]
+    assert judge_stage["judge_scale"] == 100 and judge_stage["judge_mode"] == "pairwise"

@@ -86,6 +86,7 @@ def label_stage(args, it_dir, run_dir, rank, flags):
             judged = data.read_jsonl(judged_path)
         else:
             judge = judges.make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
+                                      scale=args.judge_scale, mode=args.judge_mode,
                                       cache_path=run_dir / "judge_cache.jsonl", concurrency=args.judge_concurrency,
                                       api_key_env=args.judge_api_key_env, device=args.device)
             judged, summary = judges.judge_records(data.read_jsonl(it_dir / "generated.jsonl"), judge, judged_path,
@@ -101,7 +102,7 @@ def label_stage(args, it_dir, run_dir, rank, flags):
         stages.finish(it_dir, "label", pairs_path.name)
         stats["flip_rate"] = judges.dsl_flip_rate(judged)
     ckpt.barrier()
-    pairs = data.history_pairs(run_dir, args.iter, args.history)  # α-SPIN mixing; h = 1: this iteration
+    pairs = data.history_pairs(run_dir, args.iter, args.history, seed=args.seed)  # α-SPIN 50:50 mix; h = 1: this iteration
     if not pairs:
         raise SystemExit(f"train.py: {it_dir / 'pairs.jsonl'} holds no pairs (every judge score missing?)")
     return pairs, stats
