@@ -180,6 +180,21 @@ def compare(path_a, path_b, draws=2000, seed=0):
     return result
 
 
+def accuracy_vs(path_a, path_b, draws=2000, seed=0):
+    """Paired accuracy difference A − B (demo.check_answer) on the prompt ids both have: per prompt A right
+    and B wrong is a win, the reverse a loss, so the difference is win − loss with its paired-bootstrap 95% CI."""
+    right = lambda rows: {r["id"]: check_answer(r["generated"], r["answer"], r["prompt"])  # noqa: E731
+                          for r in rows if r.get("answer") is not None}
+    a, b = right(read_jsonl(path_a)), right(read_jsonl(path_b))
+    common = [i for i in a if i in b]
+    if not common:
+        raise ValueError(f"{path_a} and {path_b} share no prompt id with a checkable answer")
+    win, loss = sum(a[i] and not b[i] for i in common), sum(b[i] and not a[i] for i in common)
+    n = len(common)
+    return {"n": n, "win": win, "loss": loss, "diff": (win - loss) / n,
+            "ci": bootstrap_intervals(win, n - win - loss, loss, draws, seed)["win_minus_loss"]}
+
+
 def compare_table(result):
     rows = [[name, result[name] if name != "win_minus_loss" else result["win"] - result["loss"], result["rates"][name],
              "[{:.3f}, {:.3f}]".format(*result["bootstrap_95"][name]),

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import ablate
+import ablate_table
 import eval as ev
 import train
 from data import read_jsonl, write_jsonl
@@ -108,7 +109,7 @@ def test_table_by_hand(tmp_path):
     fake_judged(out / "dnpo-seed0" / "eval" / "iter1_judged.jsonl", range(2, 9))    # 7/10: wins 5-8, losses 0-1
     fake_judged(out / "dnpo-seed1" / "eval" / "iter1_judged.jsonl", range(8))       # 8/10: wins 6-7, no loss
     opts = ablate.parse_args(["--out", str(out), "--iters", "1", "--seeds", "0", "1", "--rows", "spin,dnpo"])
-    result = ablate.collect(opts)
+    result = ablate_table.collect(opts)
     assert result["base"]["value"] == 0.3 and result["human"]["value"] == 0.7
     cell = {(c["row"], c["seed"], c["k"]): c for c in result["cells"]}
     assert (cell["spin", 0, 1]["correct"], cell["spin", 0, 1]["n"]) == (5, 10)
@@ -118,23 +119,28 @@ def test_table_by_hand(tmp_path):
     assert (v["win"], v["tie"], v["loss"], v["n"]) == (4, 4, 2, 10) and v["win_minus_loss"] == pytest.approx(0.2)
     assert v["ci"] == pytest.approx(ev.bootstrap_intervals(4, 4, 2)["win_minus_loss"])
     assert (cell["dnpo", 1, 1]["vs_spin"]["win"], cell["dnpo", 1, 1]["vs_spin"]["loss"]) == (2, 0)
+    b = cell["dnpo", 0, 1]["vs_base"]  # right on 2..8 vs the base model's 0..2: wins 3..8, losses 0..1
+    assert (b["win"], b["loss"], b["n"]) == (6, 2, 10) and b["diff"] == pytest.approx(0.4)
+    assert b["ci"] == pytest.approx(ev.bootstrap_intervals(6, 2, 2)["win_minus_loss"])
     summary = {(s["row"], s["k"]): s for s in result["summary"]}
     assert summary["spin", 1]["mean"] == pytest.approx(0.55) and summary["dnpo", 1]["seeds"] == 2
     check = result["dnpo_vs_spin"][0]
     assert check["diffs"] == pytest.approx([0.2, 0.2]) and check["spread"] == pytest.approx({"spin": 0.1, "dnpo": 0.1})
     assert check["exceeds"] and "the difference exceeds the spread" in check["sentence"]
-    md = ablate.markdown(opts, result)
+    md = ablate_table.markdown(opts, result)
     assert "| base model | — | 0.300 [0.108, 0.603] |  |  |" in md
     assert "| SPIN | 2 |  | 0.400 (0.400–0.400) | 0.550 (0.500–0.600) |" in md
     assert "| +DNPO (DSL + NPO) | 2 |  | = SPIN | 0.750 (0.700–0.800) |" in md
     assert "| SPIN | 0 | 0.400 [0.168, 0.687] | 0.500 [0.237, 0.763] |" in md
     lo, hi = ev.bootstrap_intervals(4, 4, 2)["win_minus_loss"]
     assert f"| +DNPO (DSL + NPO) | 0 | {0.2:+.3f} [{lo:+.3f}, {hi:+.3f}] (4/4/2) |" in md
+    lo, hi = b["ci"]
+    assert f"| +DNPO (DSL + NPO) | 0 | = SPIN | +0.400 [{lo:+.3f}, {hi:+.3f}] |" in md
     fake_judged(out / "dnpo-seed1" / "eval" / "iter1_judged.jsonl", range(5))       # 5/10: −0.1 at seed 1
-    check = ablate.collect(opts)["dnpo_vs_spin"][0]
+    check = ablate_table.collect(opts)["dnpo_vs_spin"][0]
     assert check["mean"] == pytest.approx(0.05) and not check["exceeds"]
     assert "does not exceed" in check["sentence"]
-    one = ablate.collect(ablate.parse_args(["--out", str(out), "--iters", "1", "--seeds", "0", "--rows", "dnpo"]))
+    one = ablate_table.collect(ablate.parse_args(["--out", str(out), "--iters", "1", "--seeds", "0", "--rows", "dnpo"]))
     assert "one seed" in one["dnpo_vs_spin"][0]["sentence"] and "exceeds" not in one["dnpo_vs_spin"][0]
 
 
