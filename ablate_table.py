@@ -15,6 +15,7 @@ import numpy as np
 import data
 import eval as ev
 import plots
+from demo import check_answer
 
 # ----------------------------------------------------------------------------- the layout of OUT (shared with ablate.py)
 LABELS = {"spin": "SPIN", "dsl": "+DSL", "npo": "+NPO", "dnpo": "+DNPO (DSL + NPO)", "fixed": "+fixed noise (no DSL)",
@@ -60,12 +61,27 @@ def judged(opts, row, seed, name):
     return run_dir(opts, row, seed) / "eval" / f"{name}_judged.jsonl"
 
 
+def per_family(path, family_of) -> dict:
+    """{family: [correct, n]} of one judged eval file (demo records; the family comes from the demo task)."""
+    out = {}
+    for r in data.read_jsonl(path):
+        if r.get("answer") is not None and r["id"] in family_of:
+            counts = out.setdefault(family_of[r["id"]], [0, 0])
+            counts[0] += check_answer(r["generated"], r["answer"], r["prompt"])
+            counts[1] += 1
+    return out
+
+
 def collect(opts) -> dict:
     """Every number of ablation.md/json, from the judged files of `eval.py score` and summary.json files."""
     base = judged(opts, "spin", opts.seeds[0], "base")  # the base model is scored once (module docstring)
     out = dict(settings=settings_of(opts), rows=opts.rows, seeds=opts.seeds, iters=opts.iters, chain=opts.chain,
                base=metric_cell(base), human=metric_cell(base, "human", "human_score"), cells=[], summary=[],
-               dnpo_vs_spin=[], times=[])
+               dnpo_vs_spin=[], times=[], families={})
+    family_of = ({r["id"]: r["family"] for r in data.load_prompts("demo", "eval", max_prompts=opts.eval_max_prompts)}
+                 if opts.eval_data in (None, "demo") else {})
+    if family_of and base.is_file():
+        out["families"]["base"] = per_family(base, family_of)
     for row in opts.rows:
         for seed in row_seeds(opts, row):
             for k in own_iters(opts, row):
@@ -79,6 +95,8 @@ def collect(opts) -> dict:
                                            win_minus_loss=c["rates"]["win_minus_loss"],
                                            ci=c["bootstrap_95"]["win_minus_loss"])
                 out["cells"].append(cell)
+                if family_of and seed == opts.seeds[0] and judged(opts, row, seed, f"iter{k}").is_file():
+                    out["families"][f"{row} iter{k}"] = per_family(judged(opts, row, seed, f"iter{k}"), family_of)
                 summary = run_dir(opts, row, seed) / f"iter{k}" / "summary.json"
                 if summary.is_file():
                     s = json.loads(summary.read_text())
@@ -181,6 +199,13 @@ def markdown(opts, result) -> str:
         plots.markdown_table(["row", "seed"] + [f"iter {k}" for k in ks[1:]], paired), "",
         "## DNPO vs SPIN across seeds", ""]
     lines += [f"* {c['sentence']}" for c in result["dnpo_vs_spin"]] or ["* (no dnpo row)"]
+    fams = sorted({f for counts in result["families"].values() for f in counts})
+    if fams:
+        lines += ["", f"## Held-out accuracy per task family (seed {first})", "",
+                  "Correct / n per family of the demo task: where training gains and where it loses.", "",
+                  plots.markdown_table(["model"] + fams, [[name] + ["{}/{} = {:.2f}".format(c[0], c[1], c[0] / c[1])
+                                                                   if (c := counts.get(f)) else "—" for f in fams]
+                                                          for name, counts in result["families"].items()])]
     lines += ["", "## Figures", ""] + [f"![{caption}]({path})" for path, caption in figures if (out / path).is_file()]
     lines += ["", "## Wall time", "", plots.markdown_table(
         ["stage", "train s", "wall s"], [[t["stage"], t.get("train_s"), t["wall_s"]] for t in result["times"]])]

@@ -218,3 +218,11 @@ def test_start_model_errors_are_one_line(tmp_path, k, start, message):
     with pytest.raises(SystemExit, match=message) as err:
         train.main(["--iter", k, "--run-dir", str(tmp_path / "run"), "--start-model", start])
     assert "\n" not in str(err.value)
+
+
+def test_per_family_accuracy_by_hand(tmp_path):
+    """per_family counts correct / n per demo family; ids without a family are left out."""
+    path = tmp_path / "judged.jsonl"
+    fake_judged(path, correct_ids=[0, 1, 4])  # q0..q9
+    family_of = {"q0": "arithmetic", "q1": "arithmetic", "q2": "arithmetic", "q3": "units", "q4": "units"}
+    assert ablate_table.per_family(path, family_of) == {"arithmetic": [2, 3], "units": [1, 2]}
