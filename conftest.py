@@ -3,8 +3,13 @@
 The tokenizer is byte-level (256 byte tokens, no merges) plus ChatML specials, with the same chat template
 shape as SmolLM2-Instruct, so every code path that calls `apply_chat_template` runs unchanged on it.
 """
+import json
+import pathlib
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -58,3 +63,43 @@ def tiny_model_dir(tmp_path_factory):
     make_tiny_model(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+# ---------------------------------------------------------------- train.py runs on the tiny model
+SECRET = "sk-test-never-written-0123456789"
+
+
+def tiny_flags(run_dir, base_model, *extra):
+    """A complete, fast iteration on the tiny model: 6 demo prompts, 6 new tokens, 2 epochs of 3 steps."""
+    return ["--run-dir", str(run_dir), "--base-model", base_model, "--max-prompts", "6", "--max-new-tokens", "6",
+            "--max-length", "160", "--max-prompt-length", "96", "--batch-size", "2", "--epochs", "2",
+            "--save-every", "2", "--lr", "1e-3", "--noise-lr", "1e-2", "--logp-examples", "3", "--gen-batch-size", "6",
+            *extra]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def model_weights(path):
+    return load_file(str(pathlib.Path(path) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def iter0_run(tmp_path_factory, tiny_model_dir):
+    """A run directory holding a finished iteration 0 (plain SPIN from the tiny model)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OPENAI_API_KEY", SECRET)
+    import train  # here, not at the top: conftest is imported before every test module
+
+    train.main(["--iter", "0", *tiny_flags(run_dir, tiny_model_dir)])
+    mp.undo()
+    return run_dir
+
+
+def fresh_copy(iter0_run, tmp_path):
+    """A new run directory with only iteration 0 in it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(iter0_run / "iter0", run_dir / "iter0")
+    return run_dir

@@ -21,9 +21,7 @@ import checkpoint as ckpt
 import distributed
 import model as models
 import noise as noises
-import step as steps
-from conftest import make_tiny_model, make_tiny_tokenizer
-from test_train import fresh_copy, iter0_run, model_weights, read_jsonl, tiny_flags  # noqa: F401 (fixture)
+from conftest import fresh_copy, make_tiny_model, make_tiny_tokenizer, model_weights, read_jsonl, tiny_flags
 
 ROOT = pathlib.Path(__file__).parent
 
