@@ -44,6 +44,8 @@ import time
 
 import torch
 
+import bench_perf
+import bench_train
 from loss import dnpo_loss, sequence_logps, spin_loss
 from noise import NoiseGenerator, noisy_sequence_logps
 
@@ -259,7 +261,15 @@ def bench_judge_throughput(device, records=64, latency=0.05, concurrencies=(1, 1
 
 
 BENCHMARKS = {"noisy_logps": bench_noisy_logps, "dnpo_step": bench_dnpo_step,
-              "judge_throughput": bench_judge_throughput}
+              "judge_throughput": bench_judge_throughput,
+              # on the demo workload (SmolLM2-135M, 32 demo pairs): bench_train.py, bench_perf.py
+              "train_step_vs_trl": bench_train.bench_train_step_vs_trl,
+              "iteration_speedup": bench_perf.bench_iteration_speedup,
+              "memory_and_noise": bench_perf.bench_memory_and_noise,
+              "flop_utilization": bench_perf.bench_flop_utilization,
+              "generation": bench_perf.bench_generation,
+              "cpu_bf16": bench_perf.bench_cpu_bf16,
+              "profile": bench_perf.bench_profile}
 
 
 def main(argv=None):
