@@ -1,6 +1,6 @@
 """Performance benchmarks, printed as ratios measured side by side in one run.
 
-    python bench.py [--json] [--only NAME ...] [--device cpu|cuda]
+    python bench.py [--json] [--only NAME ...] [--device cpu|cuda] [--rounds N]
 
 Each benchmark in BENCHMARKS is a function (device) -> dict of ratios; it prints its raw numbers as it
 goes. With --json the last line printed is one JSON object {"<benchmark>.<ratio>": value, ...}.
@@ -25,6 +25,12 @@ Notation as in loss.py: B sequences, T tokens, V vocabulary, d hidden size, N an
   reply, at concurrency 1 and 16, fresh cache each run; ratios: c16 over c1, and each level's fraction of
   the latency-bound ideal (concurrency / (2 requests × latency) records/s).
 
+* train_step_vs_trl, iteration_speedup, memory_and_noise, flop_utilization, generation, cpu_bf16, profile:
+  on the demo workload (SmolLM2-135M, 32 demo pairs, as `train.py --preset demo`); described in
+  bench_perf.py, the shared harness (train.py's step, the TRL adapter, peak-RSS child processes) in
+  bench_train.py. --rounds sets their interleaved rounds (default 3). train_step_vs_trl needs
+  `pip install -r requirements-bench.txt` (TRL) and is skipped without it.
+
 Departures / choices:
 1. Timings are medians of a few repeats after a warm-up on whatever machine runs this; the CPU figures
    in the notes were taken on 2 shared cores and are noisy.
@@ -45,7 +51,6 @@ import time
 import torch
 
 import bench_perf
-import bench_train
 from loss import dnpo_loss, sequence_logps, spin_loss
 from noise import NoiseGenerator, noisy_sequence_logps
 
@@ -263,13 +268,15 @@ def bench_judge_throughput(device, records=64, latency=0.05, concurrencies=(1, 1
 BENCHMARKS = {"noisy_logps": bench_noisy_logps, "dnpo_step": bench_dnpo_step,
               "judge_throughput": bench_judge_throughput,
               # on the demo workload (SmolLM2-135M, 32 demo pairs): bench_train.py, bench_perf.py
-              "train_step_vs_trl": bench_train.bench_train_step_vs_trl,
+              "train_step_vs_trl": bench_perf.bench_train_step_vs_trl,
               "iteration_speedup": bench_perf.bench_iteration_speedup,
               "memory_and_noise": bench_perf.bench_memory_and_noise,
               "flop_utilization": bench_perf.bench_flop_utilization,
               "generation": bench_perf.bench_generation,
               "cpu_bf16": bench_perf.bench_cpu_bf16,
               "profile": bench_perf.bench_profile}
+WORKLOAD_BENCHMARKS = ("train_step_vs_trl", "iteration_speedup", "memory_and_noise", "flop_utilization", "generation",
+                       "cpu_bf16", "profile")  # these take spec= (bench_train.WORKLOAD overrides)
 
 
 def main(argv=None):
@@ -277,6 +284,7 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object of ratios as the last line")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks (default: all)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="device (default: cuda if available, else cpu)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds of the demo-workload benchmarks (default 3)")
     parser.add_argument("--child", choices=["chunked", "naive"], help=argparse.SUPPRESS)  # internal: one CPU memory probe
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -287,7 +295,8 @@ def main(argv=None):
         return
     ratios = {}
     for name in args.only or BENCHMARKS:
-        for key, value in BENCHMARKS[name](device).items():
+        kwargs = {"spec": dict(rounds=args.rounds)} if args.rounds and name in WORKLOAD_BENCHMARKS else {}
+        for key, value in BENCHMARKS[name](device, **kwargs).items():
             ratios[f"{name}.{key}"] = round(value, 4)
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     if args.json:

@@ -29,7 +29,7 @@ import demo
 import generate
 import model as models
 import train
-from bench_train import OurRun, Timer, child_peaks, workload
+from bench_train import OurRun, Timer, _mib, child_peaks, trl_available, trl_trainer, workload
 
 
 def _interleaved_epochs(w, variants, rounds=None):
@@ -43,6 +43,56 @@ def _interleaved_epochs(w, variants, rounds=None):
             times[name][1].append(run.precompute_s)
             del run
     return {name: (statistics.median(s), statistics.median(p)) for name, (s, p) in times.items()}
+
+
+# ----------------------------------------------------------------------------- train_step_vs_trl
+def bench_train_step_vs_trl(device, spec=None, memory=True):
+    """Our fast-path SPIN step against TRL's DPOTrainer, precompute_ref_log_probs off and on."""
+    if not trl_available():
+        print("train_step_vs_trl | skipped: trl is not installed (pip install -r requirements-bench.txt)")
+        return {}
+    import transformers
+    import trl
+    w = workload(device, spec)
+    spe, epochs = w.steps_per_epoch, w.spec["epochs"]
+    names = ("ours", "trl_off", "trl_on")
+    step_s, pre_s = {v: [] for v in names}, {v: [] for v in names}
+    for _ in range(w.spec["rounds"]):
+        run = OurRun(w)
+        step_s["ours"].append(run.epoch() / spe)
+        pre_s["ours"].append(run.precompute_s)
+        del run
+        for v in names[1:]:
+            with tempfile.TemporaryDirectory() as d:
+                trainer = trl_trainer(w, v == "trl_on", d)
+                trainer.train()
+                ends = trainer.step_ends
+                if len(ends) != spe + 1:
+                    raise RuntimeError(f"TRL ran {len(ends) - 1} steps, expected {spe}")
+                step_s[v].append((ends[-1] - ends[0]) / spe)
+                pre_s[v].append(trainer.precompute_s)
+                del trainer
+    med = {v: statistics.median(step_s[v]) for v in names}
+    pre = {v: statistics.median(pre_s[v]) for v in names}
+    amort = {v: med[v] + pre[v] / (spe * epochs) for v in names}
+    print(f"train_step_vs_trl | {device.type} | {w.spec['model']} fp32 {w.n_params / 1e6:.1f}M params | "
+          f"{len(w.examples)} pairs, batch {w.spec['batch_size']}, {spe} steps/epoch, {w.tokens} real tokens/epoch | "
+          f"trl {trl.__version__}, transformers {transformers.__version__} | {w.spec['rounds']} interleaved rounds, "
+          f"torch threads {torch.get_num_threads()}")
+    for v in names:
+        print(f"  {v:8s} step {med[v] * 1e3:8.0f} ms | {w.tokens / (med[v] * spe):7.0f} tok/s | reference precompute "
+              f"{pre[v]:6.2f} s | amortised over {epochs} epochs {amort[v] * 1e3:8.0f} ms/step "
+              f"({w.tokens / (amort[v] * spe):6.0f} tok/s)")
+    out = {"step_time_ratio_ours_over_trl_off": amort["ours"] / amort["trl_off"],
+           "step_time_ratio_ours_over_trl_on": med["ours"] / med["trl_on"],
+           "amortised_step_time_ratio_ours_over_trl_on": amort["ours"] / amort["trl_on"]}
+    if memory:
+        peaks = child_peaks(names, w)
+        for v in names:
+            print(f"  {v:8s} peak RSS {_mib(peaks[v]['peak'])} | extra over the loaded model {_mib(peaks[v]['extra'])}")
+        out.update({f"peak_extra_rss_ratio_ours_over_{v}": peaks["ours"]["extra"] / peaks[v]["extra"] for v in names[1:]})
+        out.update({f"peak_rss_ratio_ours_over_{v}": peaks["ours"]["peak"] / peaks[v]["peak"] for v in names[1:]})
+    return out
 
 
 # ----------------------------------------------------------------------------- iteration_speedup

@@ -29,7 +29,6 @@ import json
 import os
 import pathlib
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,16 +46,17 @@ import step as steps
 import train
 
 WORKLOAD = dict(model="smollm2-135m", pairs=32, batch_size=8, epochs=2, lr=1e-6, max_length=256,
-                max_prompt_length=128, max_new_tokens=48, gen_batch_size=16, rounds=3, pairs_file=None)
+                max_prompt_length=128, max_new_tokens=48, gen_batch_size=16, rounds=3, pairs_file=None, cache_dir=None)
 
 
 # ----------------------------------------------------------------------------- workload
 def demo_pairs(model, tokenizer, spec):
     """spec["pairs"] demo pairs: chosen = human answer, rejected = the model's greedy answer, generated once
-    and cached in <tmp>/dnpo-bench/ (generate.generate_answers returns a complete file as it is)."""
+    and cached in spec["cache_dir"] or <tmp>/dnpo-bench/ (generate.generate_answers returns a complete file as is)."""
     records = demo.demo_records("train", n=spec["pairs"])
     key = hashlib.sha1(models.resolve_model(spec["model"]).encode()).hexdigest()[:10]
-    path = pathlib.Path(tempfile.gettempdir()) / "dnpo-bench" / f"{key}-demo{spec['pairs']}-new{spec['max_new_tokens']}.jsonl"
+    cache = pathlib.Path(spec["cache_dir"] or pathlib.Path(tempfile.gettempdir()) / "dnpo-bench")
+    path = cache / f"{key}-demo{spec['pairs']}-new{spec['max_new_tokens']}.jsonl"
     rows = generate.generate_answers(model, tokenizer, records, str(path), max_new_tokens=spec["max_new_tokens"],
                                      batch_size=spec["gen_batch_size"])
     return [dict(id=r["id"], prompt=r["prompt"], chosen=r["human"], rejected=r["generated"]) for r in rows]
@@ -224,6 +224,16 @@ def trl_available():
     return importlib.util.find_spec("trl") is not None
 
 
+def trl_rows(examples):
+    """TRL's pre-tokenized preference rows from data.tokenize_pair examples: our token ids, prompt and answers."""
+    rows = []
+    for e in examples:
+        n = sum(1 for x in e["chosen_labels"] if x == -100)  # the prompt's length (the same on both sides)
+        rows.append(dict(prompt_ids=e["chosen_input_ids"][:n], chosen_ids=e["chosen_input_ids"][n:],
+                         rejected_ids=e["rejected_input_ids"][n:]))
+    return rows
+
+
 def trl_trainer(w, precompute, out_dir, max_steps=-1, policy=None):
     """A DPOTrainer on a fresh copy of the model (or on `policy`), fed our token ids; .precompute_s, .ref_batches,
     .step_ends (times of the epoch's start and of each optimizer step's end)."""
@@ -254,11 +264,6 @@ def trl_trainer(w, precompute, out_dir, max_steps=-1, policy=None):
         def on_step_end(self, *a, **k):
             trainer.step_ends.append(time.perf_counter())
 
-    rows = []
-    for e in w.examples:
-        n = sum(1 for x in e["chosen_labels"] if x == -100)  # prompt length (the same on both sides)
-        rows.append(dict(prompt_ids=e["chosen_input_ids"][:n], chosen_ids=e["chosen_input_ids"][n:],
-                         rejected_ids=e["rejected_input_ids"][n:]))
     s = w.spec
     config = DPOConfig(
         output_dir=out_dir, per_device_train_batch_size=s["batch_size"], num_train_epochs=1, max_steps=max_steps,
@@ -269,7 +274,7 @@ def trl_trainer(w, precompute, out_dir, max_steps=-1, policy=None):
     policy = (policy if policy is not None else copy.deepcopy(w.model)).train()
     ref = None if precompute else copy.deepcopy(w.model).eval().requires_grad_(False)  # TRL's own choice with precompute
     with _quiet_trl():
-        trainer = PreTokenized(model=policy, ref_model=ref, args=config, train_dataset=Dataset.from_list(rows),
+        trainer = PreTokenized(model=policy, ref_model=ref, args=config, train_dataset=Dataset.from_list(trl_rows(w.examples)),
                                processing_class=w.tokenizer, callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)  # the end-of-training metrics dict
     trainer.step_ends = []
@@ -356,56 +361,6 @@ def child_peaks(variants, w):
 
 def _mib(x):
     return f"{x / 2 ** 20:7.0f} MiB"
-
-
-# ----------------------------------------------------------------------------- benchmarks
-def bench_train_step_vs_trl(device, spec=None, memory=True):
-    """Our fast-path SPIN step against TRL's DPOTrainer, precompute_ref_log_probs off and on."""
-    if not trl_available():
-        print("train_step_vs_trl | skipped: trl is not installed (pip install -r requirements-bench.txt)")
-        return {}
-    import transformers
-    import trl
-    w = workload(device, spec)
-    spe, epochs = w.steps_per_epoch, w.spec["epochs"]
-    names = ("ours", "trl_off", "trl_on")
-    step_s, pre_s = {v: [] for v in names}, {v: [] for v in names}
-    for _ in range(w.spec["rounds"]):
-        run = OurRun(w)
-        step_s["ours"].append(run.epoch() / spe)
-        pre_s["ours"].append(run.precompute_s)
-        del run
-        for v in names[1:]:
-            with tempfile.TemporaryDirectory() as d:
-                trainer = trl_trainer(w, v == "trl_on", d)
-                trainer.train()
-                ends = trainer.step_ends
-                if len(ends) != spe + 1:
-                    raise RuntimeError(f"TRL ran {len(ends) - 1} steps, expected {spe}")
-                step_s[v].append((ends[-1] - ends[0]) / spe)
-                pre_s[v].append(trainer.precompute_s)
-                del trainer
-    med = {v: statistics.median(step_s[v]) for v in names}
-    pre = {v: statistics.median(pre_s[v]) for v in names}
-    amort = {v: med[v] + pre[v] / (spe * epochs) for v in names}
-    print(f"train_step_vs_trl | {device.type} | {w.spec['model']} fp32 {w.n_params / 1e6:.1f}M params | "
-          f"{len(w.examples)} pairs, batch {w.spec['batch_size']}, {spe} steps/epoch, {w.tokens} real tokens/epoch | "
-          f"trl {trl.__version__}, transformers {transformers.__version__} | {w.spec['rounds']} interleaved rounds, "
-          f"torch threads {torch.get_num_threads()}")
-    for v in names:
-        print(f"  {v:8s} step {med[v] * 1e3:8.0f} ms | {w.tokens / (med[v] * spe):7.0f} tok/s | reference precompute "
-              f"{pre[v]:6.2f} s | amortised over {epochs} epochs {amort[v] * 1e3:8.0f} ms/step "
-              f"({w.tokens / (amort[v] * spe):6.0f} tok/s)")
-    out = {"step_time_ratio_ours_over_trl_off": amort["ours"] / amort["trl_off"],
-           "step_time_ratio_ours_over_trl_on": med["ours"] / med["trl_on"],
-           "amortised_step_time_ratio_ours_over_trl_on": amort["ours"] / amort["trl_on"]}
-    if memory:
-        peaks = child_peaks(names, w)
-        for v in names:
-            print(f"  {v:8s} peak RSS {_mib(peaks[v]['peak'])} | extra over the loaded model {_mib(peaks[v]['extra'])}")
-        out.update({f"peak_extra_rss_ratio_ours_over_{v}": peaks["ours"]["extra"] / peaks[v]["extra"] for v in names[1:]})
-        out.update({f"peak_rss_ratio_ours_over_{v}": peaks["ours"]["peak"] / peaks[v]["peak"] for v in names[1:]})
-    return out
 
 
 def main(argv=None):
