@@ -90,7 +90,7 @@ def test_profile_parts_add_up(w):
 
 def test_benchmarks_return_their_keys(w):
     assert set(bench_perf.bench_iteration_speedup(CPU, w.spec)) == {
-        "speedup_old_over_new", "padding_fraction_random", "padding_fraction_grouped"}
+        "speedup_old_over_new", "loop_speedup_old_over_new", "padding_fraction_random", "padding_fraction_grouped"}
     assert set(bench_perf.bench_memory_and_noise(CPU, w.spec, memory=False)) == {"time_ratio_dnpo_over_spin"}
     flops = bench_perf.bench_flop_utilization(CPU, w.spec, mm_size=64)
     assert set(flops) == {"fp32_fraction_of_matmul_peak", "bf16_fraction_of_matmul_peak", "bf16_matmul_peak_over_fp32"}
@@ -146,7 +146,7 @@ def test_trl_collator_sees_our_batch(w):
 def test_train_step_vs_trl_keys(w):
     out = bench_perf.bench_train_step_vs_trl(CPU, w.spec, memory=False)
     assert set(out) == {"step_time_ratio_ours_over_trl_off", "step_time_ratio_ours_over_trl_on",
-                        "amortised_step_time_ratio_ours_over_trl_on"}
+                        "amortised_step_time_ratio_ours_over_trl_on", "step_time_ratio_ours_random_order_over_trl_on"}
     peaks = bench_train.memory_child("trl_on", dict(w.spec, pairs_file=None), CPU)
     assert peaks["extra"] > 0
 
