@@ -12,8 +12,8 @@ Notation as in loss.py: B sequences, T tokens, V vocabulary, d hidden size, N an
   (N, V) tensors, forward + backward with generator_grad=True (the noise term of Eq. 9). Peak memory is
   the peak *extra* memory over the inputs already in memory: on CUDA torch.cuda.max_memory_allocated
   minus the memory allocated before the call; on CPU (where torch has no allocator statistics) each
-  variant runs in its own subprocess and reports its peak resident set size (getrusage ru_maxrss, the
-  kernel's high-water mark, which includes transient buffers) after the call minus before it; a small
+  variant runs in its own subprocess and reports its peak resident set size (the kernel's high-water mark,
+  reset before the call: bench_train.PeakRSS; it includes transient buffers) minus the RSS before it; a small
   warm-up call first pages in torch's kernels (else ~80 MiB of library code counts as "memory"), and
   glibc is told to mmap every block ≥ 64 KiB (MALLOC_MMAP_THRESHOLD_) so freed blocks leave the RSS.
 * dnpo_step: one optimizer step of DNPO (reference forward with hidden states, policy forward/backward,
@@ -42,7 +42,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ import time
 import torch
 
 import bench_perf
+import bench_train
 from loss import dnpo_loss, sequence_logps, spin_loss
 from noise import NoiseGenerator, noisy_sequence_logps
 
@@ -80,9 +80,6 @@ def interleaved_times(fns, device, repeats=3):
             ts.append(time.perf_counter() - start)
     return [statistics.median(ts) for ts in times]
 
-
-def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 # --- noisy_logps: chunked + checkpointed vs naive full (N, V)
@@ -140,9 +137,9 @@ def peak_extra_memory(variant, device):
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    base = peak_rss_bytes()
+    rss = bench_train.PeakRSS().start()  # not ru_maxrss alone: it starts at the parent's RSS at fork
     run()
-    return peak_rss_bytes() - base
+    return rss.stop()["extra"]
 
 
 def bench_noisy_logps(device, repeats=2):

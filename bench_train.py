@@ -303,23 +303,29 @@ def _quiet_trl():
 
 # ----------------------------------------------------------------------------- peak memory in child processes
 class PeakRSS:
-    """Peak resident set size of this process from start() on: the kernel's high-water mark is reset by writing
-    5 to /proc/self/clear_refs (Linux), and ru_maxrss (as in bench.py's noisy_logps) read at the end; extra =
-    peak - RSS at start. Without clear_refs the baseline is the high-water mark so far (as bench.py)."""
+    """Peak resident set size of this process from start() on. On Linux the kernel's high-water mark of this
+    address space is reset by writing 5 to /proc/self/clear_refs and read back as VmHWM (/proc/self/status);
+    extra = peak - RSS at start. ru_maxrss (bench.py's noisy_logps) is not used there: it never falls below
+    the parent's RSS at fork time (exec records the forked address space's mark), which made every child
+    of a large parent report the parent's size. Elsewhere: ru_maxrss, baseline its value so far."""
 
     def start(self):
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
-            with open("/proc/self/statm") as fh:
-                self.base = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            self.base, self.linux = _status_bytes("VmRSS"), True
         except OSError:
-            self.base = _max_rss()
+            self.base, self.linux = _max_rss(), False
         return self
 
     def stop(self):
-        peak = _max_rss()
+        peak = _status_bytes("VmHWM") if self.linux else _max_rss()
         return dict(peak=peak, base=self.base, extra=peak - self.base)
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))  # kB
 
 
 def _max_rss():

@@ -160,3 +160,11 @@ def test_bench_registers_the_workload_benchmarks():
     assert set(bench.WORKLOAD_BENCHMARKS) <= set(bench.BENCHMARKS)
     for name in bench.WORKLOAD_BENCHMARKS:
         assert "spec" in bench.BENCHMARKS[name].__code__.co_varnames
+
+
+def test_child_peak_is_not_the_parents_size(w):
+    """A parent far larger than the child (here +1 GiB, touched) does not become the child's peak."""
+    ballast = torch.ones(2 ** 28)  # 1 GiB
+    peaks = bench_train.child_peaks(("ours",), w)
+    del ballast
+    assert peaks["ours"]["peak"] < peaks["ours"]["base"] + 2 ** 29  # the tiny model's epoch needs far less
