@@ -1,5 +1,13 @@
-"""More training and generation benchmarks on the demo workload (bench_train.WORKLOAD), registered in bench.py.
+"""Training and generation benchmarks on the demo workload (bench_train.WORKLOAD), registered in bench.py.
 
+* train_step_vs_trl: our SPIN step (train.py's fast path: reference once per iteration in
+  step.ReferenceCache, step.PolicyLogps, step.cached_batch_loss with noise none, length-grouped batches;
+  also on random batches, as TRL samples them) against TRL's DPOTrainer (sigmoid loss, same model, pairs,
+  batch, RMSprop, fp32, gradient checkpointing off as in the demo preset) with precompute_ref_log_probs
+  off and on. Each round runs one epoch per variant on a fresh copy of the model; step time = the
+  epoch's wall time over its steps (data collation included on both sides); the reference precompute is
+  timed on its own and also amortised over an iteration (2 epochs). Peak RSS: each variant in its own
+  process, one epoch after a one-batch warm-up (bench_train.PeakRSS).
 * iteration_speedup: train.train (the real loop, with the demo preset's checkpoints and logps.jsonl)
   twice on the same pairs, the new path against `--no-precompute-ref --no-group-by-length`, and the
   padding fraction of the epochs' micro-batches without and with length grouping.
@@ -34,10 +42,11 @@ from bench_train import OurRun, Timer, _mib, child_peaks, trl_available, trl_tra
 
 def _interleaved_epochs(w, variants, rounds=None):
     """{name: (median seconds per step, median precompute seconds)}: each round runs one epoch of every
-    variant (a fresh OurRun from OurRun kwargs) in turn, so load from other processes falls on all alike."""
+    variant (a fresh OurRun from OurRun kwargs) in turn, the order reversed every other round, so load from
+    other processes falls on all alike."""
     times = {name: ([], []) for name in variants}
-    for _ in range(rounds or w.spec["rounds"]):
-        for name, kwargs in variants.items():
+    for r in range(rounds or w.spec["rounds"]):
+        for name, kwargs in list(variants.items())[::1 if r % 2 == 0 else -1]:  # ABBA order
             run = OurRun(w, **kwargs)
             times[name][0].append(run.epoch() / w.steps_per_epoch)
             times[name][1].append(run.precompute_s)
@@ -57,13 +66,14 @@ def bench_train_step_vs_trl(device, spec=None, memory=True):
     spe, epochs = w.steps_per_epoch, w.spec["epochs"]
     names = ("ours", "ours_random", "trl_off", "trl_on")  # ours_random: our step on random (TRL-like) batches
     step_s, pre_s = {v: [] for v in names}, {v: [] for v in names}
-    for _ in range(w.spec["rounds"]):
-        for v in names[:2]:
-            run = OurRun(w, group=v == "ours")
-            step_s[v].append(run.epoch() / spe)
-            pre_s[v].append(run.precompute_s)
-            del run
-        for v in names[2:]:
+    for r in range(w.spec["rounds"]):
+        for v in names if r % 2 == 0 else names[::-1]:  # a, b, c, d, then d, c, b, a: drifting load falls alike
+            if v.startswith("ours"):
+                run = OurRun(w, group=v == "ours")
+                step_s[v].append(run.epoch() / spe)
+                pre_s[v].append(run.precompute_s)
+                del run
+                continue
             with tempfile.TemporaryDirectory() as d:
                 trainer = trl_trainer(w, v == "trl_on", d)
                 trainer.train()
@@ -258,11 +268,15 @@ def lockstep_agreement(w, steps=3, dtype="bf16"):
 
 def compile_timing(w):
     """(eager s/step, compiled s/step after warm-up, compile s) of the fast path with torch.compile(PolicyLogps),
-    or a one-line reason when compiling fails."""
+    or a one-line reason when compiling fails. The compile is cold: a fresh, temporary inductor cache
+    directory (torch._inductor.utils.fresh_cache; a warm cache turned 226 s into 24 s here)."""
     try:
+        from torch._inductor.utils import fresh_cache
+        torch._dynamo.reset()
         compiled = OurRun(w, compile_policy=True)
         t0 = time.perf_counter()
-        compiled.epoch(0)  # compiles, for each new shape
+        with fresh_cache():
+            compiled.epoch(0)  # compiles, for each new shape
         first = time.perf_counter() - t0
         eager = OurRun(w)
         times = {"eager": [], "compiled": []}

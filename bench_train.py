@@ -1,23 +1,19 @@
-"""Training-step benchmarks against TRL, and the pieces bench_perf.py shares (registered in bench.py).
+"""The harness of the demo-workload benchmarks in bench_perf.py (registered in bench.py's BENCHMARKS).
 
-    python bench.py --only train_step_vs_trl
+    python bench.py --only train_step_vs_trl [--rounds N]
     python bench_train.py --child VARIANT --spec JSON      # internal: one peak-RSS probe in its own process
 
-The workload (WORKLOAD, as `train.py --preset demo`): the embedded SmolLM2-135M in fp32, the first 32
-prompts of the demo train split, chosen = the human answer, rejected = the model's own greedy answer
-(48 new tokens, generated once with generate.py and kept in <tmp>/dnpo-bench/), max length 256, batch
-8 pairs, 2 epochs, RMSprop lr 1e-6, gradient clipping 1.0, 3 interleaved rounds. Real tokens = the
-non-padding positions (prompt + answer) of the chosen and rejected rows. OurRun is train.py's step.
+Workload (WORKLOAD, as `train.py --preset demo`): the embedded SmolLM2-135M in fp32, the first 32 prompts
+of the demo train split, chosen = the human answer, rejected = the model's own greedy answer (48 new
+tokens, generated once with generate.py and kept in <tmp>/dnpo-bench/), max length 256, batch 8 pairs,
+2 epochs, RMSprop lr 1e-6, gradient clipping 1.0, 3 interleaved rounds. Real tokens = the non-padding
+positions (prompt + answer) of the chosen and rejected rows.
 
-train_step_vs_trl: our SPIN step (the fast path: reference once per iteration in step.ReferenceCache,
-step.PolicyLogps, step.cached_batch_loss with noise none, length-grouped micro-batches) against TRL's
-DPOTrainer (sigmoid loss, same model, pairs, batch, RMSprop, fp32, no gradient checkpointing) with
-precompute_ref_log_probs off and on. Each round runs one epoch per variant on a fresh copy of the model;
-step time = the epoch's wall time over its steps (data collation included on both sides); the reference
-precompute is timed on its own and also amortised over an iteration (2 epochs). TRL is fed our token ids
-(its _prepare_dataset is skipped; prompt_ids/chosen_ids/rejected_ids come from data.tokenize_pair), so both
-see exactly the same rows: TRL's own chat-template tokenization would add the newline that follows <|im_end|>.
-Peak memory: each variant in its own process (PeakRSS), one epoch after a one-batch warm-up.
+OurRun is train.train's optimizer step on fresh model copies (test_bench.py checks its first loss against
+train.train's). trl_trainer is TRL's DPOTrainer on the same pairs, fed our token ids: its _prepare_dataset
+is skipped and prompt_ids/chosen_ids/rejected_ids come from data.tokenize_pair (trl_rows), so both see
+exactly the same rows; TRL's own chat-template tokenization would add the newline that follows <|im_end|>.
+PeakRSS measures one variant's peak memory in a child process.
 """
 import argparse
 import contextlib
