@@ -1,6 +1,6 @@
 """Performance benchmarks, printed as ratios measured side by side in one run.
 
-    python bench.py [--json] [--only NAME ...] [--device cpu|cuda]
+    python bench.py [--json] [--only NAME ...] [--device cpu|cuda] [--rounds N]
 
 Each benchmark in BENCHMARKS is a function (device) -> dict of ratios; it prints its raw numbers as it
 goes. With --json the last line printed is one JSON object {"<benchmark>.<ratio>": value, ...}.
@@ -12,8 +12,8 @@ Notation as in loss.py: B sequences, T tokens, V vocabulary, d hidden size, N an
   (N, V) tensors, forward + backward with generator_grad=True (the noise term of Eq. 9). Peak memory is
   the peak *extra* memory over the inputs already in memory: on CUDA torch.cuda.max_memory_allocated
   minus the memory allocated before the call; on CPU (where torch has no allocator statistics) each
-  variant runs in its own subprocess and reports its peak resident set size (getrusage ru_maxrss, the
-  kernel's high-water mark, which includes transient buffers) after the call minus before it; a small
+  variant runs in its own subprocess and reports its peak resident set size (the kernel's high-water mark,
+  reset before the call: bench_train.PeakRSS; it includes transient buffers) minus the RSS before it; a small
   warm-up call first pages in torch's kernels (else ~80 MiB of library code counts as "memory"), and
   glibc is told to mmap every block ≥ 64 KiB (MALLOC_MMAP_THRESHOLD_) so freed blocks leave the RSS.
 * dnpo_step: one optimizer step of DNPO (reference forward with hidden states, policy forward/backward,
@@ -24,6 +24,12 @@ Notation as in loss.py: B sequences, T tokens, V vocabulary, d hidden size, N an
   chat-completions server (test_judge_http.FakeChat, in its own process) that waits a fixed latency before each
   reply, at concurrency 1 and 16, fresh cache each run; ratios: c16 over c1, and each level's fraction of
   the latency-bound ideal (concurrency / (2 requests × latency) records/s).
+
+* train_step_vs_trl, iteration_speedup, memory_and_noise, flop_utilization, generation, cpu_bf16, profile:
+  on the demo workload (SmolLM2-135M, 32 demo pairs, as `train.py --preset demo`); described in
+  bench_perf.py, the shared harness (train.py's step, the TRL adapter, peak-RSS child processes) in
+  bench_train.py. --rounds sets their interleaved rounds (default 3). train_step_vs_trl needs
+  `pip install -r requirements-bench.txt` (TRL) and is skipped without it.
 
 Departures / choices:
 1. Timings are medians of a few repeats after a warm-up on whatever machine runs this; the CPU figures
@@ -36,7 +42,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +49,8 @@ import time
 
 import torch
 
+import bench_perf
+import bench_train
 from loss import dnpo_loss, sequence_logps, spin_loss
 from noise import NoiseGenerator, noisy_sequence_logps
 
@@ -73,9 +80,6 @@ def interleaved_times(fns, device, repeats=3):
             ts.append(time.perf_counter() - start)
     return [statistics.median(ts) for ts in times]
 
-
-def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 # --- noisy_logps: chunked + checkpointed vs naive full (N, V)
@@ -133,9 +137,9 @@ def peak_extra_memory(variant, device):
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    base = peak_rss_bytes()
+    rss = bench_train.PeakRSS().start()  # not ru_maxrss alone: it starts at the parent's RSS at fork
     run()
-    return peak_rss_bytes() - base
+    return rss.stop()["extra"]
 
 
 def bench_noisy_logps(device, repeats=2):
@@ -259,7 +263,17 @@ def bench_judge_throughput(device, records=64, latency=0.05, concurrencies=(1, 1
 
 
 BENCHMARKS = {"noisy_logps": bench_noisy_logps, "dnpo_step": bench_dnpo_step,
-              "judge_throughput": bench_judge_throughput}
+              "judge_throughput": bench_judge_throughput,
+              # on the demo workload (SmolLM2-135M, 32 demo pairs): bench_train.py, bench_perf.py
+              "train_step_vs_trl": bench_perf.bench_train_step_vs_trl,
+              "iteration_speedup": bench_perf.bench_iteration_speedup,
+              "memory_and_noise": bench_perf.bench_memory_and_noise,
+              "flop_utilization": bench_perf.bench_flop_utilization,
+              "generation": bench_perf.bench_generation,
+              "cpu_bf16": bench_perf.bench_cpu_bf16,
+              "profile": bench_perf.bench_profile}
+WORKLOAD_BENCHMARKS = ("train_step_vs_trl", "iteration_speedup", "memory_and_noise", "flop_utilization", "generation",
+                       "cpu_bf16", "profile")  # these take spec= (bench_train.WORKLOAD overrides)
 
 
 def main(argv=None):
@@ -267,6 +281,7 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object of ratios as the last line")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks (default: all)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="device (default: cuda if available, else cpu)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds of the demo-workload benchmarks (default 3)")
     parser.add_argument("--child", choices=["chunked", "naive"], help=argparse.SUPPRESS)  # internal: one CPU memory probe
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -277,7 +292,8 @@ def main(argv=None):
         return
     ratios = {}
     for name in args.only or BENCHMARKS:
-        for key, value in BENCHMARKS[name](device).items():
+        kwargs = {"spec": dict(rounds=args.rounds)} if args.rounds and name in WORKLOAD_BENCHMARKS else {}
+        for key, value in BENCHMARKS[name](device, **kwargs).items():
             ratios[f"{name}.{key}"] = round(value, 4)
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     if args.json:
