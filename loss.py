@@ -50,6 +50,14 @@ def sequence_logps(logits, labels):
     return (token_logps * mask).sum(-1)  # (B,)
 
 
+def answer_states(hidden, labels):
+    """(states (N, d), targets (N,), row of each (N,)) of the answer tokens of (B, T) rows, row-major: the
+    state at position t is the one that predicts token t+1."""
+    labels = labels[:, 1:]
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    return hidden[:, :-1][rows, cols], labels[rows, cols], rows
+
+
 def _chunk_token_logps(hidden, weight, bias, targets):
     z = F.linear(hidden, weight, bias)  # (c, V) logits of one chunk of answer tokens
     z = z.to(torch.promote_types(z.dtype, torch.float32))
@@ -66,16 +74,14 @@ def chunked_sequence_logps(hidden, weight, labels, bias=None, chunk_size=256):
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
-    labels = labels[:, 1:]  # position t predicts token t+1
-    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) answer positions, row-major
-    h, targets = hidden[:, :-1][rows, cols], labels[rows, cols]  # (N, d), (N,)
+    h, targets, rows = answer_states(hidden, labels)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     parts = [checkpoint(_chunk_token_logps, h[i:i + chunk_size], weight, bias, targets[i:i + chunk_size],
                         use_reentrant=False) if grad else
              _chunk_token_logps(h[i:i + chunk_size], weight, bias, targets[i:i + chunk_size])
              for i in range(0, targets.numel(), chunk_size)]
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    out = torch.zeros(labels.shape[0], dtype=dtype, device=hidden.device)
+    out = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
     return out.index_add(0, rows, torch.cat(parts).to(dtype)) if parts else out  # (B,)
 
 

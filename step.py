@@ -11,7 +11,7 @@ and the policy's answer log-probs come from its last hidden states through lm_he
 
 The reference is frozen for the whole iteration, so this is the same computation as batch_loss below
 (the reference inside the step, `--no-precompute-ref`), up to float rounding of matmuls of another
-shape: test_train.py checks loss and gradients agree to 1e-5 (relative) and that the noise draws
+shape: test_step.py checks loss terms and gradients agree to 1e-5 and that the noise draws
 the same ε for the same tokens.
 
 Where this departs from, or fills a gap in, the paper:
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import data
 import noise as noises
-from loss import IGNORE_INDEX, chunked_sequence_logps, dnpo_loss, sequence_logps
+from loss import answer_states, chunked_sequence_logps, dnpo_loss, sequence_logps
 
 
 def _decoder_hidden(model, input_ids, attention_mask):
@@ -51,13 +51,6 @@ class PolicyLogps(nn.Module):
         hidden = _decoder_hidden(self.model, input_ids, attention_mask)
         weight, bias = _head(self.model)
         return chunked_sequence_logps(hidden, weight, labels, bias, self.chunk_size)
-
-
-def _answer_states(hidden, labels):
-    """(hidden (N, d), targets (N,), row of each (N,)) of the answer tokens of (B, T) rows, row-major."""
-    labels = labels[:, 1:]
-    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
-    return hidden[:, :-1][rows, cols], labels[rows, cols], rows
 
 
 class ReferenceCache:
@@ -92,7 +85,7 @@ class ReferenceCache:
             b = len(idx)
             logps[idx, 0], logps[idx, 1] = lp[:b].float().cpu(), lp[b:].float().cpu()
             if keep_hidden:
-                states, tgt, rows = _answer_states(h[b:], batch["labels"][b:])
+                states, tgt, rows = answer_states(h[b:], batch["labels"][b:])
                 for j, i in enumerate(idx):
                     hidden[i], targets[i] = states[rows == j].clone(), tgt[rows == j].clone()
         return cls(reference, logps, hidden, targets, chunk_size)
@@ -103,7 +96,7 @@ class ReferenceCache:
             b = len(idx)
             with torch.no_grad():
                 h = _decoder_hidden(self.reference, batch["input_ids"][b:], batch["attention_mask"][b:])
-            return _answer_states(h, batch["labels"][b:])
+            return answer_states(h, batch["labels"][b:])
         seq = [torch.full((len(self.targets[i]),), j, dtype=torch.long) for j, i in enumerate(idx)]
         device = batch["input_ids"].device
         return (torch.cat([self.hidden[i] for i in idx]).to(device), torch.cat([self.targets[i] for i in idx]).to(device),
