@@ -142,6 +142,7 @@ class OurRun:
             self.cache = steps.ReferenceCache.build(self.reference, w.examples, w.tokenizer.pad_token_id, w.device,
                                                     w.spec["batch_size"], noise != "none", self.autocast, 256,
                                                     progress=False)
+            self.cache.release_reference()  # as train.py does
             self.precompute_s = time.perf_counter() - t0
         self.module = steps.PolicyLogps(self.policy, 256) if precompute else self.policy
         if compile_policy:

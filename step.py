@@ -4,7 +4,8 @@ and the policy's answer log-probs come from its last hidden states through lm_he
     ReferenceCache.build   one no-grad reference pass over every pair, before epoch 1: the summed
                            log π_ref of chosen and rejected answers (2 floats per pair) and, when noise
                            is on, the reference's last hidden states at the rejected answer tokens
-                           (N⁻ × d), from which noise.noisy_answer_logps recomputes z = lm_head(h)
+                           (N⁻ × d), from which noise.noisy_answer_logps recomputes z = lm_head(h);
+                           release_reference() then frees the reference's decoder layers
     PolicyLogps            the policy as a module returning (2B,) answer log-probs
                            (loss.chunked_sequence_logps): what DDP wraps
     cached_batch_loss      Eq. 1–9 on one micro-batch from the two
@@ -56,8 +57,9 @@ class PolicyLogps(nn.Module):
 class ReferenceCache:
     """What the loss needs of the frozen reference, for every pair of the iteration."""
 
-    def __init__(self, reference, logps, hidden, targets, chunk_size):
+    def __init__(self, reference, logps, hidden, targets, chunk_size, needs_reference=True):
         self.reference = reference  # kept for its lm_head (and for the per-step fallback when hidden is None)
+        self.needs_reference = needs_reference  # False: no noise, the steps never run the reference
         self.logps = logps  # (n, 2) float32: log π_ref(chosen), log π_ref(rejected)
         self.hidden, self.targets = hidden, targets  # per pair: (n_i, d), (n_i,) rejected answer tokens, or None
         self.chunk_size = chunk_size
@@ -88,7 +90,18 @@ class ReferenceCache:
                 states, tgt, rows = answer_states(h[b:], batch["labels"][b:])
                 for j, i in enumerate(idx):
                     hidden[i], targets[i] = states[rows == j].clone(), tgt[rows == j].clone()
-        return cls(reference, logps, hidden, targets, chunk_size)
+        return cls(reference, logps, hidden, targets, chunk_size, needs_reference=with_hidden)
+
+    def release_reference(self):
+        """Free the reference's decoder layers once they are no longer needed (the hidden states are cached,
+        or no noise: only its lm_head is used from here on); the embedding/lm_head stay. The reference module
+        is emptied in place, so the caller's handle to it no longer computes anything. Returns the bytes freed."""
+        if self.hidden is None and self.needs_reference:  # over budget: the steps still run the reference
+            return 0
+        decoder = self.reference.get_decoder()
+        freed = sum(p.numel() * p.element_size() for p in decoder.layers.parameters())
+        decoder.layers = nn.ModuleList()
+        return freed
 
     def rejected_tokens(self, idx, batch):
         """(hidden (N, d), targets (N,), seq_ids (N,)) of the micro-batch's rejected answers, in its row order."""

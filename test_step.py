@@ -78,8 +78,11 @@ def test_precomputed_reference_step_equals_reference_in_the_step(tiny_tokenizer,
     args = argparse.Namespace(noise=noise, beta=0.1, noise_alpha=1.0, noise_sigma=0.3, loss_type="sigmoid",
                               noise_chunk_size=7)
     off = torch.autocast("cpu", enabled=False)
-    cache = steps.ReferenceCache.build(reference, examples, tiny_tokenizer.pad_token_id, torch.device("cpu"), 2,
-                                       noise != "none", off, chunk_size=7, progress=False)
+    cache = steps.ReferenceCache.build(copy.deepcopy(reference), examples, tiny_tokenizer.pad_token_id,
+                                       torch.device("cpu"), 2, noise != "none", off, chunk_size=7, progress=False)
+    layers = sum(p.numel() * 4 for p in reference.get_decoder().layers.parameters())
+    assert cache.release_reference() == layers > 0  # as train.py does: only the lm_head is used from here on
+    assert len(cache.reference.get_decoder().layers) == 0
     idx = [3, 0, 4]
     batch = data.collate_pairs([examples[i] for i in idx], tiny_tokenizer.pad_token_id)
     results = []
@@ -115,6 +118,7 @@ def test_reference_cache_over_budget_recomputes_in_the_step(tiny_tokenizer):
                                                   torch.device("cpu"), 3, True, off, max_gb=gb, progress=False)
     kept, none = build(4.0), build(0.0)
     assert none.hidden is None and kept.hidden is not None
+    assert none.release_reference() == 0 and len(policy.get_decoder().layers) > 0  # the steps still need it
     torch.testing.assert_close(none.logps, kept.logps)
     batch = data.collate_pairs([examples[i] for i in (2, 1)], tiny_tokenizer.pad_token_id)
     for a, b in zip(kept.rejected_tokens([2, 1], batch), none.rejected_tokens([2, 1], batch)):

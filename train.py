@@ -166,6 +166,9 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     if args.precompute_ref:  # the frozen reference, once for the whole iteration (step.py)
         cache = steps.ReferenceCache.build(reference, examples, pad_id, device, args.batch_size, args.noise != "none",
                                            autocast, args.noise_chunk_size, args.ref_cache_gb, progress=main_proc)
+        freed = cache.release_reference()  # its decoder layers are no longer needed: memory for the policy
+        if main_proc and freed:
+            print(f"[4/5] train: reference cached; its decoder layers freed ({freed / 2 ** 20:.0f} MiB)")
     ddp_policy = distributed.wrap(module, args.dist, device)
     lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
 
