@@ -38,6 +38,7 @@ import demo
 import generate
 import model as models
 import noise as noises
+import packing
 import step as steps
 import train
 
@@ -119,8 +120,9 @@ class OurRun:
     order of checkpoint.py; precompute=False/group=False are `--no-precompute-ref/--no-group-by-length`."""
 
     def __init__(self, w, noise="none", precompute=True, group=True, dtype="fp32", compile_policy=False, seed=0,
-                 policy=None):
+                 policy=None, pack=True):
         self.w, self.group, self.seed = w, group, seed
+        self.pack = pack and precompute  # --pack-pairs needs --precompute-ref, as in train.py
         compute = models.pick_dtype(w.device, dtype)
         self.autocast = torch.autocast(w.device.type, dtype=compute, enabled=compute != torch.float32)
         self.policy = (policy if policy is not None else copy.deepcopy(w.model)).train()
@@ -141,7 +143,7 @@ class OurRun:
             t0 = time.perf_counter()
             self.cache = steps.ReferenceCache.build(self.reference, w.examples, w.tokenizer.pad_token_id, w.device,
                                                     w.spec["batch_size"], noise != "none", self.autocast, 256,
-                                                    progress=False)
+                                                    progress=False, pack=self.pack)
             self.cache.release_reference()  # as train.py does
             self.precompute_s = time.perf_counter() - t0
         self.module = steps.PolicyLogps(self.policy, 256) if precompute else self.policy
@@ -161,13 +163,14 @@ class OurRun:
         (2B,) log-probs of the fast path; timer times collate, policy_forward, noise_eps1/eps2, loss (the
         rest of the forward), backward and optimizer."""
         with timer("collate"):
+            collate = packing.pack_pairs if self.pack else data.collate_pairs
             batch = {k: v.to(self.w.device) for k, v in
-                     data.collate_pairs([self.w.examples[i] for i in idx], self.w.tokenizer.pad_token_id).items()}
+                     collate([self.w.examples[i] for i in idx], self.w.tokenizer.pad_token_id).items()}
         t0, before = time.perf_counter(), dict(timer.seconds)
         if self.cache is not None:
-            def policy_logps(*a):
+            def policy_logps(batch):
                 with timer("policy_forward"):
-                    out = self.module(*a)
+                    out = self.module(batch)
                 if policy_hook is not None:
                     policy_hook(out.detach())
                 return out

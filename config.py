@@ -38,14 +38,14 @@ COMMON = dict(  # defaults shared by both presets
     gen_backend="hf", judge_base_url=None, judge_concurrency=8, judge_api_key_env="OPENAI_API_KEY",
     judge_max_missing=0.2, judge_scale=10, judge_mode="single", loss_type="sigmoid", noise_alpha=noises.DEFAULT_ALPHA, noise_sigma=noises.DEFAULT_SIGMA,
     noise_lr=1e-3, noise_chunk_size=256, weight_decay=0.0, max_grad_norm=1.0, keep_checkpoint=False,
-    stop_after_steps=0, precompute_ref=True, ref_cache_gb=4.0, group_by_length=True)
+    stop_after_steps=0, precompute_ref=True, ref_cache_gb=4.0, group_by_length=True, pack_pairs=True)
 FLOAT_FLAGS = ("beta", "lr", "noise_alpha", "noise_sigma", "noise_lr", "weight_decay", "warmup_ratio", "max_grad_norm",
                "temperature", "top_p", "judge_max_missing", "flaw_rate", "ref_cache_gb")
 # Flags whose change would make a checkpoint's resumed run differ from an uninterrupted one.
 TRAINING_KEYS = ("beta", "loss_type", "noise", "noise_alpha", "noise_sigma", "noise_lr", "epochs", "batch_size",
                  "grad_accum", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm", "seed",
                  "max_length", "max_prompt_length", "history", "dsl", "world_size", "start_model", "pairs_sha256",
-                 "precompute_ref", "group_by_length", "dtype")
+                 "precompute_ref", "group_by_length", "pack_pairs", "dtype")
 
 
 class Parser(argparse.ArgumentParser):
@@ -116,6 +116,9 @@ def parse_args(argv=None):
     g.add_argument("--ref-cache-gb", type=float, help="memory for the reference's rejected-answer hidden states (default 4)")
     g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
                    help="micro-batches of pairs of similar length (less padding; default on)")
+    g.add_argument("--pack-pairs", action=argparse.BooleanOptionalAction,
+                   help="one row per pair, the prompt shared by both answers (packing.py; with --precompute-ref, "
+                        "sdpa or eager attention; default on)")
     g = p.add_argument_group("checkpoint and logging")
     g.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (and each epoch end)")
     g.add_argument("--keep-checkpoint", action="store_true", default=None,

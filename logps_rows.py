@@ -23,7 +23,7 @@ def policy_logps_rows(policy, examples, pairs, n, stage, pad_id, device, batch_s
         chunk = examples[i:min(i + batch_size, n)]
         batch = {k: v.to(device) for k, v in data.collate_pairs(chunk, pad_id).items()}
         if isinstance(policy, steps.PolicyLogps):  # the FSDP root (distributed.py): its forward unshards
-            logps = policy(batch["input_ids"], batch["attention_mask"], batch["labels"]).tolist()
+            logps = policy(batch).tolist()
         else:
             logps = sequence_logps(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                    batch["labels"]).tolist()

@@ -68,21 +68,28 @@ def chunked_sequence_logps(hidden, weight, labels, bias=None, chunk_size=256):
     """sequence_logps(F.linear(hidden, weight, bias), labels) without the (B, T, V) logits.
 
     hidden (B, T, d) last hidden states (the input of lm_head), weight (V, d) [bias (V,)] the lm_head,
-    labels (B, T). Only answer positions go through lm_head, chunk_size tokens at a time, each chunk
-    under torch.utils.checkpoint, so at most one (chunk, V) block exists in forward and in backward
-    (it is recomputed). Returns (B,) in ≥ float32, with gradients to hidden, weight and bias.
+    labels (B, T). Only answer positions go through lm_head (chunked_answer_logps). Returns (B,) in
+    ≥ float32, with gradients to hidden, weight and bias.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
     h, targets, rows = answer_states(hidden, labels)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    parts = [checkpoint(_chunk_token_logps, h[i:i + chunk_size], weight, bias, targets[i:i + chunk_size],
+    return chunked_answer_logps(h, targets, rows, hidden.shape[0], weight, bias, chunk_size)
+
+
+def chunked_answer_logps(states, targets, seq_ids, num_seqs, weight, bias=None, chunk_size=256):
+    """Summed log-probs of answer tokens from the states that predict them: states (N, d), targets (N,),
+    seq_ids (N,) in [0, num_seqs). lm_head runs chunk_size tokens at a time, each chunk under
+    torch.utils.checkpoint, so at most one (chunk, V) block exists in forward and in backward (it is
+    recomputed). Returns (num_seqs,) in ≥ float32."""
+    grad = torch.is_grad_enabled() and (states.requires_grad or weight.requires_grad)
+    parts = [checkpoint(_chunk_token_logps, states[i:i + chunk_size], weight, bias, targets[i:i + chunk_size],
                         use_reentrant=False) if grad else
-             _chunk_token_logps(h[i:i + chunk_size], weight, bias, targets[i:i + chunk_size])
+             _chunk_token_logps(states[i:i + chunk_size], weight, bias, targets[i:i + chunk_size])
              for i in range(0, targets.numel(), chunk_size)]
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    out = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
-    return out.index_add(0, rows, torch.cat(parts).to(dtype)) if parts else out  # (B,)
+    dtype = torch.promote_types(states.dtype, torch.float32)
+    out = torch.zeros(num_seqs, dtype=dtype, device=states.device)
+    return out.index_add(0, seq_ids, torch.cat(parts).to(dtype)) if parts else out  # (num_seqs,)
 
 
 def spin_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,

@@ -28,12 +28,25 @@ from tqdm import tqdm
 
 import data
 import noise as noises
-from loss import answer_states, chunked_sequence_logps, dnpo_loss, sequence_logps
+import packing
+from loss import answer_states, chunked_answer_logps, dnpo_loss, sequence_logps
 
 
-def _decoder_hidden(model, input_ids, attention_mask):
+def _decoder_hidden(model, input_ids, attention_mask, position_ids=None):
     """Last hidden states (B, T, d): the decoder stack without lm_head (the input of lm_head)."""
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+
+
+def _answer_states(model, batch):
+    """(states (N, d), targets (N,), seq_ids (N,), 2B) of the answer tokens of a batch of B pairs, padded
+    (data.collate_pairs: 2B rows, labels) or packed (packing.pack_pairs: B rows, state_index)."""
+    if "state_index" not in batch:
+        hidden = _decoder_hidden(model, batch["input_ids"], batch["attention_mask"])  # (2B, T, d)
+        return (*answer_states(hidden, batch["labels"]), hidden.shape[0])
+    mask = packing.attention_mask_for(batch["attention_mask"], model)
+    hidden = _decoder_hidden(model, batch["input_ids"], mask, batch["position_ids"])  # (B, T, d)
+    return hidden.flatten(0, 1)[batch["state_index"]], batch["targets"], batch["seq_ids"], 2 * hidden.shape[0]
 
 
 def _head(model):
@@ -42,16 +55,16 @@ def _head(model):
 
 
 class PolicyLogps(nn.Module):
-    """The policy as a module: (input_ids, attention_mask, labels) (2B, T) -> summed answer log-probs (2B,)."""
+    """The policy as a module: a batch of B pairs, padded or packed (_answer_states) -> summed answer
+    log-probs (2B,), chosen rows first."""
 
     def __init__(self, model, chunk_size=256):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, attention_mask, labels):
-        hidden = _decoder_hidden(self.model, input_ids, attention_mask)
+    def forward(self, batch):
         weight, bias = _head(self.model)
-        return chunked_sequence_logps(hidden, weight, labels, bias, self.chunk_size)
+        return chunked_answer_logps(*_answer_states(self.model, batch), weight, bias, self.chunk_size)
 
 
 class ReferenceCache:
@@ -67,9 +80,10 @@ class ReferenceCache:
     @classmethod
     @torch.no_grad()
     def build(cls, reference, examples, pad_id, device, batch_size, with_hidden, autocast, chunk_size=256,
-              max_gb=4.0, progress=True):
+              max_gb=4.0, progress=True, pack=True):
         """One pass over `examples` (longest first, so batches pad little); with_hidden: keep the
-        rejected answers' hidden states if they fit in max_gb, else only the log-probs."""
+        rejected answers' hidden states if they fit in max_gb, else only the log-probs; pack: one
+        shared-prompt row per pair (packing.py), else two padded rows."""
         n = len(examples)
         tokens = sum(len(e["rejected_labels"]) for e in examples)  # ≥ answer tokens: a bound for the budget
         d, itemsize = reference.config.hidden_size, next(reference.parameters()).element_size()
@@ -79,17 +93,17 @@ class ReferenceCache:
         order = sorted(range(n), key=lambda i: -len(examples[i]["chosen_input_ids"]) - len(examples[i]["rejected_input_ids"]))
         for start in tqdm(range(0, n, batch_size), desc="reference", disable=not progress, leave=False):
             idx = order[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in data.collate_pairs([examples[i] for i in idx], pad_id).items()}
+            collate = packing.pack_pairs if pack else data.collate_pairs
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             with autocast:
-                h = _decoder_hidden(reference, batch["input_ids"], batch["attention_mask"])  # (2b, T, d)
+                states, tgt, rows, num = _answer_states(reference, batch)
                 weight, bias = _head(reference)
-                lp = chunked_sequence_logps(h, weight, batch["labels"], bias, chunk_size)  # (2b,)
+                lp = chunked_answer_logps(states, tgt, rows, num, weight, bias, chunk_size)  # (2b,)
             b = len(idx)
             logps[idx, 0], logps[idx, 1] = lp[:b].float().cpu(), lp[b:].float().cpu()
-            if keep_hidden:
-                states, tgt, rows = answer_states(h[b:], batch["labels"][b:])
+            if keep_hidden:  # the rejected answer of pair j is sequence b + j
                 for j, i in enumerate(idx):
-                    hidden[i], targets[i] = states[rows == j].clone(), tgt[rows == j].clone()
+                    hidden[i], targets[i] = states[rows == b + j].clone(), tgt[rows == b + j].clone()
         return cls(reference, logps, hidden, targets, chunk_size, needs_reference=with_hidden)
 
     def release_reference(self):
@@ -105,8 +119,13 @@ class ReferenceCache:
 
     def rejected_tokens(self, idx, batch):
         """(hidden (N, d), targets (N,), seq_ids (N,)) of the micro-batch's rejected answers, in its row order."""
-        if self.hidden is None:  # over budget: run the reference on the B rejected rows now
-            b = len(idx)
+        b = len(idx)
+        if self.hidden is None and "state_index" in batch:  # over budget, packed: the reference on the B rows
+            with torch.no_grad():
+                states, targets, seq_ids, _ = _answer_states(self.reference, batch)
+            rejected = seq_ids >= b
+            return states[rejected], targets[rejected], seq_ids[rejected] - b
+        if self.hidden is None:  # over budget, padded: the reference on the B rejected rows
             with torch.no_grad():
                 h = _decoder_hidden(self.reference, batch["input_ids"][b:], batch["attention_mask"][b:])
             return answer_states(h, batch["labels"][b:])
@@ -120,7 +139,7 @@ def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rn
     """Eq. 1–9 on one micro-batch (pairs `idx`): the policy forward only; the reference from the cache."""
     B = len(idx)
     with autocast:
-        logps = policy_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,)
+        logps = policy_logps(batch)  # (2B,)
     policy_chosen, policy_rejected = logps[:B], logps[B:]
     ref = cache.logps[idx].to(logps.device)
     ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
@@ -140,7 +159,7 @@ def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rn
                     noisy_ref_rejected_eps2, variance_mean, args.beta, args.noise_alpha, args.loss_type,
                     ref_rejected_logps=ref_rejected)  # Eq. 9 (noise none: exactly SPIN)
     out["sigma2"] = sigma2
-    out["tokens"] = int(batch["attention_mask"].sum())
+    out["tokens"] = int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
     return out
 
 

@@ -127,7 +127,7 @@ def train_step(module, generator, optimizer, scheduler, seed):
     ids = torch.randint(0, 256, (4, 12), generator=g)
     labels = ids.clone()
     labels[:, :5] = -100
-    logps = module(ids, torch.ones_like(ids), labels)
+    logps = module(dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels))
     loss = -logps.mean() + generator(torch.randn(7, 32, generator=g)).mean()
     loss.backward()
     norm = distributed.clip_grad_norm(list(module.parameters()), 1.0)

@@ -53,6 +53,7 @@ import logps_rows
 import memplan
 import model as models
 import noise as noises
+import packing
 import stages
 import step as steps
 from config import TRAINING_KEYS, parse_args
@@ -163,9 +164,12 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         policy.gradient_checkpointing_enable()
     policy.train()
     cache = None
+    pack = args.pack_pairs and args.precompute_ref and packing.supported(policy)  # one shared-prompt row per pair
+    collate = packing.pack_pairs if pack else data.collate_pairs
     if args.precompute_ref:  # the frozen reference, once for the whole iteration (step.py)
         cache = steps.ReferenceCache.build(reference, examples, pad_id, device, args.batch_size, args.noise != "none",
-                                           autocast, args.noise_chunk_size, args.ref_cache_gb, progress=main_proc)
+                                           autocast, args.noise_chunk_size, args.ref_cache_gb, progress=main_proc,
+                                           pack=pack)
         freed = cache.release_reference()  # its decoder layers are no longer needed: memory for the policy
         if main_proc and freed:
             print(f"[4/5] train: reference cached; its decoder layers freed ({freed / 2 ** 20:.0f} MiB)")
@@ -200,7 +204,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         step_micro = micro_batches[(step % spe) * args.grad_accum:(step % spe + 1) * args.grad_accum]
         sums, tokens = torch.zeros(len(keys), dtype=torch.float64), 0
         for j, idx in enumerate(step_micro):
-            batch = {k: v.to(device) for k, v in data.collate_pairs([examples[i] for i in idx], pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             sync = j == len(step_micro) - 1 or world == 1
             with distributed.grad_sync(ddp_policy, sync):
                 if cache is not None:
