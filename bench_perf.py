@@ -36,6 +36,7 @@ import checkpoint as ckpt
 import demo
 import generate
 import model as models
+import packing
 import train
 from bench_train import OurRun, Timer, _mib, child_peaks, trl_available, trl_trainer, workload
 
@@ -64,12 +65,13 @@ def bench_train_step_vs_trl(device, spec=None, memory=True):
     import trl
     w = workload(device, spec)
     spe, epochs = w.steps_per_epoch, w.spec["epochs"]
-    names = ("ours", "ours_random", "trl_off", "trl_on")  # ours_random: our step on random (TRL-like) batches
+    names = ("ours", "ours_padded", "ours_random", "trl_off", "trl_on")  # ours_padded: --no-pack-pairs;
+    # ours_random: our step on random (TRL-like) batches
     step_s, pre_s = {v: [] for v in names}, {v: [] for v in names}
     for r in range(w.spec["rounds"]):
         for v in names if r % 2 == 0 else names[::-1]:  # a, b, c, d, then d, c, b, a: drifting load falls alike
             if v.startswith("ours"):
-                run = OurRun(w, group=v == "ours")
+                run = OurRun(w, group=v != "ours_random", pack=v != "ours_padded")
                 step_s[v].append(run.epoch() / spe)
                 pre_s[v].append(run.precompute_s)
                 del run
@@ -97,7 +99,8 @@ def bench_train_step_vs_trl(device, spec=None, memory=True):
     out = {"step_time_ratio_ours_over_trl_off": amort["ours"] / amort["trl_off"],
            "step_time_ratio_ours_over_trl_on": med["ours"] / med["trl_on"],
            "amortised_step_time_ratio_ours_over_trl_on": amort["ours"] / amort["trl_on"],
-           "step_time_ratio_ours_random_order_over_trl_on": med["ours_random"] / med["trl_on"]}
+           "step_time_ratio_ours_random_order_over_trl_on": med["ours_random"] / med["trl_on"],
+           "step_time_ratio_ours_unpacked_over_trl_on": med["ours_padded"] / med["trl_on"]}
     if memory:
         names = ("ours", "trl_off", "trl_on")
         peaks = child_peaks(names, w)
@@ -122,17 +125,22 @@ def train_args(w, run_dir, fast):
 
 
 def padding_fractions(w, seed=0):
-    """Mean padding fraction of train.py's micro-batches over the epochs, random order and length-grouped
-    (train.py's data seed for --iter 0: seed + 7919 · 0)."""
-    lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in w.examples]
-    b, n, out = w.spec["batch_size"], len(w.examples), {}
-    for group in (False, True):
-        fractions = []
+    """Mean padding fraction of train.py's micro-batches over the epochs: two padded rows per pair in random
+    order (the old path) and length-grouped, and packed rows (packing.py) length-grouped, with the
+    positions of each over the old path's (train.py's data seed for --iter 0: seed + 7919 · 0)."""
+    b, n, out, counts = w.spec["batch_size"], len(w.examples), {}, {}
+    for name, group, packed in (("random", False, False), ("grouped", True, False), ("packed", True, True)):
+        lengths = [packing.packed_length(e) if packed else max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
+                   for e in w.examples]
+        fractions, counts[name] = [], 0
         for epoch in range(w.spec["epochs"]):
             order = ckpt.epoch_order(n, seed, epoch)
             order = ckpt.length_grouped_order(order, lengths, b, seed, epoch) if group else order
-            fractions.append(ckpt.padding_fraction(ckpt.rank_microbatches(order, 0, 1, b), w.examples))
-        out["grouped" if group else "random"] = statistics.mean(fractions)
+            batches = ckpt.rank_microbatches(order, 0, 1, b)
+            fractions.append(packing.padding_fraction(batches, w.examples, packed))
+            counts[name] += packing.positions(batches, w.examples, packed)[0]
+        out[name] = statistics.mean(fractions)
+        out[f"{name}_positions_over_random"] = counts[name] / counts["random"]
     return out
 
 
@@ -161,10 +169,13 @@ def bench_iteration_speedup(device, spec=None):
     print(f"  of which the step loop (first step to the last step's metrics row, the saves between included): new "
           f"{loop[True]:7.1f} s | old {loop[False]:7.1f} s; the rest: tokenization, reference cache (new path), "
           f"logps.jsonl passes, the last checkpoint")
-    print(f"  padding fraction of the micro-batches: random order {pad['random']:.3f} | length-grouped {pad['grouped']:.3f}")
+    print(f"  padding fraction of the micro-batches: random order {pad['random']:.3f} | length-grouped {pad['grouped']:.3f} "
+          f"| packed, length-grouped {pad['packed']:.3f}; positions over the random order's: grouped "
+          f"{pad['grouped_positions_over_random']:.3f} | packed {pad['packed_positions_over_random']:.3f}")
     return {"speedup_old_over_new": seconds[False] / seconds[True], "loop_speedup_old_over_new": loop[False] / loop[True],
             "padding_fraction_random": pad["random"],
-            "padding_fraction_grouped": pad["grouped"]}
+            "padding_fraction_grouped": pad["grouped"], "padding_fraction_packed": pad["packed"],
+            "positions_ratio_packed_over_random": pad["packed_positions_over_random"]}
 
 
 # ----------------------------------------------------------------------------- memory_and_noise

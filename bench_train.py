@@ -149,7 +149,8 @@ class OurRun:
         self.module = steps.PolicyLogps(self.policy, 256) if precompute else self.policy
         if compile_policy:
             self.module = torch.compile(self.module)
-        self.lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in w.examples]
+        self.lengths = [packing.packed_length(e) if self.pack else max(len(e["chosen_input_ids"]),
+                        len(e["rejected_input_ids"])) for e in w.examples]  # as train.py
 
     def micro_batches(self, epoch):
         """The epoch's micro-batches as train.py builds them (one process)."""

@@ -164,14 +164,6 @@ def length_grouped_order(order, lengths, group, seed, epoch, mega=16):
     return [i for k in torch.randperm(len(groups), generator=g).tolist() for i in groups[k]] + [i for t in tail for i in t]
 
 
-def padding_fraction(micro_batches, examples):
-    """Fraction of the positions of the collated micro-batches (data.collate_pairs: 2B rows padded to
-    the longest) that are padding."""
-    widths = [(len(examples[i]["chosen_input_ids"]), len(examples[i]["rejected_input_ids"])) for i in range(len(examples))]
-    total = sum(2 * len(mb) * max(max(widths[i]) for i in mb) for mb in micro_batches if mb)
-    return 1 - sum(sum(widths[i]) for mb in micro_batches for i in mb) / total if total else 0.0
-
-
 def rank_microbatches(order, rank, world, batch_size):
     """This rank's micro-batches (lists of example indices) for one epoch's order."""
     total = math.ceil(len(order) / world) * world

@@ -21,6 +21,7 @@ tokens with the chat template, answers of 11 and 23) a pair takes 77 positions i
         order of data.collate_pairs), tokens () the number of real positions
     attention_mask_for(mask, model)   the bool mask as the model's attention implementation wants it
     supported(model)                  whether the model takes a custom 4D mask (sdpa, eager)
+    packed_length(example)            the packed row's length (train.py groups micro-batches by it)
 
 Where this departs from the paper:
 1. Nothing in the math: an equal computation with fewer positions. Padding positions attend only to
@@ -66,6 +67,30 @@ def pack_pairs(examples, pad_id) -> dict:
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None],
             "state_index": torch.tensor(state_index, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
             "seq_ids": torch.tensor(seq_ids, dtype=torch.long), "tokens": (segment >= 0).sum()}
+
+
+def packed_length(example) -> int:
+    """Positions of a pair's packed row: the prompt once plus both answers."""
+    return len(example["chosen_input_ids"]) + len(example["rejected_input_ids"]) - _prompt_length(example)
+
+
+def positions(micro_batches, examples, packed):
+    """(positions, real positions) of the collated micro-batches: packed (B rows) or padded (2B rows,
+    data.collate_pairs), each padded to its longest row; what padding and sharing save, for bench.py."""
+    total = real = 0
+    for mb in micro_batches:
+        if packed:
+            lengths = [packed_length(examples[i]) for i in mb]
+        else:
+            lengths = [len(examples[i][f"{side}_input_ids"]) for side in ("chosen", "rejected") for i in mb]
+        total, real = total + len(lengths) * max(lengths, default=0), real + sum(lengths)
+    return total, real
+
+
+def padding_fraction(micro_batches, examples, packed=False):
+    """Fraction of the collated micro-batches' positions that are padding."""
+    total, real = positions(micro_batches, examples, packed)
+    return 1 - real / total if total else 0.0
 
 
 def supported(model) -> bool:

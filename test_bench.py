@@ -46,16 +46,18 @@ def test_step_flops_by_hand():
 
 def test_padding_fractions_by_hand():
     """One micro-batch per epoch: grouping cannot change it; 1 - real / (2B × longest row)."""
-    lengths = [(4, 2), (3, 3), (6, 1)]
-    examples = [dict(chosen_input_ids=[0] * c, rejected_input_ids=[0] * r) for c, r in lengths]
+    lengths = [(4, 2), (3, 3), (6, 1)]  # rows of a 1-token prompt + answer: packed rows of 5, 5, 6
+    examples = [dict(chosen_input_ids=[0] * c, rejected_input_ids=[0] * r, chosen_labels=[-100] + [1] * (c - 1),
+                     rejected_labels=[-100] + [1] * (r - 1)) for c, r in lengths]
     fake = types.SimpleNamespace(examples=examples, spec=dict(batch_size=3, epochs=2))
     pad = bench_perf.padding_fractions(fake)
     assert pad["random"] == pytest.approx(1 - 19 / 36) and pad["grouped"] == pytest.approx(1 - 19 / 36)
+    assert pad["packed"] == pytest.approx(1 - 16 / 18) and pad["packed_positions_over_random"] == pytest.approx(0.5)
 
 
 def test_padding_fractions_grouped_pads_less(w):
     pad = bench_perf.padding_fractions(w)
-    assert 0 <= pad["grouped"] <= pad["random"] < 1
+    assert 0 <= pad["grouped"] <= pad["random"] < 1 and pad["packed_positions_over_random"] < 1
 
 
 def test_our_run_is_train_steps_first_step(w, tmp_path):
@@ -90,7 +92,8 @@ def test_profile_parts_add_up(w):
 
 def test_benchmarks_return_their_keys(w):
     assert set(bench_perf.bench_iteration_speedup(CPU, w.spec)) == {
-        "speedup_old_over_new", "loop_speedup_old_over_new", "padding_fraction_random", "padding_fraction_grouped"}
+        "speedup_old_over_new", "loop_speedup_old_over_new", "padding_fraction_random", "padding_fraction_grouped",
+        "padding_fraction_packed", "positions_ratio_packed_over_random"}
     assert set(bench_perf.bench_memory_and_noise(CPU, w.spec, memory=False)) == {"time_ratio_dnpo_over_spin"}
     flops = bench_perf.bench_flop_utilization(CPU, w.spec, mm_size=64)
     assert set(flops) == {"fp32_fraction_of_matmul_peak", "bf16_fraction_of_matmul_peak", "bf16_matmul_peak_over_fp32"}
@@ -146,7 +149,8 @@ def test_trl_collator_sees_our_batch(w):
 def test_train_step_vs_trl_keys(w):
     out = bench_perf.bench_train_step_vs_trl(CPU, w.spec, memory=False)
     assert set(out) == {"step_time_ratio_ours_over_trl_off", "step_time_ratio_ours_over_trl_on",
-                        "amortised_step_time_ratio_ours_over_trl_on", "step_time_ratio_ours_random_order_over_trl_on"}
+                        "amortised_step_time_ratio_ours_over_trl_on", "step_time_ratio_ours_random_order_over_trl_on",
+                        "step_time_ratio_ours_unpacked_over_trl_on"}
     peaks = bench_train.memory_child("trl_on", dict(w.spec, pairs_file=None), CPU)
     assert peaks["extra"] > 0
 

@@ -9,6 +9,7 @@ import torch
 import checkpoint as ckpt
 import data
 import noise as noises
+import packing
 import step as steps
 import train
 from conftest import make_tiny_model
@@ -137,8 +138,8 @@ def test_length_grouping_is_a_seeded_permutation_that_cuts_padding(tiny_tokenize
     assert grouped == ckpt.length_grouped_order(order, lengths, group=8, seed=4, epoch=1)
     assert grouped != ckpt.length_grouped_order(order, lengths, group=8, seed=4, epoch=2)
     assert set(grouped[-3:]) <= set(order[-(203 % 128):])  # the partial group of the last chunk
-    before = ckpt.padding_fraction(ckpt.rank_microbatches(order, 0, 1, 8), examples)
-    after = ckpt.padding_fraction(ckpt.rank_microbatches(grouped, 0, 1, 8), examples)
+    before = packing.padding_fraction(ckpt.rank_microbatches(order, 0, 1, 8), examples)
+    after = packing.padding_fraction(ckpt.rank_microbatches(grouped, 0, 1, 8), examples)
     assert after < before / 3
     # two ranks of batch 4 see exactly the groups one process of batch 8 sees
     one = ckpt.rank_microbatches(grouped, 0, 1, 8)
@@ -148,5 +149,5 @@ def test_length_grouping_is_a_seeded_permutation_that_cuts_padding(tiny_tokenize
 
 def test_padding_fraction_by_hand():
     examples = [dict(chosen_input_ids=[0] * 4, rejected_input_ids=[0] * 2), dict(chosen_input_ids=[0] * 3, rejected_input_ids=[0] * 3)]
-    assert ckpt.padding_fraction([[0, 1]], examples) == pytest.approx(1 - 12 / 16)
-    assert ckpt.padding_fraction([[0], [1]], examples) == pytest.approx(1 - 12 / 14)
+    assert packing.padding_fraction([[0, 1]], examples) == pytest.approx(1 - 12 / 16)
+    assert packing.padding_fraction([[0], [1]], examples) == pytest.approx(1 - 12 / 14)

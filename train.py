@@ -174,7 +174,8 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         if main_proc and freed:
             print(f"[4/5] train: reference cached; its decoder layers freed ({freed / 2 ** 20:.0f} MiB)")
     ddp_policy = distributed.wrap(module, args.dist, device)
-    lengths = [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
+    lengths = [packing.packed_length(e) if pack else max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
+               for e in examples]  # what a micro-batch is padded to
 
     def save(step):
         noise_rng_states = ckpt.gather(noise_rng.get_state(), world)  # collective: every rank
