@@ -1,6 +1,6 @@
 """Performance benchmarks, printed as ratios measured side by side in one run.
 
-    python bench.py [--json] [--only NAME ...] [--device cpu|cuda] [--rounds N]
+    python bench.py [--json] [--only NAME ...] [--device cpu|cuda] [--rounds N] [--no-compile]
 
 Each benchmark in BENCHMARKS is a function (device) -> dict of ratios; it prints its raw numbers as it
 goes. With --json the last line printed is one JSON object {"<benchmark>.<ratio>": value, ...}.
@@ -282,6 +282,7 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks (default: all)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="device (default: cuda if available, else cpu)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds of the demo-workload benchmarks (default 3)")
+    parser.add_argument("--no-compile", action="store_true", help="cpu_bf16: skip the torch.compile timing (minutes)")
     parser.add_argument("--child", choices=["chunked", "naive"], help=argparse.SUPPRESS)  # internal: one CPU memory probe
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -293,6 +294,8 @@ def main(argv=None):
     ratios = {}
     for name in args.only or BENCHMARKS:
         kwargs = {"spec": dict(rounds=args.rounds)} if args.rounds and name in WORKLOAD_BENCHMARKS else {}
+        if name == "cpu_bf16" and args.no_compile:
+            kwargs["compile"] = False
         for key, value in BENCHMARKS[name](device, **kwargs).items():
             ratios[f"{name}.{key}"] = round(value, 4)
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))

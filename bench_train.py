@@ -139,14 +139,15 @@ class OurRun:
         self.optimizer = torch.optim.RMSprop(groups, lr=w.spec["lr"])
         self.noise_rng = torch.Generator(device=w.device).manual_seed(seed)
         self.cache, self.precompute_s = None, 0.0
-        if precompute:
-            t0 = time.perf_counter()
-            self.cache = steps.ReferenceCache.build(self.reference, w.examples, w.tokenizer.pad_token_id, w.device,
-                                                    w.spec["batch_size"], noise != "none", self.autocast, 256,
-                                                    progress=False, pack=self.pack)
-            self.cache.release_reference()  # as train.py does
-            self.precompute_s = time.perf_counter() - t0
         self.module = steps.PolicyLogps(self.policy, 256) if precompute else self.policy
+        if precompute:  # as train.py: the policy before its first update computes the reference's numbers
+            t0 = time.perf_counter()
+            self.cache = steps.ReferenceCache.build(self.module, w.examples, w.tokenizer.pad_token_id, w.device,
+                                                    w.spec["batch_size"], noise != "none", self.autocast,
+                                                    progress=False, pack=self.pack, reference=self.reference)
+            if not self.cache.needs_reference:
+                steps.release(self.reference)
+            self.precompute_s = time.perf_counter() - t0
         if compile_policy:
             self.module = torch.compile(self.module)
         self.lengths = [packing.packed_length(e) if self.pack else max(len(e["chosen_input_ids"]),

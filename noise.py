@@ -207,6 +207,7 @@ def noisy_answer_logps(hidden, targets, seq_ids, num_seqs, head_weight, generato
     hidden, head_weight = hidden.detach(), head_weight.detach()
     head_bias = head_bias.detach() if head_bias is not None else None
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    gather = lambda sl: (torch.nn.functional.linear(hidden[sl], head_weight, head_bias), hidden[sl])  # noqa: E731
+    gather = lambda sl: (torch.nn.functional.linear(hidden[sl].to(head_weight.dtype), head_weight, head_bias),  # noqa: E731
+                         hidden[sl])
     return _noisy_sums(gather, targets, seq_ids, num_seqs, head_weight.shape[0], generator, generator_grad,
                        chunk_size, rng, return_variance, dtype, hidden.device)

@@ -4,10 +4,12 @@ and the policy's answer log-probs come from its last hidden states through lm_he
     ReferenceCache.build   one no-grad reference pass over every pair, before epoch 1: the summed
                            log π_ref of chosen and rejected answers (2 floats per pair) and, when noise
                            is on, the reference's last hidden states at the rejected answer tokens
-                           (N⁻ × d), from which noise.noisy_answer_logps recomputes z = lm_head(h);
-                           release_reference() then frees the reference's decoder layers
+                           (N⁻ × d), from which noise.noisy_answer_logps recomputes z = lm_head(h)
+                           with a copy of the start model's lm_head. train.py runs it with the policy
+                           before its first update (the reference is the start model, so its numbers
+                           come out in the policy's own numerics) and then frees the reference model
     PolicyLogps            the policy as a module returning (2B,) answer log-probs
-                           (loss.chunked_sequence_logps): what DDP wraps
+                           (loss.chunked_answer_logps), on padded or packed rows: what DDP wraps
     cached_batch_loss      Eq. 1–9 on one micro-batch from the two
 
 The reference is frozen for the whole iteration, so this is the same computation as batch_loss below
@@ -18,9 +20,14 @@ the same ε for the same tokens.
 Where this departs from, or fills a gap in, the paper:
 1. Nothing in the math: the paper's implementation detail (reference forward per step, as in TRL
    without `precompute_ref_log_probs`) is replaced by an equal computation. The hidden-state cache
-   is held in the reference's dtype; when it would exceed --ref-cache-gb (UltraChat-scale runs:
-   20k pairs × ~300 answer tokens × 4096 × 2 bytes ≈ 49 GB) only the log-probs are cached and each
-   step runs the reference over its B rejected rows for the noise (half of the old reference cost).
+   is held in fp32; when it would exceed --ref-cache-gb (UltraChat-scale runs: 20k pairs × ~300
+   answer tokens × 4096 × 4 bytes ≈ 98 GB) only the log-probs are cached and each step runs the
+   reference model (held in the compute dtype) over its B rejected rows for the noise.
+2. Numerics of the reference: computed from the policy before its first update, under the policy's
+   autocast, the reference log-probs equal the policy's own at step 0 up to batch-shape rounding, so
+   the margins start at 0 in bf16 as in fp32. A separate bf16 copy of the reference (the paper's
+   setting, and this code's before) differs from the fp32-master policy under autocast by ~0.5 nats
+   per sequence on SmolLM2-135M, a margin of ~0.05 at β = 0.1 before any training.
 """
 import torch
 from torch import nn
@@ -56,66 +63,78 @@ def _head(model):
 
 class PolicyLogps(nn.Module):
     """The policy as a module: a batch of B pairs, padded or packed (_answer_states) -> summed answer
-    log-probs (2B,), chosen rows first."""
+    log-probs (2B,), chosen rows first; with rejected_states=True also (states, targets, seq_ids) of the
+    rejected answers' tokens (what ReferenceCache keeps for the noise)."""
 
     def __init__(self, model, chunk_size=256):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, batch):
+    def forward(self, batch, rejected_states=False):
         weight, bias = _head(self.model)
-        return chunked_answer_logps(*_answer_states(self.model, batch), weight, bias, self.chunk_size)
+        states, targets, seq_ids, num = _answer_states(self.model, batch)
+        logps = chunked_answer_logps(states, targets, seq_ids, num, weight, bias, self.chunk_size)
+        if not rejected_states:
+            return logps
+        rejected = seq_ids >= num // 2
+        return logps, states[rejected], targets[rejected], seq_ids[rejected] - num // 2
+
+
+def _full(tensor):
+    """A parameter as one local tensor (an FSDP-sharded DTensor is gathered: a collective)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 class ReferenceCache:
     """What the loss needs of the frozen reference, for every pair of the iteration."""
 
-    def __init__(self, reference, logps, hidden, targets, chunk_size, needs_reference=True):
-        self.reference = reference  # kept for its lm_head (and for the per-step fallback when hidden is None)
-        self.needs_reference = needs_reference  # False: no noise, the steps never run the reference
+    def __init__(self, logps, hidden, targets, head, reference=None):
         self.logps = logps  # (n, 2) float32: log π_ref(chosen), log π_ref(rejected)
         self.hidden, self.targets = hidden, targets  # per pair: (n_i, d), (n_i,) rejected answer tokens, or None
-        self.chunk_size = chunk_size
+        self.head = head  # (weight (V, d), bias (V,) or None): the reference's lm_head, for z = lm_head(h)
+        self.reference = reference  # the reference model, for the per-step fallback when hidden is None
 
     @classmethod
     @torch.no_grad()
-    def build(cls, reference, examples, pad_id, device, batch_size, with_hidden, autocast, chunk_size=256,
-              max_gb=4.0, progress=True, pack=True):
-        """One pass over `examples` (longest first, so batches pad little); with_hidden: keep the
-        rejected answers' hidden states if they fit in max_gb, else only the log-probs; pack: one
-        shared-prompt row per pair (packing.py), else two padded rows."""
+    def build(cls, module, examples, pad_id, device, batch_size, with_hidden, autocast, max_gb=4.0, progress=True,
+              pack=True, reference=None):
+        """One pass of `module` (a PolicyLogps; train.py passes the policy's before its first update: the
+        reference is the start model, so this is the reference computed in the policy's own numerics, and
+        the margins start at 0 under bf16 autocast too) over `examples`, longest first so batches pad
+        little. with_hidden: keep the rejected answers' hidden states if they fit in max_gb, else only the
+        log-probs, and the steps run `reference` for the noise; pack: one shared-prompt row per pair."""
         n = len(examples)
         tokens = sum(len(e["rejected_labels"]) for e in examples)  # ≥ answer tokens: a bound for the budget
-        d, itemsize = reference.config.hidden_size, next(reference.parameters()).element_size()
-        keep_hidden = with_hidden and tokens * d * itemsize <= max_gb * 2 ** 30
+        keep_hidden = with_hidden and tokens * module.model.config.hidden_size * 4 <= max_gb * 2 ** 30
+        if with_hidden and not keep_hidden and reference is None:
+            raise ValueError("the rejected hidden states exceed --ref-cache-gb and no reference model was given")
+        weight, bias = _head(module.model)
+        head = (_full(weight).detach().clone(), _full(bias).detach().clone() if bias is not None else None)
         logps = torch.zeros(n, 2, dtype=torch.float32)
         hidden, targets = ([None] * n, [None] * n) if keep_hidden else (None, None)
         order = sorted(range(n), key=lambda i: -len(examples[i]["chosen_input_ids"]) - len(examples[i]["rejected_input_ids"]))
+        was_training = module.training
+        module.eval()  # no dropout: the reference is a deterministic function
         for start in tqdm(range(0, n, batch_size), desc="reference", disable=not progress, leave=False):
             idx = order[start:start + batch_size]
             collate = packing.pack_pairs if pack else data.collate_pairs
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             with autocast:
-                states, tgt, rows, num = _answer_states(reference, batch)
-                weight, bias = _head(reference)
-                lp = chunked_answer_logps(states, tgt, rows, num, weight, bias, chunk_size)  # (2b,)
+                lp, states, tgt, rows = module(batch, rejected_states=True)  # (2b,), rejected (N, d), (N,), (N,)
             b = len(idx)
             logps[idx, 0], logps[idx, 1] = lp[:b].float().cpu(), lp[b:].float().cpu()
-            if keep_hidden:  # the rejected answer of pair j is sequence b + j
+            if keep_hidden:  # the rejected answer of pair j
                 for j, i in enumerate(idx):
-                    hidden[i], targets[i] = states[rows == b + j].clone(), tgt[rows == b + j].clone()
-        return cls(reference, logps, hidden, targets, chunk_size, needs_reference=with_hidden)
+                    hidden[i], targets[i] = states[rows == j].float().clone(), tgt[rows == j].clone()
+        module.train(was_training)
+        if hasattr(module, "reshard"):  # an FSDP root keeps its parameters gathered after a forward: shard them again
+            module.reshard()
+        return cls(logps, hidden, targets, head, reference if with_hidden and not keep_hidden else None)
 
-    def release_reference(self):
-        """Free the reference's decoder layers once they are no longer needed (the hidden states are cached,
-        or no noise: only its lm_head is used from here on); the embedding/lm_head stay. The reference module
-        is emptied in place, so the caller's handle to it no longer computes anything. Returns the bytes freed."""
-        if self.hidden is None and self.needs_reference:  # over budget: the steps still run the reference
-            return 0
-        decoder = self.reference.get_decoder()
-        freed = sum(p.numel() * p.element_size() for p in decoder.layers.parameters())
-        decoder.layers = nn.ModuleList()
-        return freed
+    @property
+    def needs_reference(self):
+        """Whether the steps still run the reference model (the hidden states did not fit)."""
+        return self.reference is not None
 
     def rejected_tokens(self, idx, batch):
         """(hidden (N, d), targets (N,), seq_ids (N,)) of the micro-batch's rejected answers, in its row order."""
@@ -135,6 +154,16 @@ class ReferenceCache:
                 torch.cat(seq).to(device))
 
 
+def release(model):
+    """Free every parameter and buffer of a model that is no longer used (the reference once the cache
+    holds what the steps need); the module stays but computes nothing. Returns the bytes freed."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()  # tied weights once
+    freed = sum(t.numel() * t.element_size() for t in tensors)
+    for t in tensors:
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    return freed
+
+
 def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rng, autocast):
     """Eq. 1–9 on one micro-batch (pairs `idx`): the policy forward only; the reference from the cache."""
     B = len(idx)
@@ -146,7 +175,7 @@ def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rn
     sigma2, noisy_ref_rejected_eps1, noisy_ref_rejected_eps2, variance_mean = 0.0, None, None, None
     if args.noise != "none":
         hidden, targets, seq_ids = cache.rejected_tokens(idx, batch)
-        weight, bias = _head(cache.reference)  # z = lm_head(h) in the reference's dtype, as its own logits
+        weight, bias = cache.head  # z = lm_head(h) with the reference's (the start model's) lm_head
         common = dict(head_bias=bias, chunk_size=args.noise_chunk_size, rng=noise_rng)
         noisy_ref_rejected_eps1 = noises.noisy_answer_logps(hidden, targets, seq_ids, B, weight,  # Eq. 6, ε₁
                                                             generator, generator_grad=False, **common)

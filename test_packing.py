@@ -78,8 +78,9 @@ def test_packed_cache_and_step_equal_padded(tiny_tokenizer, over_budget):
     examples = [data.tokenize_pair(tiny_tokenizer, p, 160, 96) for p in _pairs(6)]
     pad, cpu = tiny_tokenizer.pad_token_id, torch.device("cpu")
     gb = 0.0 if over_budget else 4.0
-    caches = {pack: steps.ReferenceCache.build(reference, examples, pad, cpu, 4, True, OFF, chunk_size=6, max_gb=gb,
-                                               progress=False, pack=pack) for pack in (True, False)}
+    caches = {pack: steps.ReferenceCache.build(steps.PolicyLogps(reference, 6), examples, pad, cpu, 4, True, OFF,
+                                               max_gb=gb, progress=False, pack=pack, reference=reference)
+              for pack in (True, False)}
     torch.testing.assert_close(caches[True].logps, caches[False].logps, rtol=1e-5, atol=1e-5)
     if not over_budget:
         for a, b in zip(caches[True].hidden + caches[True].targets, caches[False].hidden + caches[False].targets):

@@ -79,11 +79,10 @@ def test_precomputed_reference_step_equals_reference_in_the_step(tiny_tokenizer,
     args = argparse.Namespace(noise=noise, beta=0.1, noise_alpha=1.0, noise_sigma=0.3, loss_type="sigmoid",
                               noise_chunk_size=7)
     off = torch.autocast("cpu", enabled=False)
-    cache = steps.ReferenceCache.build(copy.deepcopy(reference), examples, tiny_tokenizer.pad_token_id,
-                                       torch.device("cpu"), 2, noise != "none", off, chunk_size=7, progress=False)
-    layers = sum(p.numel() * 4 for p in reference.get_decoder().layers.parameters())
-    assert cache.release_reference() == layers > 0  # as train.py does: only the lm_head is used from here on
-    assert len(cache.reference.get_decoder().layers) == 0
+    # as train.py: the policy before its first update computes the reference's numbers
+    cache = steps.ReferenceCache.build(steps.PolicyLogps(policy, 7), examples, tiny_tokenizer.pad_token_id,
+                                       torch.device("cpu"), 2, noise != "none", off, progress=False)
+    assert not cache.needs_reference and policy.training  # build runs in eval mode and restores the mode
     idx = [3, 0, 4]
     batch = data.collate_pairs([examples[i] for i in idx], tiny_tokenizer.pad_token_id)
     results = []
@@ -115,11 +114,14 @@ def test_reference_cache_over_budget_recomputes_in_the_step(tiny_tokenizer):
     policy = make_tiny_model(tiny_tokenizer, seed=3)
     examples = [data.tokenize_pair(tiny_tokenizer, p, 160, 96) for p in _pairs(4)]
     off = torch.autocast("cpu", enabled=False)
-    build = lambda gb: steps.ReferenceCache.build(policy, examples, tiny_tokenizer.pad_token_id,  # noqa: E731
-                                                  torch.device("cpu"), 3, True, off, max_gb=gb, progress=False)
-    kept, none = build(4.0), build(0.0)
+    build = lambda gb, ref: steps.ReferenceCache.build(  # noqa: E731
+        steps.PolicyLogps(policy), examples, tiny_tokenizer.pad_token_id, torch.device("cpu"), 3, True, off,
+        max_gb=gb, progress=False, reference=ref)
+    kept, none = build(4.0, policy), build(0.0, policy)
     assert none.hidden is None and kept.hidden is not None
-    assert none.release_reference() == 0 and len(policy.get_decoder().layers) > 0  # the steps still need it
+    assert none.needs_reference and not kept.needs_reference  # train.py frees the reference model only then
+    with pytest.raises(ValueError, match="ref-cache-gb"):
+        build(0.0, None)
     torch.testing.assert_close(none.logps, kept.logps)
     batch = data.collate_pairs([examples[i] for i in (2, 1)], tiny_tokenizer.pad_token_id)
     for a, b in zip(kept.rejected_tokens([2, 1], batch), none.rejected_tokens([2, 1], batch)):
@@ -151,3 +153,32 @@ def test_padding_fraction_by_hand():
     examples = [dict(chosen_input_ids=[0] * 4, rejected_input_ids=[0] * 2), dict(chosen_input_ids=[0] * 3, rejected_input_ids=[0] * 3)]
     assert packing.padding_fraction([[0, 1]], examples) == pytest.approx(1 - 12 / 16)
     assert packing.padding_fraction([[0], [1]], examples) == pytest.approx(1 - 12 / 14)
+
+
+def test_release_frees_every_tensor_once(tiny_tokenizer):
+    """steps.release empties each parameter and buffer (tied weights counted once) and returns the bytes."""
+    model = make_tiny_model(tiny_tokenizer).float()
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()
+    expected = sum(t.numel() * t.element_size() for t in tensors)
+    assert steps.release(model) == expected > 0
+    assert all(p.numel() == 0 for p in model.parameters())
+
+
+def test_bf16_margins_start_at_zero_when_the_policy_computes_the_reference(tiny_tokenizer):
+    """Under bf16 autocast the cache computed by the fp32-master policy gives step-0 margins of ~0 (batch-shape
+    rounding only), while a bf16 copy of the reference (the old way) starts visibly off zero."""
+    policy = make_tiny_model(tiny_tokenizer, seed=6).float()
+    examples = [data.tokenize_pair(tiny_tokenizer, p, 160, 96) for p in _pairs(6)]
+    pad, cpu = tiny_tokenizer.pad_token_id, torch.device("cpu")
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    ours = steps.ReferenceCache.build(steps.PolicyLogps(policy), examples, pad, cpu, 6, False, bf16, progress=False)
+    bf16_copy = steps.PolicyLogps(copy.deepcopy(policy).to(torch.bfloat16))
+    old = steps.ReferenceCache.build(bf16_copy, examples, pad, cpu, 6, False, bf16, progress=False)
+    idx = list(range(6))
+    batch = packing.pack_pairs([examples[i] for i in idx], pad)
+    args = argparse.Namespace(noise="none", beta=0.1, noise_alpha=1.0, noise_sigma=0.1, loss_type="sigmoid",
+                              noise_chunk_size=256)
+    margins = {name: steps.cached_batch_loss(steps.PolicyLogps(policy), cache, idx, batch, None, args, None,
+                                             bf16)["margins"].abs().max().item() for name, cache in
+               (("ours", ours), ("old", old))}
+    assert margins["ours"] < 1e-6 < margins["old"]

@@ -27,8 +27,10 @@ Where this departs from, or fills a gap in, the paper:
    gradient clipping at norm 1.0 (HF); Table 3's "linear" schedule is transformers'
    get_linear_schedule_with_warmup (lr 0 → peak over ceil(0.1·steps), then linear decay to 0);
    logps.jsonl, the start/end log-probs behind Fig. 2/10.
-5. Policy weights are kept in fp32 (master copy) with bf16 autocast on CUDA; the reference is held in
-   the compute dtype; the saved model is cast to --dtype. Judging runs even at iteration 0 (its
+5. Policy weights are kept in fp32 (master copy) with bf16 autocast on CUDA; the reference copy is held
+   in the compute dtype and generates; its training-time numbers (step.ReferenceCache) are computed by
+   the policy itself before its first update (step.py, departure 2), after which the copy is freed
+   unless the hidden-state cache is over budget; the saved model is cast to --dtype. Judging runs even at iteration 0 (its
    scores feed the DSL flip statistics) although iteration 0 trains on human = chosen.
 6. Multi-GPU: torchrun → DDP or FSDP2 for the policy (--dist; distributed.py, with sharded DCP
    checkpoints), the generator replicated with its gradients all-reduced by hand, generation sharded
@@ -129,6 +131,17 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     noise_rng = torch.Generator(device=device).manual_seed(args.seed * 1000 + args.iter * 10 + rank)  # ε₁, ε₂
     fsdp, module = args.dist == "fsdp", distributed.prepare(policy, args, device)  # fsdp: sharded, before the optimizer
     logps_of = module if fsdp else policy  # the model logps.jsonl reads (FSDP: its root)
+    cache = None
+    pack = args.pack_pairs and args.precompute_ref and packing.supported(policy)  # one shared-prompt row per pair
+    collate = packing.pack_pairs if pack else data.collate_pairs
+    if args.precompute_ref:  # the frozen reference, once per iteration, from the policy before any update or resume
+        cache = steps.ReferenceCache.build(module, examples, pad_id, device, args.batch_size, args.noise != "none",
+                                           autocast, args.ref_cache_gb, progress=main_proc, pack=pack,
+                                           reference=reference)
+        if not cache.needs_reference:  # the reference model is no longer used: memory for the policy
+            freed = steps.release(reference)
+            if main_proc:
+                print(f"[4/5] train: reference cached; the reference model freed ({freed / 2 ** 20:.0f} MiB)")
 
     # one optimizer, two parameter groups (policy, generator), one linear warmup + decay schedule
     groups = [dict(params=[p for p in policy.parameters() if p.requires_grad], lr=args.lr)]
@@ -163,16 +176,6 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.train()
-    cache = None
-    pack = args.pack_pairs and args.precompute_ref and packing.supported(policy)  # one shared-prompt row per pair
-    collate = packing.pack_pairs if pack else data.collate_pairs
-    if args.precompute_ref:  # the frozen reference, once for the whole iteration (step.py)
-        cache = steps.ReferenceCache.build(reference, examples, pad_id, device, args.batch_size, args.noise != "none",
-                                           autocast, args.noise_chunk_size, args.ref_cache_gb, progress=main_proc,
-                                           pack=pack)
-        freed = cache.release_reference()  # its decoder layers are no longer needed: memory for the policy
-        if main_proc and freed:
-            print(f"[4/5] train: reference cached; its decoder layers freed ({freed / 2 ** 20:.0f} MiB)")
     ddp_policy = distributed.wrap(module, args.dist, device)
     lengths = [packing.packed_length(e) if pack else max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
                for e in examples]  # what a micro-batch is padded to
