@@ -112,7 +112,8 @@ class ReferenceCache:
         head = (_full(weight).detach().clone(), _full(bias).detach().clone() if bias is not None else None)
         logps = torch.zeros(n, 2, dtype=torch.float32)
         hidden, targets = ([None] * n, [None] * n) if keep_hidden else (None, None)
-        order = sorted(range(n), key=lambda i: -len(examples[i]["chosen_input_ids"]) - len(examples[i]["rejected_input_ids"]))
+        length = packing.packed_length if pack else lambda e: max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
+        order = sorted(range(n), key=lambda i: -length(examples[i]))  # what a batch is padded to
         was_training = module.training
         module.eval()  # no dropout: the reference is a deterministic function
         for start in tqdm(range(0, n, batch_size), desc="reference", disable=not progress, leave=False):
