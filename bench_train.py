@@ -40,7 +40,6 @@ import model as models
 import noise as noises
 import packing
 import step as steps
-import train
 
 WORKLOAD = dict(model="smollm2-135m", pairs=32, batch_size=8, epochs=2, lr=1e-6, max_length=256,
                 max_prompt_length=128, max_new_tokens=48, gen_batch_size=16, rounds=3, pairs_file=None, cache_dir=None)
@@ -180,7 +179,7 @@ class OurRun:
                 out = steps.cached_batch_loss(policy_logps, self.cache, idx, batch, self.generator, self.args,
                                               self.noise_rng, self.autocast)
         else:
-            out = train.batch_loss(self.module, self.reference, self.generator, batch, self.args, self.noise_rng,
+            out = steps.batch_loss(self.module, self.reference, self.generator, batch, self.args, self.noise_rng,
                                   self.autocast)
         if timer.enabled:  # the forward's time outside the timed parts: reference lookup, Eq. 9, bookkeeping
             inner = sum(timer.seconds.get(k, 0.0) - before.get(k, 0.0) for k in timer.seconds)

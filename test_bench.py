@@ -60,14 +60,16 @@ def test_padding_fractions_grouped_pads_less(w):
     assert 0 <= pad["grouped"] <= pad["random"] < 1 and pad["packed_positions_over_random"] < 1
 
 
-def test_our_run_is_train_steps_first_step(w, tmp_path):
-    """OurRun's first step sees train.train's first micro-batch and gives its loss (before any update)."""
-    args = bench_perf.train_args(w, tmp_path, fast=True)
+@pytest.mark.parametrize("fast", [True, False])
+def test_our_run_is_train_steps_first_step(w, tmp_path, fast):
+    """OurRun's first step sees train.train's first micro-batch and gives its loss (before any update), on
+    the new path and on the old one (--no-precompute-ref --no-group-by-length)."""
+    args = bench_perf.train_args(w, tmp_path, fast=fast)
     (tmp_path / "iter0").mkdir()
     policy = copy.deepcopy(w.model)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     rows = train.train(args, policy, reference, w.tokenizer, w.pairs, tmp_path / "iter0", CPU, 0, 1)
-    run = bench_train.OurRun(w)
+    run = bench_train.OurRun(w, precompute=fast, group=fast)
     out = run.step(run.micro_batches(0)[0])
     assert len(rows) == 4
     assert out["loss"].item() == pytest.approx(rows[0]["loss"], rel=1e-6)
