@@ -1,7 +1,9 @@
 """The trainable noise generator (Eq. 5) and the noisy reference log-probs of rejected answers (Eq. 6).
 
 `plain_noisy_sequence_logps` is Eq. 5–6 in three lines on whole tensors, for reading and testing;
-`noisy_sequence_logps` / `noisy_answer_logps` compute the same chunk by chunk (what training runs).
+`noisy_sequence_logps` / `noisy_answer_logps` compute the same chunk by chunk, and
+`noisy_answer_logps_pair` both draws of a trainable-noise step (ε₁, ε₂) from one z and σ² per chunk
+(what training runs).
 
 Notation as in loss.py: B sequences, T tokens, V vocabulary entries, d hidden size; N = number of answer
 tokens in the batch (labels != -100 after the shift), c = chunk_size.
@@ -34,6 +36,8 @@ Departures from, and gaps filled in, the paper:
 7. ε per chunk: chunk k draws ε from its own generator seeded base_seed + k, base_seed drawn from `rng`
    (or from torch's global RNG when rng is None), on the logits' device. The checkpoint recompute therefore
    sees the same ε; two calls (ε₁, ε₂) draw different base seeds; ε differs between CPU and CUDA.
+8. One pass for ε₁ and ε₂ (noisy_answer_logps_pair): the same numbers as the two calls, with z and σ²
+   computed once per chunk and, while the chunks' graphs fit in 1 GiB, no checkpoint recompute.
 """
 import math
 
@@ -171,6 +175,54 @@ def _noisy_sums(gather, targets, seq_ids, num_seqs, vocab_size, generator, gener
     if not variance_sums:
         return out, torch.zeros((), dtype=dtype, device=device)
     return out, torch.stack(variance_sums).sum() / (n * vocab_size)  # Eq. 9: mean(σ²)
+
+
+def _chunk_pair_logps(generator, gather, sl, targets, seed_eps1, seed_eps2, chunk_index, dtype):
+    """Both draws of Eq. 6 on one chunk from one z and one σ² (Eq. 5): the ε₁ log-probs without a graph
+    (the model term sees sg φ), the ε₂ log-probs with the graph to the generator, Σ σ² with it."""
+    z, h = gather(sl)
+    z = z.to(dtype)  # (c, V)
+    params = next(generator.parameters())
+    variance = generator(h.to(params.dtype)).to(z.dtype)  # Eq. 5, (c, V), with grad to φ
+    sigma = variance.clamp_min(torch.finfo(z.dtype).tiny).sqrt()
+    tgt = targets[sl].unsqueeze(1)
+
+    def token_logps(seed, sigma):
+        noisy = z + sigma * chunk_noise(seed, chunk_index, z.shape[0], z.shape[1], z.dtype, z.device)  # Eq. 6
+        return noisy.gather(1, tgt).squeeze(1) - torch.logsumexp(noisy, dim=-1)
+
+    with torch.no_grad():
+        eps1 = token_logps(seed_eps1, sigma)
+    return eps1, token_logps(seed_eps2, sigma), variance.sum()
+
+
+def noisy_answer_logps_pair(hidden, targets, seq_ids, num_seqs, head_weight, generator, head_bias=None,
+                            chunk_size=256, rng=None, graph_budget_bytes=2 ** 30):
+    """(log π̃_ref(y) under ε₁ without a graph, the same under ε₂ with the graph to the generator, mean σ²
+    with it): the two noisy_answer_logps calls of a trainable-noise step (generator_grad False, then True)
+    in one pass, so z = lm_head(h) and σ² are computed once per chunk; ε₁ and ε₂ are the ones the two calls
+    would draw (two base seeds from rng, in that order). The chunks' (c, V) graphs are kept for backward
+    while N·V·24 bytes fit in graph_budget_bytes (demo: ~0.2 GB), else each chunk is checkpointed and
+    recomputed in backward, as noisy_answer_logps does."""
+    hidden, head_weight = hidden.detach(), head_weight.detach()
+    head_bias = head_bias.detach() if head_bias is not None else None
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    n, V = targets.numel(), head_weight.shape[0]
+    seed_eps1, seed_eps2 = draw_base_seed(rng), draw_base_seed(rng)
+    gather = lambda sl: (torch.nn.functional.linear(hidden[sl].to(head_weight.dtype), head_weight, head_bias),  # noqa: E731
+                         hidden[sl])
+    keep = n * V * 24 <= graph_budget_bytes
+    parts = []
+    for k, start in enumerate(range(0, n, chunk_size)):
+        args = (generator, gather, slice(start, start + chunk_size), targets, seed_eps1, seed_eps2, k, dtype)
+        parts.append(_chunk_pair_logps(*args) if keep else
+                     checkpoint(_chunk_pair_logps, *args, use_reentrant=False, preserve_rng_state=False))
+    eps1, eps2 = (torch.zeros(num_seqs, dtype=dtype, device=hidden.device) for _ in range(2))
+    if not parts:
+        return eps1, eps2, torch.zeros((), dtype=dtype, device=hidden.device)
+    eps1 = eps1.index_add(0, seq_ids, torch.cat([p[0] for p in parts]))  # Eq. 6: Σ_t over answer tokens
+    eps2 = eps2.index_add(0, seq_ids, torch.cat([p[1] for p in parts]))
+    return eps1, eps2, torch.stack([p[2] for p in parts]).sum() / (n * V)  # Eq. 9: mean(σ²)
 
 
 def noisy_sequence_logps(ref_logits, ref_hidden, labels, generator, generator_grad, chunk_size=256,

@@ -178,11 +178,12 @@ def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rn
         hidden, targets, seq_ids = cache.rejected_tokens(idx, batch)
         weight, bias = cache.head  # z = lm_head(h) with the reference's (the start model's) lm_head
         common = dict(head_bias=bias, chunk_size=args.noise_chunk_size, rng=noise_rng)
-        noisy_ref_rejected_eps1 = noises.noisy_answer_logps(hidden, targets, seq_ids, B, weight,  # Eq. 6, ε₁
-                                                            generator, generator_grad=False, **common)
-        if args.noise == "trainable":  # Eq. 6, ε₂, gradient to the generator
-            noisy_ref_rejected_eps2, variance_mean = noises.noisy_answer_logps(
-                hidden, targets, seq_ids, B, weight, generator, generator_grad=True, return_variance=True, **common)
+        if args.noise == "trainable":  # Eq. 6 under ε₁ (no graph) and ε₂ (graph to the generator), one z and σ²
+            noisy_ref_rejected_eps1, noisy_ref_rejected_eps2, variance_mean = noises.noisy_answer_logps_pair(
+                hidden, targets, seq_ids, B, weight, generator, **common)
+        else:  # fixed noise: ε₁ only, no noise term
+            noisy_ref_rejected_eps1 = noises.noisy_answer_logps(hidden, targets, seq_ids, B, weight, generator,
+                                                                generator_grad=False, **common)
         sigma2 = variance_mean.item() if variance_mean is not None else args.noise_sigma ** 2
     out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen,
                     noisy_ref_rejected_eps1 if noisy_ref_rejected_eps1 is not None else ref_rejected,

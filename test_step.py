@@ -63,6 +63,28 @@ def test_noisy_answer_logps_equal_logits_version():
     torch.testing.assert_close(gb[0], ga[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("budget", [2 ** 30, 0])  # graphs kept / every chunk checkpointed
+def test_noisy_pair_equals_two_calls_float64(budget):
+    """noisy_answer_logps_pair == noisy_answer_logps with generator_grad False, then True, on the same rng:
+    the same ε₁ and ε₂, log-probs, mean σ² and generator gradients (float64, 1e-12)."""
+    gen = torch.Generator().manual_seed(2)
+    N, d, V, B = 9, 4, 7, 3
+    h = torch.randn(N, d, dtype=torch.float64, generator=gen)
+    w = torch.randn(V, d, dtype=torch.float64, generator=gen)
+    targets, seq = torch.randint(0, V, (N,), generator=gen), torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    g = noises.NoiseGenerator(d, V, init_std=0.3).double()
+    rng = torch.Generator().manual_seed(4)
+    e1 = noises.noisy_answer_logps(h, targets, seq, B, w, g, False, chunk_size=4, rng=rng)
+    e2, v = noises.noisy_answer_logps(h, targets, seq, B, w, g, True, chunk_size=4, rng=rng, return_variance=True)
+    grads = torch.autograd.grad(e2.sum() + v, list(g.parameters()))
+    p1, p2, pv = noises.noisy_answer_logps_pair(h, targets, seq, B, w, g, chunk_size=4,
+                                                rng=torch.Generator().manual_seed(4), graph_budget_bytes=budget)
+    assert not p1.requires_grad and p2.requires_grad
+    pair_grads = torch.autograd.grad(p2.sum() + pv, list(g.parameters()))
+    for a, b in zip((p1, p2, pv) + pair_grads, (e1, e2, v) + grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def _pairs(n):
     return [dict(id=f"p{i}", prompt=f"What is {i} + {i}?" + " please" * (i % 4), chosen=f"{i} + {i} = {2 * i}." * (1 + i % 3),
                  rejected="I do not know." * (1 + i % 2)) for i in range(n)]
