@@ -325,7 +325,7 @@ def bench_cpu_bf16(device, spec=None, agree_steps=3, compile=True):
 
 
 # ----------------------------------------------------------------------------- profile
-PARTS = ("collate", "policy_forward", "noise_eps1", "noise_eps2", "loss", "backward", "optimizer")
+PARTS = ("collate", "policy_forward", "noise_forward", "loss", "backward", "optimizer")
 
 
 def bench_profile(device, spec=None, steps=3, noise="trainable"):

@@ -161,7 +161,7 @@ class OurRun:
 
     def step(self, idx, timer=NULL_TIMER, policy_hook=None):
         """One optimizer step on the pairs idx; returns the loss dict. policy_hook(logps) sees the policy's
-        (2B,) log-probs of the fast path; timer times collate, policy_forward, noise_eps1/eps2, loss (the
+        (2B,) log-probs of the fast path; timer times collate, policy_forward, noise_forward, loss (the
         rest of the forward), backward and optimizer."""
         with timer("collate"):
             collate = packing.pack_pairs if self.pack else data.collate_pairs
@@ -204,20 +204,25 @@ class OurRun:
 
 @contextlib.contextmanager
 def _timed_noise(timer):
-    """Time noise.noisy_answer_logps (step.py calls it as noises.noisy_answer_logps): ε₁ and ε₂ passes."""
+    """Time the noise forward (step.py calls noises.noisy_answer_logps_pair, or noisy_answer_logps for fixed
+    noise): z = lm_head(h), σ², both ε draws and their log-probs ("noise_forward")."""
     if not timer.enabled:
         yield
         return
-    original = noises.noisy_answer_logps
+    originals = {name: getattr(noises, name) for name in ("noisy_answer_logps", "noisy_answer_logps_pair")}
 
-    def timed(*a, generator_grad, **k):
-        with timer("noise_eps2" if generator_grad else "noise_eps1"):
-            return original(*a, generator_grad=generator_grad, **k)
-    noises.noisy_answer_logps = timed
+    def timed(fn):
+        def call(*a, **k):
+            with timer("noise_forward"):
+                return fn(*a, **k)
+        return call
+    for name, fn in originals.items():
+        setattr(noises, name, timed(fn))
     try:
         yield
     finally:
-        noises.noisy_answer_logps = original
+        for name, fn in originals.items():
+            setattr(noises, name, fn)
 
 
 # ----------------------------------------------------------------------------- TRL

@@ -177,6 +177,12 @@ def _noisy_sums(gather, targets, seq_ids, num_seqs, vocab_size, generator, gener
     return out, torch.stack(variance_sums).sum() / (n * vocab_size)  # Eq. 9: mean(σ²)
 
 
+def _noisy_token_logps(z, sigma, seed, chunk_index, targets):
+    """log_softmax(z + σ ⊙ ε)[y] on one (c, V) chunk, ε = chunk_noise(seed, chunk_index)."""
+    noisy = z + sigma * chunk_noise(seed, chunk_index, z.shape[0], z.shape[1], z.dtype, z.device)  # Eq. 6: z̃ = z + σ ⊙ ε
+    return noisy.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(noisy, dim=-1)
+
+
 def _chunk_pair_logps(generator, gather, sl, targets, seed_eps1, seed_eps2, chunk_index, dtype):
     """Both draws of Eq. 6 on one chunk from one z and one σ² (Eq. 5): the ε₁ log-probs without a graph
     (the model term sees sg φ), the ε₂ log-probs with the graph to the generator, Σ σ² with it."""
@@ -185,15 +191,9 @@ def _chunk_pair_logps(generator, gather, sl, targets, seed_eps1, seed_eps2, chun
     params = next(generator.parameters())
     variance = generator(h.to(params.dtype)).to(z.dtype)  # Eq. 5, (c, V), with grad to φ
     sigma = variance.clamp_min(torch.finfo(z.dtype).tiny).sqrt()
-    tgt = targets[sl].unsqueeze(1)
-
-    def token_logps(seed, sigma):
-        noisy = z + sigma * chunk_noise(seed, chunk_index, z.shape[0], z.shape[1], z.dtype, z.device)  # Eq. 6
-        return noisy.gather(1, tgt).squeeze(1) - torch.logsumexp(noisy, dim=-1)
-
     with torch.no_grad():
-        eps1 = token_logps(seed_eps1, sigma)
-    return eps1, token_logps(seed_eps2, sigma), variance.sum()
+        eps1 = _noisy_token_logps(z, sigma, seed_eps1, chunk_index, targets[sl])
+    return eps1, _noisy_token_logps(z, sigma, seed_eps2, chunk_index, targets[sl]), variance.sum()
 
 
 def noisy_answer_logps_pair(hidden, targets, seq_ids, num_seqs, head_weight, generator, head_bias=None,
