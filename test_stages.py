@@ -135,3 +135,16 @@ def test_remove_leftovers_keeps_partials(tmp_path):
     assert all(p.exists() for p in keep) and not any(p.exists() for p in gone)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "generated.jsonl.partial",
                                                           "judged.jsonl.partial", "model"]
+
+
+def test_a_record_from_before_a_new_flag_compares_as_its_legacy_value(tmp_path):
+    """A train record (or checkpoint) written before --pack-pairs existed was unpacked: --no-pack-pairs reuses
+    it, --pack-pairs is refused in one line naming pack_pairs=False."""
+    stages.begin(tmp_path, "train", {"lr": 1e-3}, {})
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    stages.check(tmp_path, "train", {"lr": 1e-3, "pack_pairs": False})
+    one_line_exit(stages.check, tmp_path, "train", {"lr": 1e-3, "pack_pairs": True}, match="pack_pairs=False")
+    args = type("A", (), {"lr": 1e-3, "pack_pairs": True})()
+    one_line_exit(ckpt.restore, {"args": {"lr": 1e-3}}, pathlib.Path("ck/state.pt"), args, ("lr", "pack_pairs"), 0,
+                  *[None] * 5, match="pack_pairs=False")
