@@ -130,8 +130,7 @@ def padding_fractions(w, seed=0):
     positions of each over the old path's (train.py's data seed for --iter 0: seed + 7919 · 0)."""
     b, n, out, counts = w.spec["batch_size"], len(w.examples), {}, {}
     for name, group, packed in (("random", False, False), ("grouped", True, False), ("packed", True, True)):
-        lengths = [packing.packed_length(e) if packed else max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
-                   for e in w.examples]
+        lengths = [packing.row_length(e, packed) for e in w.examples]
         fractions, counts[name] = [], 0
         for epoch in range(w.spec["epochs"]):
             order = ckpt.epoch_order(n, seed, epoch)

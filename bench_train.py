@@ -149,8 +149,7 @@ class OurRun:
             self.precompute_s = time.perf_counter() - t0
         if compile_policy:
             self.module = torch.compile(self.module)
-        self.lengths = [packing.packed_length(e) if self.pack else max(len(e["chosen_input_ids"]),
-                        len(e["rejected_input_ids"])) for e in w.examples]  # as train.py
+        self.lengths = [packing.row_length(e, self.pack) for e in w.examples]  # as train.py
 
     def micro_batches(self, epoch):
         """The epoch's micro-batches as train.py builds them (one process)."""
@@ -164,9 +163,8 @@ class OurRun:
         (2B,) log-probs of the fast path; timer times collate, policy_forward, noise_forward, loss (the
         rest of the forward), backward and optimizer."""
         with timer("collate"):
-            collate = packing.pack_pairs if self.pack else data.collate_pairs
             batch = {k: v.to(self.w.device) for k, v in
-                     collate([self.w.examples[i] for i in idx], self.w.tokenizer.pad_token_id).items()}
+                     packing.collate(self.pack)([self.w.examples[i] for i in idx], self.w.tokenizer.pad_token_id).items()}
         t0, before = time.perf_counter(), dict(timer.seconds)
         if self.cache is not None:
             def policy_logps(batch):

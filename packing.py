@@ -21,13 +21,17 @@ tokens with the chat template, answers of 11 and 23) a pair takes 77 positions i
         order of data.collate_pairs), tokens () the number of real positions
     attention_mask_for(mask, model)   the bool mask as the model's attention implementation wants it
     supported(model)                  whether the model takes a custom 4D mask (sdpa, eager)
-    packed_length(example)            the packed row's length (train.py groups micro-batches by it)
+    packed_length(example)            the packed row's length
+    row_length(example, packed)       what a micro-batch is padded to (train.py groups micro-batches by it)
+    collate(packed)                   pack_pairs or data.collate_pairs
 
 Where this departs from the paper:
 1. Nothing in the math: an equal computation with fewer positions. Padding positions attend only to
    position 0 of their row (a fully masked row would give NaN in SDPA), and nothing attends to them.
 """
 import torch
+
+import data
 
 PACKABLE_ATTENTION = ("sdpa", "eager")
 
@@ -72,6 +76,16 @@ def pack_pairs(examples, pad_id) -> dict:
 def packed_length(example) -> int:
     """Positions of a pair's packed row: the prompt once plus both answers."""
     return len(example["chosen_input_ids"]) + len(example["rejected_input_ids"]) - _prompt_length(example)
+
+
+def row_length(example, packed) -> int:
+    """What a micro-batch holding this pair is padded to: its packed row, or the longer of its two rows."""
+    return packed_length(example) if packed else max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
+
+
+def collate(packed):
+    """The micro-batch collator: pack_pairs, or data.collate_pairs (two padded rows per pair)."""
+    return pack_pairs if packed else data.collate_pairs
 
 
 def positions(micro_batches, examples, packed):

@@ -33,7 +33,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import data
 import noise as noises
 import packing
 from loss import answer_states, chunked_answer_logps, dnpo_loss, sequence_logps
@@ -112,13 +111,11 @@ class ReferenceCache:
         head = (_full(weight).detach().clone(), _full(bias).detach().clone() if bias is not None else None)
         logps = torch.zeros(n, 2, dtype=torch.float32)
         hidden, targets = ([None] * n, [None] * n) if keep_hidden else (None, None)
-        length = packing.packed_length if pack else lambda e: max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
-        order = sorted(range(n), key=lambda i: -length(examples[i]))  # what a batch is padded to
-        was_training = module.training
+        order = sorted(range(n), key=lambda i: -packing.row_length(examples[i], pack))
+        collate, was_training = packing.collate(pack), module.training
         module.eval()  # no dropout: the reference is a deterministic function
         for start in tqdm(range(0, n, batch_size), desc="reference", disable=not progress, leave=False):
             idx = order[start:start + batch_size]
-            collate = packing.pack_pairs if pack else data.collate_pairs
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             with autocast:
                 lp, states, tgt, rows = module(batch, rejected_states=True)  # (2b,), rejected (N, d), (N,), (N,)

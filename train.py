@@ -133,7 +133,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     logps_of = module if fsdp else policy  # the model logps.jsonl reads (FSDP: its root)
     cache = None
     pack = args.pack_pairs and args.precompute_ref and packing.supported(policy)  # one shared-prompt row per pair
-    collate = packing.pack_pairs if pack else data.collate_pairs
+    collate = packing.collate(pack)
     if args.precompute_ref:  # the frozen reference, once per iteration, from the policy before any update or resume
         cache = steps.ReferenceCache.build(module, examples, pad_id, device, args.batch_size, args.noise != "none",
                                            autocast, args.ref_cache_gb, progress=main_proc, pack=pack,
@@ -177,8 +177,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         policy.gradient_checkpointing_enable()
     policy.train()
     ddp_policy = distributed.wrap(module, args.dist, device)
-    lengths = [packing.packed_length(e) if pack else max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"]))
-               for e in examples]  # what a micro-batch is padded to
+    lengths = [packing.row_length(e, pack) for e in examples]
 
     def save(step):
         noise_rng_states = ckpt.gather(noise_rng.get_state(), world)  # collective: every rank
