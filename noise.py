@@ -134,19 +134,28 @@ def chunk_noise(base_seed, chunk_index, rows, vocab_size, dtype=torch.float32, d
     return torch.randn(rows, vocab_size, generator=gen, dtype=dtype, device=device)
 
 
+def _chunk_sigma(generator, h, z):
+    """(σ, σ²), each (c, V) in z's dtype, of one chunk of answer tokens with hidden states h (c, d)."""
+    params = next(generator.parameters(), None)
+    variance = generator(h.to(params.dtype) if params is not None else h).to(z.dtype)  # Eq. 5, (c, V)
+    variance = variance.expand_as(z)
+    return variance.clamp_min(torch.finfo(z.dtype).tiny).sqrt(), variance
+
+
+def _noisy_token_logps(z, sigma, seed, chunk_index, targets):
+    """log_softmax(z + σ ⊙ ε)[y] on one (c, V) chunk, ε = chunk_noise(seed, chunk_index)."""
+    noisy = z + sigma * chunk_noise(seed, chunk_index, z.shape[0], z.shape[1], z.dtype, z.device)  # Eq. 6: z̃ = z + σ ⊙ ε
+    return noisy.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(noisy, dim=-1)  # Eq. 6: log_softmax(z̃)[y]
+
+
 def _chunk_logps(generator, gather, sl, targets, base_seed, chunk_index, dtype):
     """Eq. 5–6 on one chunk of c answer tokens -> (token logps (c,), Σ σ² over the (c, V) block).
     gather(sl) -> (reference logits (c, V), hidden (c, d)) of the chunk: gathered (or recomputed from h
     by lm_head) here, so that checkpoint keeps no (c, V) copy."""
     z, h = gather(sl)
     z = z.to(dtype)  # (c, V) reference logits
-    params = next(generator.parameters(), None)
-    variance = generator(h.to(params.dtype) if params is not None else h).to(z.dtype)  # Eq. 5, (c, V)
-    variance = variance.expand_as(z)
-    eps = chunk_noise(base_seed, chunk_index, z.shape[0], z.shape[1], z.dtype, z.device)  # (c, V)
-    noisy = z + variance.clamp_min(torch.finfo(z.dtype).tiny).sqrt() * eps  # Eq. 6: z̃ = z + σ ⊙ ε
-    token_logps = noisy.gather(1, targets[sl].unsqueeze(1)).squeeze(1) - torch.logsumexp(noisy, dim=-1)  # Eq. 6
-    return token_logps, variance.sum()
+    sigma, variance = _chunk_sigma(generator, h, z)
+    return _noisy_token_logps(z, sigma, base_seed, chunk_index, targets[sl]), variance.sum()
 
 
 def _noisy_sums(gather, targets, seq_ids, num_seqs, vocab_size, generator, generator_grad, chunk_size, rng,
@@ -177,10 +186,14 @@ def _noisy_sums(gather, targets, seq_ids, num_seqs, vocab_size, generator, gener
     return out, torch.stack(variance_sums).sum() / (n * vocab_size)  # Eq. 9: mean(σ²)
 
 
-def _noisy_token_logps(z, sigma, seed, chunk_index, targets):
-    """log_softmax(z + σ ⊙ ε)[y] on one (c, V) chunk, ε = chunk_noise(seed, chunk_index)."""
-    noisy = z + sigma * chunk_noise(seed, chunk_index, z.shape[0], z.shape[1], z.dtype, z.device)  # Eq. 6: z̃ = z + σ ⊙ ε
-    return noisy.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(noisy, dim=-1)
+def _head_gather(hidden, head_weight, head_bias):
+    """(gather, compute dtype) for chunks of answer tokens: gather(sl) -> (z = lm_head(h) (c, V), h (c, d)),
+    the reference's states and lm_head detached."""
+    hidden, head_weight = hidden.detach(), head_weight.detach()
+    head_bias = head_bias.detach() if head_bias is not None else None
+    gather = lambda sl: (torch.nn.functional.linear(hidden[sl].to(head_weight.dtype), head_weight, head_bias),  # noqa: E731
+                         hidden[sl])
+    return gather, torch.promote_types(hidden.dtype, torch.float32)
 
 
 def _chunk_pair_logps(generator, gather, sl, targets, seed_eps1, seed_eps2, chunk_index, dtype):
@@ -188,9 +201,7 @@ def _chunk_pair_logps(generator, gather, sl, targets, seed_eps1, seed_eps2, chun
     (the model term sees sg φ), the ε₂ log-probs with the graph to the generator, Σ σ² with it."""
     z, h = gather(sl)
     z = z.to(dtype)  # (c, V)
-    params = next(generator.parameters())
-    variance = generator(h.to(params.dtype)).to(z.dtype)  # Eq. 5, (c, V), with grad to φ
-    sigma = variance.clamp_min(torch.finfo(z.dtype).tiny).sqrt()
+    sigma, variance = _chunk_sigma(generator, h, z)  # with grad to φ
     with torch.no_grad():
         eps1 = _noisy_token_logps(z, sigma, seed_eps1, chunk_index, targets[sl])
     return eps1, _noisy_token_logps(z, sigma, seed_eps2, chunk_index, targets[sl]), variance.sum()
@@ -204,13 +215,9 @@ def noisy_answer_logps_pair(hidden, targets, seq_ids, num_seqs, head_weight, gen
     would draw (two base seeds from rng, in that order). The chunks' (c, V) graphs are kept for backward
     while N·V·24 bytes fit in graph_budget_bytes (demo: ~0.2 GB), else each chunk is checkpointed and
     recomputed in backward, as noisy_answer_logps does."""
-    hidden, head_weight = hidden.detach(), head_weight.detach()
-    head_bias = head_bias.detach() if head_bias is not None else None
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    gather, dtype = _head_gather(hidden, head_weight, head_bias)
     n, V = targets.numel(), head_weight.shape[0]
     seed_eps1, seed_eps2 = draw_base_seed(rng), draw_base_seed(rng)
-    gather = lambda sl: (torch.nn.functional.linear(hidden[sl].to(head_weight.dtype), head_weight, head_bias),  # noqa: E731
-                         hidden[sl])
     keep = n * V * 24 <= graph_budget_bytes
     parts = []
     for k, start in enumerate(range(0, n, chunk_size)):
@@ -256,10 +263,6 @@ def noisy_answer_logps(hidden, targets, seq_ids, num_seqs, head_weight, generato
     each answer token, targets (N,) those tokens, seq_ids (N,) in [0, num_seqs) the sequence of each;
     head_weight (V, d) [head_bias (V,)] the reference's lm_head (detached here). Same chunks and the
     same ε as noisy_sequence_logps for the same tokens in the same (row-major) order."""
-    hidden, head_weight = hidden.detach(), head_weight.detach()
-    head_bias = head_bias.detach() if head_bias is not None else None
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    gather = lambda sl: (torch.nn.functional.linear(hidden[sl].to(head_weight.dtype), head_weight, head_bias),  # noqa: E731
-                         hidden[sl])
+    gather, dtype = _head_gather(hidden, head_weight, head_bias)
     return _noisy_sums(gather, targets, seq_ids, num_seqs, head_weight.shape[0], generator, generator_grad,
                        chunk_size, rng, return_variance, dtype, hidden.device)
