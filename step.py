@@ -55,6 +55,12 @@ def _answer_states(model, batch):
     return hidden.flatten(0, 1)[batch["state_index"]], batch["targets"], batch["seq_ids"], 2 * hidden.shape[0]
 
 
+def _rejected(states, targets, seq_ids, num):
+    """The rejected answers' part of _answer_states (sequences B..2B-1), renumbered 0..B-1."""
+    rejected = seq_ids >= num // 2
+    return states[rejected], targets[rejected], seq_ids[rejected] - num // 2
+
+
 def _head(model):
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
@@ -73,10 +79,7 @@ class PolicyLogps(nn.Module):
         weight, bias = _head(self.model)
         states, targets, seq_ids, num = _answer_states(self.model, batch)
         logps = chunked_answer_logps(states, targets, seq_ids, num, weight, bias, self.chunk_size)
-        if not rejected_states:
-            return logps
-        rejected = seq_ids >= num // 2
-        return logps, states[rejected], targets[rejected], seq_ids[rejected] - num // 2
+        return (logps, *_rejected(states, targets, seq_ids, num)) if rejected_states else logps
 
 
 def _full(tensor):
@@ -123,7 +126,7 @@ class ReferenceCache:
             logps[idx, 0], logps[idx, 1] = lp[:b].float().cpu(), lp[b:].float().cpu()
             if keep_hidden:  # the rejected answer of pair j
                 for j, i in enumerate(idx):
-                    hidden[i], targets[i] = states[rows == j].float().clone(), tgt[rows == j].clone()
+                    hidden[i], targets[i] = states[rows == j].float(), tgt[rows == j]  # boolean indexing copies
         module.train(was_training)
         if hasattr(module, "reshard"):  # an FSDP root keeps its parameters gathered after a forward: shard them again
             module.reshard()
@@ -139,9 +142,7 @@ class ReferenceCache:
         b = len(idx)
         if self.hidden is None and "state_index" in batch:  # over budget, packed: the reference on the B rows
             with torch.no_grad():
-                states, targets, seq_ids, _ = _answer_states(self.reference, batch)
-            rejected = seq_ids >= b
-            return states[rejected], targets[rejected], seq_ids[rejected] - b
+                return _rejected(*_answer_states(self.reference, batch))
         if self.hidden is None:  # over budget, padded: the reference on the B rejected rows
             with torch.no_grad():
                 h = _decoder_hidden(self.reference, batch["input_ids"][b:], batch["attention_mask"][b:])
