@@ -246,7 +246,7 @@ def load_checkpoint(path):
 
 def restore(state, path, args, keys, rank, policy, generator, optimizer, scheduler, noise_rng):
     """Load a checkpoint dict into the live objects; refuse one written with other training flags."""
-    state = {**state, "args": {**{k: v for k, v in stages.LEGACY.items() if k in keys}, **state["args"]}}
+    state = {**state, "args": stages.with_legacy(state["args"], keys)}
     changed = [k for k in keys if state["args"].get(k) != getattr(args, k, None)]
     if "pairs_sha256" in changed:
         was, now = str(state["args"].get("pairs_sha256"))[:12], str(getattr(args, "pairs_sha256", None))[:12]

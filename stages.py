@@ -33,6 +33,14 @@ ORDER = ("generate", "judge", "label", "train")
 # Flags added after runs were recorded, with the value such a run had: a record or checkpoint without the key
 # compares as this value, so `--no-pack-pairs` resumes or reuses what the code before --pack-pairs made.
 LEGACY = {"pack_pairs": False}
+
+
+def with_legacy(recorded, keys):
+    """Recorded flags (a stage record's or a checkpoint's) with LEGACY values for the keys among `keys` that
+    were not recorded."""
+    return {**{k: v for k, v in LEGACY.items() if k in keys}, **recorded}
+
+
 OUTPUTS = {  # files (globs) whose presence means a stage has produced something
     "generate": ("generated.jsonl", "generated.jsonl.partial*"),
     "judge": ("judged.jsonl", "judged.jsonl.partial"),
@@ -153,7 +161,7 @@ def check(it_dir, stage, flags, inputs=None, records=None):
         return None
     if not produced:
         return None  # nothing on disk depends on the old record: it is replaced
-    old, new = {**{k: v for k, v in LEGACY.items() if k in flags}, **rec.get("flags", {})}, flags
+    old, new = with_legacy(rec.get("flags", {}), flags), flags
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
         raise SystemExit(f"train.py: {it_dir} holds {stage} outputs made with {_fmt({k: old.get(k) for k in diff})}; "
