@@ -25,7 +25,8 @@ Notation as in loss.py: B sequences, T tokens, V vocabulary, d hidden size, N an
   reply, at concurrency 1 and 16, fresh cache each run; ratios: c16 over c1, and each level's fraction of
   the latency-bound ideal (concurrency / (2 requests × latency) records/s).
 
-* train_step_vs_trl, iteration_speedup, memory_and_noise, flop_utilization, generation, cpu_bf16, profile:
+* train_step_vs_trl, iteration_speedup, memory_and_noise, flop_utilization, generation, cpu_bf16, profile,
+  noise_diagnostics (a DNPO step with the per-step noise diagnostics against one without):
   on the demo workload (SmolLM2-135M, 32 demo pairs, as `train.py --preset demo`); described in
   bench_perf.py, the shared harness (train.py's step, the TRL adapter, peak-RSS child processes) in
   bench_train.py. --rounds sets their interleaved rounds (default 3). train_step_vs_trl needs
@@ -271,9 +272,10 @@ BENCHMARKS = {"noisy_logps": bench_noisy_logps, "dnpo_step": bench_dnpo_step,
               "flop_utilization": bench_perf.bench_flop_utilization,
               "generation": bench_perf.bench_generation,
               "cpu_bf16": bench_perf.bench_cpu_bf16,
-              "profile": bench_perf.bench_profile}
+              "profile": bench_perf.bench_profile,
+              "noise_diagnostics": bench_perf.bench_noise_diagnostics}
 WORKLOAD_BENCHMARKS = ("train_step_vs_trl", "iteration_speedup", "memory_and_noise", "flop_utilization", "generation",
-                       "cpu_bf16", "profile")  # these take spec= (bench_train.WORKLOAD overrides)
+                       "cpu_bf16", "profile", "noise_diagnostics")  # these take spec= (bench_train.WORKLOAD overrides)
 
 
 def main(argv=None):

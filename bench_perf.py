@@ -196,6 +196,17 @@ def bench_memory_and_noise(device, spec=None, memory=True):
     return out
 
 
+def bench_noise_diagnostics(device, spec=None):
+    """The cost of the noise diagnostics (step.DIAGNOSTICS): a DNPO step with them against one without,
+    interleaved epochs on the demo workload; the goal is ≤ 1.03."""
+    w = workload(device, spec)
+    t = _interleaved_epochs(w, {"with": dict(noise="trainable"), "without": dict(noise="trainable", diagnostics=False)})
+    (on, _), (off, _) = t["with"], t["without"]
+    print(f"noise_diagnostics | {device.type} | {w.spec['model']} | {len(w.examples)} pairs, batch "
+          f"{w.spec['batch_size']}: dnpo step with diagnostics {on * 1e3:8.0f} ms, without {off * 1e3:8.0f} ms")
+    return {"time_ratio_with_over_without": on / off}
+
+
 # ----------------------------------------------------------------------------- flop_utilization
 def matmul_flops(device, dtype, n=2048, repeats=5):
     """FLOP/s of torch.mm on (n, n) matrices: 2n³ over the median of `repeats` timed calls after one warm-up."""

@@ -119,8 +119,8 @@ class OurRun:
     order of checkpoint.py; precompute=False/group=False are `--no-precompute-ref/--no-group-by-length`."""
 
     def __init__(self, w, noise="none", precompute=True, group=True, dtype="fp32", compile_policy=False, seed=0,
-                 policy=None, pack=True):
-        self.w, self.group, self.seed = w, group, seed
+                 policy=None, pack=True, diagnostics=True):
+        self.w, self.group, self.seed, self.diagnostics = w, group, seed, diagnostics
         self.pack = pack and precompute  # --pack-pairs needs --precompute-ref, as in train.py
         compute = models.pick_dtype(w.device, dtype)
         self.autocast = torch.autocast(w.device.type, dtype=compute, enabled=compute != torch.float32)
@@ -175,7 +175,7 @@ class OurRun:
                 return out
             with _timed_noise(timer):
                 out = steps.cached_batch_loss(policy_logps, self.cache, idx, batch, self.generator, self.args,
-                                              self.noise_rng, self.autocast)
+                                              self.noise_rng, self.autocast, diagnostics=self.diagnostics)
         else:
             out = steps.batch_loss(self.module, self.reference, self.generator, batch, self.args, self.noise_rng,
                                   self.autocast)

@@ -37,12 +37,12 @@ COMMON = dict(  # defaults shared by both presets
     seed=0, device=None, history=1, flaw_rate=0.3, trust_remote_code=False, temperature=0.0, top_p=1.0,
     gen_backend="hf", judge_base_url=None, judge_concurrency=8, judge_api_key_env="OPENAI_API_KEY",
     judge_max_missing=0.2, judge_scale=10, judge_mode="single", loss_type="sigmoid", noise_alpha=noises.DEFAULT_ALPHA, noise_sigma=noises.DEFAULT_SIGMA,
-    noise_lr=1e-3, noise_chunk_size=256, weight_decay=0.0, max_grad_norm=1.0, keep_checkpoint=False,
+    noise_lr=1e-3, noise_init_variance=noises.DEFAULT_INIT_VARIANCE, noise_chunk_size=256, weight_decay=0.0, max_grad_norm=1.0, keep_checkpoint=False,
     stop_after_steps=0, precompute_ref=True, ref_cache_gb=4.0, group_by_length=True, pack_pairs=True)
-FLOAT_FLAGS = ("beta", "lr", "noise_alpha", "noise_sigma", "noise_lr", "weight_decay", "warmup_ratio", "max_grad_norm",
+FLOAT_FLAGS = ("beta", "lr", "noise_alpha", "noise_sigma", "noise_lr", "noise_init_variance", "weight_decay", "warmup_ratio", "max_grad_norm",
                "temperature", "top_p", "judge_max_missing", "flaw_rate", "ref_cache_gb")
 # Flags whose change would make a checkpoint's resumed run differ from an uninterrupted one.
-TRAINING_KEYS = ("beta", "loss_type", "noise", "noise_alpha", "noise_sigma", "noise_lr", "epochs", "batch_size",
+TRAINING_KEYS = ("beta", "loss_type", "noise", "noise_alpha", "noise_sigma", "noise_lr", "noise_init_variance", "epochs", "batch_size",
                  "grad_accum", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm", "seed",
                  "max_length", "max_prompt_length", "history", "dsl", "world_size", "start_model", "pairs_sha256",
                  "precompute_ref", "group_by_length", "pack_pairs", "dtype")
@@ -101,13 +101,16 @@ def parse_args(argv=None):
     g.add_argument("--noise-alpha", type=float, help="α weight of mean σ² in the loss (0 = no bound; default 1.0, see noise.py)")
     g.add_argument("--noise-sigma", type=float, help="σ of --noise fixed, in logits (default 0.1)")
     g.add_argument("--noise-lr", type=float, help="learning rate of the noise generator (default 1e-3)")
+    g.add_argument("--noise-init-variance", type=float,
+                   help="σ² of the trainable noise at the start of each iteration (Eq. 5 bias init; default 0.01)")
     g.add_argument("--noise-chunk-size", type=int, help="answer tokens per chunk of lm_head + log-softmax (memory)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, help="epochs over the pairs (demo 2, paper 3)")
     g.add_argument("--batch-size", type=int, help="pairs per micro-batch per process (demo 8, paper 4)")
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (1 = off)")
     g.add_argument("--lr", type=float, help="peak policy learning rate (demo 1e-6, paper 5e-7)")
-    g.add_argument("--optimizer", choices=["rmsprop", "adamw"], help="optimizer (paper: rmsprop)")
+    g.add_argument("--optimizer", choices=["rmsprop", "adamw", "sgd"],
+                   help="optimizer (paper: rmsprop; sgd: plain, no momentum, for the noise study)")
     g.add_argument("--weight-decay", type=float, help="weight decay (0 = off)")
     g.add_argument("--warmup-ratio", type=float, help="fraction of steps of linear warmup, then linear decay to 0")
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (0 = off; default 1.0)")
@@ -149,7 +152,8 @@ def check_args(args):
     need(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
     need(0 <= args.judge_max_missing <= 1, f"--judge-max-missing must be in [0, 1], got {args.judge_max_missing}")
     for name in ("beta", "lr", "epochs", "batch_size", "grad_accum", "max_length", "max_prompt_length",
-                 "max_new_tokens", "history", "save_every", "noise_lr", "noise_chunk_size", "gen_batch_size"):
+                 "max_new_tokens", "history", "save_every", "noise_lr", "noise_init_variance", "noise_chunk_size",
+                 "gen_batch_size"):
         need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("noise_alpha", "weight_decay", "max_grad_norm", "warmup_ratio", "logp_examples",
                  "stop_after_steps", "max_prompts", "temperature"):

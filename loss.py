@@ -23,6 +23,11 @@ Departures from, and gaps filled in, the paper:
    (B, T, V) float32 copy that autograd keeps; no log-softmax tensor is kept for the backward pass.
    `chunked_sequence_logps` (what train.py uses) goes further: it takes the last hidden states and
    applies lm_head to answer tokens only, chunk by chunk, recomputing each chunk in backward.
+6. Diagnostics (not in the paper): `margin_diagnostics` compares the clean and the noisy margin of each
+   pair. Since m̃ − m does not depend on θ, ∇_θ ℓ(m̃) = −w(m̃)·∇_θ m with the DPO weight w = σ(−m), so the
+   noise changes the policy's update only through the per-pair weights; an optimizer that normalises
+   the gradient's scale (Adam, RMSprop) removes a common factor, and what is left is how the weights'
+   *shares* move: weight_shift = ½ Σ_i |w̃_i/Σw̃ − w_i/Σw| (0: same direction, 1: disjoint pairs).
 """
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 LOSS_TYPES = ("sigmoid", "hinge")
+MARGIN_DIAGNOSTICS = ("margin_offset", "margin_offset_std", "dpo_weight", "dpo_weight_noisy", "dpo_weight_ratio",
+                      "weight_shift")
 
 
 def sequence_logps(logits, labels):
@@ -173,3 +180,31 @@ def dnpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
         chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
         reward_accuracy=(chosen_rewards > rejected_rewards).float().mean(),
     )
+
+
+def dpo_weights(margins, loss_type="sigmoid"):
+    """|∂ℓ/∂m| per pair (B,): σ(−m) for the sigmoid loss, 1[m < 1] for the hinge."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    return torch.sigmoid(-margins) if loss_type == "sigmoid" else (margins < 1).to(margins.dtype)
+
+
+@torch.no_grad()
+def margin_diagnostics(margins, noisy_margins, loss_type="sigmoid"):
+    """What the noise does to one batch's margins (departure 6), as floats: the offset m − m̃ (mean, and
+    its standard deviation over pairs, 0 for one pair), the mean DPO weights w(m) and w(m̃), the ratio of
+    those means (1: the noise leaves the pairs' weights alone) and weight_shift, the total-variation
+    distance between the pairs' weight shares (a batch with every weight 0 has uniform shares)."""
+    margins, noisy_margins = margins.double(), noisy_margins.double()
+    offset = margins - noisy_margins
+    w, w_noisy = dpo_weights(margins, loss_type), dpo_weights(noisy_margins, loss_type)
+
+    def shares(x):
+        total = x.sum()
+        return x / total if total > 0 else torch.full_like(x, 1 / x.numel())
+    mean_w, mean_noisy = float(w.mean()), float(w_noisy.mean())
+    return dict(margin_offset=float(offset.mean()),
+                margin_offset_std=float(offset.std()) if offset.numel() > 1 else 0.0,
+                dpo_weight=mean_w, dpo_weight_noisy=mean_noisy,
+                dpo_weight_ratio=mean_noisy / mean_w if mean_w > 0 else float(mean_noisy == 0),
+                weight_shift=float(0.5 * (shares(w_noisy) - shares(w)).abs().sum()))

@@ -93,7 +93,7 @@ def plan(shape, *, world, dist, optimizer="rmsprop", noise="trainable", compute_
          gen_batch_size=32, gen_length=1024):
     """Bytes per rank of each component (an ordered dict), its total and the load-and-generation peak."""
     P, c, d, V, L = shape.params, compute_bytes, shape.hidden, shape.vocab, shape.layers
-    states = 1 if optimizer == "rmsprop" else 2
+    states = {"rmsprop": 1, "adamw": 2, "sgd": 0}[optimizer]  # fp32 states per parameter (SGD without momentum: none)
     shard = world if dist == "fsdp" else 1
     mixed = dist == "fsdp" and c < 4  # FSDP's MixedPrecisionPolicy: params all-gathered in the compute dtype
     residual = c if mixed else 4

@@ -38,6 +38,11 @@ Departures from, and gaps filled in, the paper:
    sees the same ε; two calls (ε₁, ε₂) draw different base seeds; ε differs between CPU and CUDA.
 8. One pass for ε₁ and ε₂ (noisy_answer_logps_pair): the same numbers as the two calls, with z and σ²
    computed once per chunk and, while the chunks' graphs fit in 1 GiB, no checkpoint recompute.
+9. Diagnostics (not in the paper, which shows only the KL-noise figures of Sec. 5.5): pass a dict as
+   `stats` and it receives, for the draw the model term sees (ε₁), the mean over rejected answer tokens of
+   KL(softmax z_t ‖ softmax z̃_t) ("kl_noise"), of σ²_t at the answer's own token y_t ("sigma2_target")
+   and of σ²_t over the DIAGNOSTIC_TOPK largest reference logits ("sigma2_topk"); the mean over all V
+   entries is mean σ² itself. Computed without a graph, from tensors the chunk already holds.
 """
 import math
 
@@ -51,6 +56,8 @@ DEFAULT_INIT_VARIANCE = 1e-2
 DEFAULT_SIGMA = math.sqrt(DEFAULT_INIT_VARIANCE)
 DEFAULT_ALPHA = 1.0
 NOISE_KINDS = ("trainable", "fixed", "none")
+DIAGNOSTIC_TOPK = 10
+TOKEN_DIAGNOSTICS = ("kl_noise", "sigma2_target", "sigma2_topk")  # departure 9
 
 
 def inverse_softplus(y):
@@ -142,39 +149,67 @@ def _chunk_sigma(generator, h, z):
     return variance.clamp_min(torch.finfo(z.dtype).tiny).sqrt(), variance
 
 
-def _noisy_token_logps(z, sigma, seed, chunk_index, targets):
-    """log_softmax(z + σ ⊙ ε)[y] on one (c, V) chunk, ε = chunk_noise(seed, chunk_index)."""
+def _noisy_token_logps(z, sigma, seed, chunk_index, targets, variance=None):
+    """log_softmax(z + σ ⊙ ε)[y] on one (c, V) chunk, ε = chunk_noise(seed, chunk_index); with the chunk's
+    variance (c, V) also its _diagnostic_sums."""
     noisy = z + sigma * chunk_noise(seed, chunk_index, z.shape[0], z.shape[1], z.dtype, z.device)  # Eq. 6: z̃ = z + σ ⊙ ε
-    return noisy.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(noisy, dim=-1)  # Eq. 6: log_softmax(z̃)[y]
+    noisy_lse = torch.logsumexp(noisy, dim=-1)
+    logps = noisy.gather(1, targets.unsqueeze(1)).squeeze(1) - noisy_lse  # Eq. 6: log_softmax(z̃)[y]
+    return logps if variance is None else (logps, _diagnostic_sums(z, noisy, noisy_lse, variance, targets))
 
 
-def _chunk_logps(generator, gather, sl, targets, base_seed, chunk_index, dtype):
-    """Eq. 5–6 on one chunk of c answer tokens -> (token logps (c,), Σ σ² over the (c, V) block).
-    gather(sl) -> (reference logits (c, V), hidden (c, d)) of the chunk: gathered (or recomputed from h
-    by lm_head) here, so that checkpoint keeps no (c, V) copy."""
+@torch.no_grad()
+def _diagnostic_sums(z, noisy, noisy_lse, variance, targets):
+    """(4,) sums over one chunk's c tokens, no graph (departure 9): [c, Σ_t KL(softmax z_t ‖ softmax z̃_t),
+    Σ_t σ²_t[y_t], Σ_t mean of σ²_t over the DIAGNOSTIC_TOPK largest z_t]."""
+    lse = torch.logsumexp(z, dim=-1)
+    p = (z - lse.unsqueeze(1)).exp_()  # softmax(z), (c, V)
+    kl = torch.linalg.vecdot(p, z - noisy) + noisy_lse - lse  # Σ_v p_v (log p_v − log p̃_v), (c,)
+    top = z.topk(min(DIAGNOSTIC_TOPK, z.shape[1]), dim=-1).indices  # (c, k)
+    variance = variance.detach()
+    return torch.stack([kl.new_tensor(float(z.shape[0])), kl.sum(), variance.gather(1, targets.unsqueeze(1)).sum(),
+                        variance.gather(1, top).mean(1).sum()])
+
+
+def _stats_of(sums):
+    """TOKEN_DIAGNOSTICS means from the summed (4,) _diagnostic_sums of every chunk."""
+    n = max(float(sums[0]), 1.0)
+    return {key: float(value) / n for key, value in zip(TOKEN_DIAGNOSTICS, sums[1:].tolist())}
+
+
+def _chunk_logps(generator, gather, sl, targets, base_seed, chunk_index, dtype, diagnostics=False):
+    """Eq. 5–6 on one chunk of c answer tokens -> (token logps (c,), Σ σ² over the (c, V) block[, its
+    _diagnostic_sums]). gather(sl) -> (reference logits (c, V), hidden (c, d)) of the chunk: gathered (or
+    recomputed from h by lm_head) here, so that checkpoint keeps no (c, V) copy."""
     z, h = gather(sl)
     z = z.to(dtype)  # (c, V) reference logits
     sigma, variance = _chunk_sigma(generator, h, z)
+    if diagnostics:
+        logps, sums = _noisy_token_logps(z, sigma, base_seed, chunk_index, targets[sl], variance)
+        return logps, variance.sum(), sums
     return _noisy_token_logps(z, sigma, base_seed, chunk_index, targets[sl]), variance.sum()
 
 
 def _noisy_sums(gather, targets, seq_ids, num_seqs, vocab_size, generator, generator_grad, chunk_size, rng,
-                return_variance, dtype, device):
+                return_variance, dtype, device, stats=None):
     """The chunk loop shared by both entry points: N answer tokens in chunks -> (num_seqs,) sums."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = targets.numel()
     base_seed = draw_base_seed(rng)
-    token_logps, variance_sums = [], []
+    token_logps, variance_sums, diagnostic_sums = [], [], []
     for k, start in enumerate(range(0, n, chunk_size)):
-        args = (generator, gather, slice(start, start + chunk_size), targets, base_seed, k, dtype)
+        args = (generator, gather, slice(start, start + chunk_size), targets, base_seed, k, dtype, stats is not None)
         if generator_grad:  # recompute the (c, V) block in backward instead of keeping it (see module docstring)
-            tl, vs = checkpoint(_chunk_logps, *args, use_reentrant=False, preserve_rng_state=False)
+            tl, vs, *ds = checkpoint(_chunk_logps, *args, use_reentrant=False, preserve_rng_state=False)
         else:
             with torch.no_grad():
-                tl, vs = _chunk_logps(*args)
+                tl, vs, *ds = _chunk_logps(*args)
         token_logps.append(tl)
         variance_sums.append(vs)
+        diagnostic_sums += ds
+    if stats is not None:
+        stats.update(_stats_of(sum(diagnostic_sums, torch.zeros(4, dtype=dtype, device=device))))
 
     out = torch.zeros(num_seqs, dtype=dtype, device=device)
     if token_logps:
@@ -196,34 +231,41 @@ def _head_gather(hidden, head_weight, head_bias):
     return gather, torch.promote_types(hidden.dtype, torch.float32)
 
 
-def _chunk_pair_logps(generator, gather, sl, targets, seed_eps1, seed_eps2, chunk_index, dtype):
+def _chunk_pair_logps(generator, gather, sl, targets, seed_eps1, seed_eps2, chunk_index, dtype, diagnostics=False):
     """Both draws of Eq. 6 on one chunk from one z and one σ² (Eq. 5): the ε₁ log-probs without a graph
-    (the model term sees sg φ), the ε₂ log-probs with the graph to the generator, Σ σ² with it."""
+    (the model term sees sg φ), the ε₂ log-probs with the graph to the generator, Σ σ² with it[, the ε₁
+    draw's _diagnostic_sums]."""
     z, h = gather(sl)
     z = z.to(dtype)  # (c, V)
     sigma, variance = _chunk_sigma(generator, h, z)  # with grad to φ
     with torch.no_grad():
-        eps1 = _noisy_token_logps(z, sigma, seed_eps1, chunk_index, targets[sl])
-    return eps1, _noisy_token_logps(z, sigma, seed_eps2, chunk_index, targets[sl]), variance.sum()
+        eps1 = _noisy_token_logps(z, sigma, seed_eps1, chunk_index, targets[sl], variance if diagnostics else None)
+    eps1, sums = eps1 if diagnostics else (eps1, None)
+    out = (eps1, _noisy_token_logps(z, sigma, seed_eps2, chunk_index, targets[sl]), variance.sum())
+    return out + (sums,) if diagnostics else out
 
 
 def noisy_answer_logps_pair(hidden, targets, seq_ids, num_seqs, head_weight, generator, head_bias=None,
-                            chunk_size=256, rng=None, graph_budget_bytes=2 ** 30):
+                            chunk_size=256, rng=None, graph_budget_bytes=2 ** 30, stats=None):
     """(log π̃_ref(y) under ε₁ without a graph, the same under ε₂ with the graph to the generator, mean σ²
     with it): the two noisy_answer_logps calls of a trainable-noise step (generator_grad False, then True)
     in one pass, so z = lm_head(h) and σ² are computed once per chunk; ε₁ and ε₂ are the ones the two calls
     would draw (two base seeds from rng, in that order). The chunks' (c, V) graphs are kept for backward
     while N·V·24 bytes fit in graph_budget_bytes (demo: ~0.2 GB), else each chunk is checkpointed and
-    recomputed in backward, as noisy_answer_logps does."""
+    recomputed in backward, as noisy_answer_logps does. stats: a dict to receive the ε₁ draw's
+    TOKEN_DIAGNOSTICS (departure 9)."""
     gather, dtype = _head_gather(hidden, head_weight, head_bias)
     n, V = targets.numel(), head_weight.shape[0]
     seed_eps1, seed_eps2 = draw_base_seed(rng), draw_base_seed(rng)
     keep = n * V * 24 <= graph_budget_bytes
     parts = []
     for k, start in enumerate(range(0, n, chunk_size)):
-        args = (generator, gather, slice(start, start + chunk_size), targets, seed_eps1, seed_eps2, k, dtype)
+        args = (generator, gather, slice(start, start + chunk_size), targets, seed_eps1, seed_eps2, k, dtype,
+                stats is not None)
         parts.append(_chunk_pair_logps(*args) if keep else
                      checkpoint(_chunk_pair_logps, *args, use_reentrant=False, preserve_rng_state=False))
+    if stats is not None:
+        stats.update(_stats_of(sum((p[3] for p in parts), torch.zeros(4, dtype=dtype, device=hidden.device))))
     eps1, eps2 = (torch.zeros(num_seqs, dtype=dtype, device=hidden.device) for _ in range(2))
     if not parts:
         return eps1, eps2, torch.zeros((), dtype=dtype, device=hidden.device)
@@ -233,7 +275,7 @@ def noisy_answer_logps_pair(hidden, targets, seq_ids, num_seqs, head_weight, gen
 
 
 def noisy_sequence_logps(ref_logits, ref_hidden, labels, generator, generator_grad, chunk_size=256,
-                         rng=None, return_variance=False):
+                         rng=None, return_variance=False, stats=None):
     """Eq. 6 summed over answer tokens: log π̃_ref(y) for each of B sequences.
 
     ref_logits (B, T, V), ref_hidden (B, T, d) of the reference (detached here), labels (B, T) with -100.
@@ -241,6 +283,7 @@ def noisy_sequence_logps(ref_logits, ref_hidden, labels, generator, generator_gr
     rng: torch.Generator for ε (one draw per call); same state -> same numbers.
     Returns (B,) float32 (float64 for float64 logits), and with return_variance also the scalar mean σ²
     over answer tokens × V (with grad iff generator_grad; 0 when the batch has no answer tokens).
+    stats: a dict to receive this draw's TOKEN_DIAGNOSTICS (departure 9).
     """
     if ref_logits.shape[:-1] != labels.shape or ref_hidden.shape[:-1] != labels.shape:
         raise ValueError(f"ref_logits {tuple(ref_logits.shape)}, ref_hidden {tuple(ref_hidden.shape)} and "
@@ -252,11 +295,11 @@ def noisy_sequence_logps(ref_logits, ref_hidden, labels, generator, generator_gr
     rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,), (N,) answer positions, row-major
     gather = lambda sl: (logits[rows[sl], cols[sl]], hidden[rows[sl], cols[sl]])  # noqa: E731
     return _noisy_sums(gather, labels[rows, cols], rows, labels.shape[0], logits.shape[-1], generator,
-                       generator_grad, chunk_size, rng, return_variance, dtype, logits.device)
+                       generator_grad, chunk_size, rng, return_variance, dtype, logits.device, stats)
 
 
 def noisy_answer_logps(hidden, targets, seq_ids, num_seqs, head_weight, generator, generator_grad,
-                       head_bias=None, chunk_size=256, rng=None, return_variance=False):
+                       head_bias=None, chunk_size=256, rng=None, return_variance=False, stats=None):
     """noisy_sequence_logps from the reference's last hidden states of the answer tokens only: the
     reference logits of each chunk are recomputed as z = lm_head(h) (Eq. 5–6 need nothing else), so
     the reference's (B, T, V) logits never exist. hidden (N, d): the state at the position predicting
@@ -265,4 +308,4 @@ def noisy_answer_logps(hidden, targets, seq_ids, num_seqs, head_weight, generato
     same ε as noisy_sequence_logps for the same tokens in the same (row-major) order."""
     gather, dtype = _head_gather(hidden, head_weight, head_bias)
     return _noisy_sums(gather, targets, seq_ids, num_seqs, head_weight.shape[0], generator, generator_grad,
-                       chunk_size, rng, return_variance, dtype, hidden.device)
+                       chunk_size, rng, return_variance, dtype, hidden.device, stats)

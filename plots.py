@@ -10,6 +10,10 @@ and RUN_DIR/report.md. The computations behind the numbers live in eval.py; this
                          of the human answers and of that model's own fresh answers, and the margin
                          (mean human − mean generated) per iteration for every run in one panel
     scores.png           held-out mean score (and accuracy) per iteration for one or more runs (Fig. 6)
+    noise.png            per iteration with noise (columns), per step: the Fig. 9 losses with each epoch's
+                         within-epoch slope; clean vs noisy margin with the offset's spread; the DPO weights
+                         σ(−m), σ(−m̃) and the weight shift; σ² on target, top-k and all entries with the KL
+                         of the noisy reference (noise.py departure 9, loss.py departure 6)
 
 Inputs (written by train.py / `eval.py score` / `eval.py logps`): iter{k}/metrics.jsonl, iter{k}/logps.jsonl,
 eval/scores.json, eval/logps_iter{k}.jsonl. Used by `python eval.py plots RUN_DIR [RUN_DIR ...]`, `python
@@ -92,6 +96,69 @@ def plot_losses(run_dir, out_dir) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, Path(out_dir) / "losses.png")
+
+
+def epoch_slopes(rows, key):
+    """Least-squares slope per step of `key` within each epoch ({epoch: slope}; epochs of < 3 steps skipped):
+    Fig. 9's claim is model loss rising and noise loss falling within an epoch."""
+    out = {}
+    epochs, steps, values = _values(rows, "epoch"), _values(rows, "step"), _values(rows, key)
+    for e in np.unique(epochs[~np.isnan(epochs)]):
+        sel = (epochs == e) & ~np.isnan(values)
+        if sel.sum() >= 3:
+            out[int(e)] = float(np.polyfit(steps[sel], values[sel], 1)[0])
+    return out
+
+
+def plot_noise(run_dir, out_dir) -> Path | None:
+    """noise.png (module docstring): the noise diagnostics per step, one column per iteration with noise."""
+    run_dir = Path(run_dir)
+    runs = [(k, read_jsonl(run_dir / f"iter{k}" / "metrics.jsonl")) for k in iterations(run_dir)
+            if (run_dir / f"iter{k}" / "metrics.jsonl").is_file()]
+    runs = [(k, rows) for k, rows in runs if rows and "kl_noise" in rows[0] and np.nansum(_values(rows, "sigma2")) > 0]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(4, len(runs), figsize=(5.5 * len(runs), 12), squeeze=False, layout="constrained")
+    for col, (k, rows) in enumerate(runs):
+        x, ax = _values(rows, "step"), axes[:, col]
+        epochs = _values(rows, "epoch")
+        for a in ax:
+            for i in np.flatnonzero(np.diff(epochs) != 0):
+                a.axvline((x[i] + x[i + 1]) / 2, color="0.5", ls=":", lw=1)
+            a.grid(alpha=0.3)
+        slopes = {key: epoch_slopes(rows, key) for key in ("model_loss", "noise_loss")}
+        fmt_slopes = lambda d: ", ".join(f"{v:+.3f}" for v in d.values()) or "–"  # noqa: E731
+        ax[0].plot(x, _values(rows, "model_loss"), color="tab:blue", label="model loss (Eq. 9, term 1); "
+                   f"slope/step per epoch {fmt_slopes(slopes['model_loss'])}")
+        ax[0].plot(x, _values(rows, "noise_loss"), color="tab:orange", label="noise loss (term 2); "
+                   f"slope {fmt_slopes(slopes['noise_loss'])}")
+        ax[0].set_title(f"iteration {k}: Fig. 9 losses (dotted: new epoch)")
+        margin, noisy = _values(rows, "margin"), _values(rows, "noisy_margin")
+        spread = _values(rows, "margin_offset_std")
+        ax[1].plot(x, margin, color="tab:blue", label="clean margin m")
+        ax[1].plot(x, noisy, color="tab:orange", label="noisy margin m̃ (ε₁)")
+        ax[1].fill_between(x, noisy - spread, noisy + spread, color="tab:orange", alpha=0.2,
+                           label="± std of m − m̃ over the step's pairs")
+        ax[1].set_title("margins")
+        ax[2].plot(x, _values(rows, "dpo_weight"), color="tab:blue", label="mean DPO weight σ(−m)")
+        ax[2].plot(x, _values(rows, "dpo_weight_noisy"), color="tab:orange", label="mean σ(−m̃)")
+        ax[2].plot(x, _values(rows, "weight_shift"), color="tab:green",
+                   label="weight shift ½Σ|share(w̃) − share(w)|")
+        ax[2].set_ylim(0, 1)
+        ax[2].set_title("per-pair DPO weights (what the noise changes in the update)")
+        for key, color, label in (("sigma2", "black", "mean σ² over all V entries"),
+                                  ("sigma2_topk", "tab:purple", "σ² on the top-10 reference entries"),
+                                  ("sigma2_target", "tab:red", "σ² on the rejected answer's own tokens"),
+                                  ("kl_noise", "tab:gray", "KL(p_ref ‖ p̃_ref) per rejected token")):
+            values = _values(rows, key)
+            if np.all(np.nan_to_num(values) > 0):
+                ax[3].plot(x, values, color=color, label=label, ls="--" if key == "kl_noise" else "-")
+        ax[3].set_yscale("log")
+        ax[3].set_title("where the noise is (log scale)")
+        ax[3].set_xlabel("optimizer step")
+        for a in ax:
+            a.legend(fontsize=7)
+    return _save(fig, Path(out_dir) / "noise.png")
 
 
 def plot_margins(run_dir, out_dir) -> Path | None:
@@ -247,7 +314,7 @@ def make_plots(run_dirs, out_dir=None) -> list[Path]:
     written = []
     for run_dir in run_dirs:
         plots_dir = Path(run_dir) / "plots"
-        written += [plot_losses(run_dir, plots_dir), plot_margins(run_dir, plots_dir),
+        written += [plot_losses(run_dir, plots_dir), plot_margins(run_dir, plots_dir), plot_noise(run_dir, plots_dir),
                     plot_logps(run_dir, plots_dir), plot_logps(run_dir, plots_dir, per_token=True)]
     first = Path(out_dir) if out_dir else Path(run_dirs[0]) / "plots"
     written += [plot_scores(run_dirs, first / "scores.png"), plot_stagnation(run_dirs, first / "stagnation.png"),

@@ -32,7 +32,7 @@ RECORD = "stages.json"
 ORDER = ("generate", "judge", "label", "train")
 # Flags added after runs were recorded, with the value such a run had: a record or checkpoint without the key
 # compares as this value, so `--no-pack-pairs` resumes or reuses what the code before --pack-pairs made.
-LEGACY = {"pack_pairs": False}
+LEGACY = {"pack_pairs": False, "noise_init_variance": 0.01}
 
 
 def with_legacy(recorded, keys):

@@ -35,7 +35,9 @@ from tqdm import tqdm
 
 import noise as noises
 import packing
-from loss import answer_states, chunked_answer_logps, dnpo_loss, sequence_logps
+from loss import MARGIN_DIAGNOSTICS, answer_states, chunked_answer_logps, dnpo_loss, margin_diagnostics, sequence_logps
+
+DIAGNOSTICS = MARGIN_DIAGNOSTICS + noises.TOKEN_DIAGNOSTICS  # per step in metrics.jsonl (loss.py 6, noise.py 9)
 
 
 def _decoder_hidden(model, input_ids, attention_mask, position_ids=None):
@@ -163,8 +165,9 @@ def release(model):
     return freed
 
 
-def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rng, autocast):
-    """Eq. 1–9 on one micro-batch (pairs `idx`): the policy forward only; the reference from the cache."""
+def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rng, autocast, diagnostics=True):
+    """Eq. 1–9 on one micro-batch (pairs `idx`): the policy forward only; the reference from the cache.
+    diagnostics: add DIAGNOSTICS to the returned dict (off only to time their cost, bench.py)."""
     B = len(idx)
     with autocast:
         logps = policy_logps(batch)  # (2B,)
@@ -172,10 +175,12 @@ def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rn
     ref = cache.logps[idx].to(logps.device)
     ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
     sigma2, noisy_ref_rejected_eps1, noisy_ref_rejected_eps2, variance_mean = 0.0, None, None, None
+    stats = dict.fromkeys(noises.TOKEN_DIAGNOSTICS, 0.0)  # the ε₁ draw's, filled by noise.py (0 without noise)
     if args.noise != "none":
         hidden, targets, seq_ids = cache.rejected_tokens(idx, batch)
         weight, bias = cache.head  # z = lm_head(h) with the reference's (the start model's) lm_head
-        common = dict(head_bias=bias, chunk_size=args.noise_chunk_size, rng=noise_rng)
+        common = dict(head_bias=bias, chunk_size=args.noise_chunk_size, rng=noise_rng,
+                      stats=stats if diagnostics else None)
         if args.noise == "trainable":  # Eq. 6 under ε₁ (no graph) and ε₂ (graph to the generator), one z and σ²
             noisy_ref_rejected_eps1, noisy_ref_rejected_eps2, variance_mean = noises.noisy_answer_logps_pair(
                 hidden, targets, seq_ids, B, weight, generator, **common)
@@ -187,6 +192,8 @@ def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rn
                     noisy_ref_rejected_eps1 if noisy_ref_rejected_eps1 is not None else ref_rejected,
                     noisy_ref_rejected_eps2, variance_mean, args.beta, args.noise_alpha, args.loss_type,
                     ref_rejected_logps=ref_rejected)  # Eq. 9 (noise none: exactly SPIN)
+    if diagnostics:
+        out.update(margin_diagnostics(out["margins"], out["noisy_margins"], args.loss_type), **stats)
     out["sigma2"] = sigma2
     out["tokens"] = int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
     return out
@@ -206,14 +213,14 @@ def batch_loss(policy, reference, generator, batch, args, noise_rng, autocast):
                             output_hidden_states=args.noise != "none")
     ref_logps = sequence_logps(ref_out.logits, labels)  # (2B,)
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = policy_logps[:B], policy_logps[B:], ref_logps[:B], ref_logps[B:]
-    sigma2 = 0.0
+    sigma2, stats = 0.0, dict.fromkeys(noises.TOKEN_DIAGNOSTICS, 0.0)
     if args.noise == "none":  # exactly SPIN: the clean reference, no noise term
         out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, None, None, args.beta,
                         args.noise_alpha, args.loss_type, ref_rejected_logps=ref_rejected)
     else:
         noise_inputs = (ref_out.logits[B:], ref_out.hidden_states[-1][B:], labels[B:])  # (B,T,V), (B,T,d), (B,T)
         noisy_ref_rejected_eps1 = noises.noisy_sequence_logps(*noise_inputs, generator, generator_grad=False,  # Eq. 6, ε₁
-                                                  chunk_size=args.noise_chunk_size, rng=noise_rng)
+                                                  chunk_size=args.noise_chunk_size, rng=noise_rng, stats=stats)
         noisy_ref_rejected_eps2, variance_mean = None, None
         if args.noise == "trainable":
             noisy_ref_rejected_eps2, variance_mean = noises.noisy_sequence_logps(  # Eq. 6, ε₂, grad to the generator
@@ -224,6 +231,7 @@ def batch_loss(policy, reference, generator, batch, args, noise_rng, autocast):
             sigma2 = args.noise_sigma ** 2
         out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen, noisy_ref_rejected_eps1, noisy_ref_rejected_eps2,
                         variance_mean, args.beta, args.noise_alpha, args.loss_type, ref_rejected_logps=ref_rejected)  # Eq. 9
+    out.update(margin_diagnostics(out["margins"], out["noisy_margins"], args.loss_type), **stats)
     out["sigma2"] = sigma2
     out["tokens"] = int(attention_mask.sum())
     return out

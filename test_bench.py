@@ -92,6 +92,16 @@ def test_profile_parts_add_up(w):
     assert spin["noise_forward_fraction"] == 0
 
 
+def test_noise_diagnostics_switch_changes_no_number_and_is_timed(w):
+    """OurRun with and without the diagnostics gives the same loss (they only read), and only the first has them."""
+    on, off = (bench_train.OurRun(w, noise="trainable", diagnostics=d) for d in (True, False))
+    idx = on.micro_batches(0)[0]
+    a, b = on.step(idx), off.step(idx)
+    assert a["loss"].item() == b["loss"].item()
+    assert "kl_noise" in a and a["kl_noise"] > 0 and "kl_noise" not in b
+    assert set(bench_perf.bench_noise_diagnostics(CPU, w.spec)) == {"time_ratio_with_over_without"}
+
+
 def test_benchmarks_return_their_keys(w):
     assert set(bench_perf.bench_iteration_speedup(CPU, w.spec)) == {
         "speedup_old_over_new", "loop_speedup_old_over_new", "padding_fraction_random", "padding_fraction_grouped",

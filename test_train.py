@@ -10,11 +10,13 @@ import torch
 import checkpoint as ckpt
 import data
 import loss
+import step as steps
 import train
 from conftest import SECRET, fresh_copy, make_tiny_model, make_tiny_tokenizer, model_weights, read_jsonl, tiny_flags
 
 METRIC_KEYS = {"iter", "step", "epoch", "loss", "model_loss", "noise_loss", "variance_penalty", "margin",
-               "noisy_margin", "reward_acc", "sigma2", "lr", "tokens_per_s", "time_s"}
+               "noisy_margin", "reward_acc", "sigma2", "lr", "tokens_per_s", "time_s", "grad_norm",
+               *steps.DIAGNOSTICS}
 
 
 def check_iteration(it_dir, k, steps, n_logps):
@@ -48,6 +50,8 @@ def test_iter0_then_iter1_end_to_end(iter0_run, tmp_path, monkeypatch, capsys):
     pairs0, metrics0, summary0 = check_iteration(it0, 0, steps=6, n_logps=3)
     assert all(p["chosen_source"] == "human" for p in pairs0), "iteration 0 keeps human = chosen"
     assert all(r["sigma2"] == 0 and r["noise_loss"] == 0 for r in metrics0), "iteration 0 has no noise"
+    assert all(r["kl_noise"] == 0 and r["margin_offset"] == 0 and r["weight_shift"] == 0 and r["dpo_weight_ratio"] == 1
+               for r in metrics0), "no noise: the diagnostics say so"
     config0 = json.loads((it0 / "config.json").read_text())
     assert config0["dsl"] is False and config0["noise"] == "none" and config0["iter"] == 0
     run_dir = fresh_copy(iter0_run, tmp_path)
@@ -59,6 +63,9 @@ def test_iter0_then_iter1_end_to_end(iter0_run, tmp_path, monkeypatch, capsys):
     assert config1["dsl"] is True and config1["noise"] == "trainable"
     assert config1["start_model"] == str(run_dir / "iter0" / "model")
     assert all(r["sigma2"] > 0 and r["noise_loss"] < 0 for r in metrics1), "trainable noise is on at k = 1"
+    assert all(r["kl_noise"] > 0 and r["sigma2_target"] > 0 and r["sigma2_topk"] > 0 and r["dpo_weight"] > 0
+               for r in metrics1), "the noise diagnostics are logged"
+    assert metrics1[0]["sigma2_target"] == pytest.approx(0.01, rel=1e-4), "σ² starts at --noise-init-variance"
     for path in list(iter0_run.rglob("*")) + list(run_dir.rglob("*")):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".txt"):
             assert SECRET not in path.read_text(), f"{path} holds the API key"

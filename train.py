@@ -126,7 +126,8 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     # noise generator: freshly initialised every iteration (departure 2)
     torch.manual_seed(args.seed * 1000 + args.iter)
     generator = noises.make_noise(args.noise, policy.config.hidden_size, policy.config.vocab_size,
-                                  alpha=args.noise_alpha, sigma=args.noise_sigma)
+                                  alpha=args.noise_alpha, sigma=args.noise_sigma,
+                                  init_variance=args.noise_init_variance)
     generator = generator.to(device) if generator is not None else None
     noise_rng = torch.Generator(device=device).manual_seed(args.seed * 1000 + args.iter * 10 + rank)  # ε₁, ε₂
     fsdp, module = args.dist == "fsdp", distributed.prepare(policy, args, device)  # fsdp: sharded, before the optimizer
@@ -150,8 +151,10 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         groups.append(dict(params=generator_params, lr=args.noise_lr))
     if args.optimizer == "rmsprop":
         optimizer = torch.optim.RMSprop(groups, lr=args.lr, weight_decay=args.weight_decay)
-    else:
+    elif args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    else:  # plain SGD: the update is the gradient itself, so a common factor on the pairs' weights is not normalised away
+        optimizer = torch.optim.SGD(groups, lr=args.lr, weight_decay=args.weight_decay)
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
 
@@ -192,7 +195,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
                 noise_rng=noise_rng_states, step=step, epoch=step // spe, data_order=order, args=vars(args)))
 
     keys = ("loss", "model_loss", "noise_loss", "variance_penalty", "margins", "noisy_margins", "reward_accuracy",
-            "sigma2")
+            "sigma2", *steps.DIAGNOSTICS)
     t_start, done, epoch, order, micro_batches = time.time(), 0, None, None, None
     bar = tqdm(total=total_steps, initial=step, desc=f"iter {args.iter} train", disable=not main_proc)
     while step < total_steps:
@@ -243,14 +246,18 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         dt = time.time() - t0
         row = dict(iter=args.iter, step=step, epoch=epoch, loss=m["loss"], model_loss=m["model_loss"],
                    noise_loss=m["noise_loss"], variance_penalty=m["variance_penalty"], margin=m["margins"],
-                   noisy_margin=m["noisy_margins"], reward_acc=m["reward_accuracy"], sigma2=m["sigma2"], lr=lr,
-                   tokens_per_s=tokens * world / dt, time_s=time.time() - t_start)
+                   noisy_margin=m["noisy_margins"], reward_acc=m["reward_accuracy"], sigma2=m["sigma2"],
+                   **{k: m[k] for k in steps.DIAGNOSTICS}, grad_norm=float(grad_norm), lr=lr,
+                   tokens_per_s=tokens * world / dt,
+                   time_s=time.time() - t_start)
         if main_proc:
             with data.open_append(metrics_path) as fh:
                 data.append_jsonl(fh, row)
             tqdm.write(f"iter {args.iter} | step {step}/{total_steps} | loss {row['loss']:.4f} | model "
                        f"{row['model_loss']:.4f} | noise {row['noise_loss']:.4f} | margin {row['margin']:.3f} | "
-                       f"acc {row['reward_acc']:.2f} | σ² {row['sigma2']:.4g} | lr {lr:.2e} | "
+                       f"acc {row['reward_acc']:.2f} | σ² {row['sigma2']:.4g} | "
+                       + (f"m−m̃ {row['margin_offset']:.3f} | KL {row['kl_noise']:.2g} | w-shift "
+                          f"{row['weight_shift']:.3f} | " if args.noise != "none" else "") + f"lr {lr:.2e} | "
                        f"{row['tokens_per_s']:.0f} tok/s | {dt * 1000:.0f} ms")
             bar.update(1)
         if step % args.save_every == 0 or step % spe == 0:

@@ -1,0 +1,393 @@
+"""What the trainable noise does: the NPO mechanism study in one resumable command.
+
+    python noise_study.py [--out runs/noise_study] [--groups optimizer,saturation,grid,chain]
+                          [--eval-max-prompts 400] [--eval-batch-size 32] [--dry-run] [-- TRAIN FLAGS]
+
+Protocol (the paper's for its ablations): OUT/start is SPIN's iteration 0 (`train.py --iter 0 TRAIN
+FLAGS`); every cell is an iteration 1 from that model (`--start-model OUT/start/iter0/model`), with the
+training prompts' answers generated and judged once (the first cell's, copied to the others: same start,
+same generation flags, so `stages.json` accepts them). A cell is a (group, row): row spin = `--no-dsl
+--noise none`, npo = `--no-dsl` (trainable noise), fixed = `--no-dsl --noise fixed --noise-sigma σ` with σ²
+the npo cell's mean σ² over its training (matched), dnpo = DSL + noise. Groups (GROUPS below):
+
+    optimizer   AdamW 3e-6 (the study's; with the fixed row), plain SGD 2e-3 (the gradient's scale is not
+                normalised), RMSprop 1e-6 (the paper's Table 3 optimizer at the demo preset's lr)
+    saturation  AdamW 3e-6 at β = 1: the margins and loss saturate (reward accuracy 1, loss ≲ 0.1)
+    grid        AdamW: --noise-lr × --noise-alpha × --noise-init-variance (3 × 2 × 2), each trained one epoch
+                (PROBE_STEPS), pruned by its diagnostics: only the KEEP with the largest weight shift (and
+                at least MIN_SHIFT) finish and are evaluated
+    chain       the saturation group's spin and npo continued to iterations 2 and 3 on their own
+                (--chain own), for the stagnation table
+
+Every cell is scored by `eval.py score` on the same held-out prompts (OUT/start is scored with the base
+model). Outputs: OUT/noise_study.md and .json (the sweep table, the iteration table), OUT/{cell}/plots/noise.png
+(noise.py departure 9). train.py and eval.py resume; a finished call is skipped: rerun the same command to
+continue. OUT/study_config.json keeps the settings; others are refused.
+
+Where this departs from, or fills a gap in, the paper:
+1. The paper gives no noise learning rate, α or initial variance and no sweep of them; the grid, the
+   optimizer comparison and the saturation regime are ours, chosen to find where the noise can change
+   the policy's update (loss.py departure 6: only through the per-pair DPO weights).
+2. "Fixed noise at a matched σ": App. H does not give its σ; here σ² = the trainable noise's own mean σ²
+   over V entries and steps, so the two differ in where the variance sits, not how much there is.
+"""
+import argparse
+import json
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import data
+import eval as ev
+
+HERE = Path(__file__).resolve().parent
+ROWS = {"spin": ["--no-dsl", "--noise", "none"], "npo": ["--no-dsl", "--noise", "trainable"],
+        "fixed": ["--no-dsl", "--noise", "fixed"], "dnpo": ["--dsl", "--noise", "trainable"]}
+ADAMW = ["--optimizer", "adamw", "--lr", "3e-6"]
+PROBE_STEPS, KEEP, MIN_SHIFT = 8, 3, 0.02
+GRID = dict(noise_lr=(1e-3, 1e-2, 1e-1), noise_alpha=(0.0, 1.0), noise_init_variance=(1e-2, 1e-1))
+END_KEYS = ("margin", "noisy_margin", "margin_offset", "margin_offset_std", "dpo_weight", "dpo_weight_ratio",
+            "weight_shift", "kl_noise", "sigma2", "sigma2_target", "sigma2_topk", "model_loss", "reward_acc")
+
+
+def grid_cells():
+    """The grid's cells: name -> train flags (AdamW; npo rows only: spin and fixed do not depend on them)."""
+    cells = {}
+    for lr in GRID["noise_lr"]:
+        for alpha in GRID["noise_alpha"]:
+            for var in GRID["noise_init_variance"]:
+                cells[f"grid-lr{lr:g}-a{alpha:g}-v{var:g}"] = [*ADAMW, *ROWS["npo"], "--noise-lr", f"{lr:g}",
+                                                              "--noise-alpha", f"{alpha:g}",
+                                                              "--noise-init-variance", f"{var:g}"]
+    return cells
+
+
+def cells_of(groups):
+    """{cell name: dict(group, row, flags, iters)} for the groups asked for, in run order."""
+    out = {}
+    if "optimizer" in groups:
+        for opt, flags in (("adamw", ADAMW), ("sgd", ["--optimizer", "sgd", "--lr", "2e-3"]),
+                           ("rmsprop", ["--optimizer", "rmsprop", "--lr", "1e-6"])):
+            for row in ("spin", "npo", "fixed") if opt == "adamw" else ("spin", "npo"):
+                out[f"{opt}-{row}"] = dict(group="optimizer", row=row, flags=[*flags, *ROWS[row]], iters=[1],
+                                           baseline=f"{opt}-spin", matched=f"{opt}-npo")
+    if "saturation" in groups or "chain" in groups:
+        iters = [1, 2, 3] if "chain" in groups else [1]
+        for row in ("spin", "npo", "fixed", "dnpo"):
+            out[f"sat-{row}"] = dict(group="saturation", row=row, flags=[*ADAMW, "--beta", "1.0", *ROWS[row]],
+                                     iters=iters if row in ("spin", "npo") else [1], baseline="sat-spin",
+                                     matched="sat-npo")
+    if "grid" in groups:
+        for name, flags in grid_cells().items():
+            out[name] = dict(group="grid", row="npo", flags=flags, iters=[1], baseline="adamw-spin", probe=True)
+    return out
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise SystemExit(f"noise_study.py: {message} (see --help)")
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/noise_study", help="OUT: start/ and one run directory per cell")
+    p.add_argument("--groups", default="optimizer,saturation,grid,chain", help="comma-separated of "
+                   "optimizer, saturation, grid, chain (run in that order within each iteration)")
+    p.add_argument("--eval-max-prompts", type=int, default=400, help="held-out prompts per evaluation")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per evaluation generation batch")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (# done: finished) and exit")
+    opts = p.parse_args(argv[:cut])
+    opts.train_flags = argv[cut + 1:] or ["--max-prompts", "64", "--epochs", "3", "--max-new-tokens", "32", *ADAMW]
+    opts.groups = opts.groups.split(",")
+    unknown = [g for g in opts.groups if g not in ("optimizer", "saturation", "grid", "chain")]
+    if unknown:
+        raise SystemExit(f"noise_study.py: unknown group {unknown[0]!r}")
+    if "grid" in opts.groups and "optimizer" not in opts.groups:
+        opts.groups.insert(0, "optimizer")  # the grid's baseline and its default cell are adamw-spin / adamw-npo
+    owned = [f for f in opts.train_flags if f.split("=")[0] in ("--run-dir", "--iter", "--start-model", "--noise",
+                                                                 "--dsl", "--no-dsl", "--stop-after-steps")]
+    if owned:
+        raise SystemExit(f"noise_study.py: {owned[0]} is set per cell; remove it from the train flags")
+    opts.cells = cells_of(opts.groups)
+    return opts
+
+
+# ----------------------------------------------------------------------------- reading a cell's files
+def metrics(opts, cell, k=1):
+    path = Path(opts.out) / cell / f"iter{k}" / "metrics.jsonl"
+    return data.read_jsonl(path) if path.is_file() else []
+
+
+def finished(opts, cell, k=1) -> bool:
+    return (Path(opts.out) / cell / f"iter{k}" / "model" / "config.json").is_file()
+
+
+def mean_of(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def matched_sigma(opts, cell):
+    """σ of a fixed cell: sqrt of its npo cell's mean σ² over training (departure 2), 4 significant digits."""
+    rows = metrics(opts, opts.cells[cell]["matched"]) if finished(opts, opts.cells[cell]["matched"]) else []
+    return float(f"{math.sqrt(mean_of(rows, 'sigma2')):.4g}") if rows else None
+
+
+def probe_shift(opts, cell):
+    """A grid cell's mean weight shift over its first PROBE_STEPS steps (None before it has them)."""
+    rows = [r for r in metrics(opts, cell) if r["step"] <= PROBE_STEPS]
+    return mean_of(rows, "weight_shift") if len(rows) == PROBE_STEPS else None
+
+
+def kept(opts):
+    """The grid cells that finish: the KEEP with the largest probe weight shift ≥ MIN_SHIFT (None until every
+    probe is done)."""
+    shifts = {c: probe_shift(opts, c) for c, s in opts.cells.items() if s.get("probe")}
+    if any(v is None for v in shifts.values()):
+        return None
+    ranked = sorted((c for c, v in shifts.items() if v >= MIN_SHIFT), key=lambda c: -shifts[c])
+    return set(ranked[:KEEP])
+
+
+# ----------------------------------------------------------------------------- the plan
+def train_cmd(opts, cell, k, extra=()):
+    spec = opts.cells[cell]
+    cmd = [sys.executable, str(HERE / "train.py"), "--iter", str(k), "--run-dir", str(Path(opts.out) / cell),
+           *opts.train_flags, *spec["flags"], *extra]
+    if k == 1:
+        cmd += ["--start-model", str(Path(opts.out) / "start" / "iter0" / "model")]
+    if spec["row"] == "fixed":
+        cmd += ["--noise-sigma", str(matched_sigma(opts, cell))]
+    return cmd
+
+
+def eval_cmd(opts, run, skip_base=True):
+    return [sys.executable, str(HERE / "eval.py"), "score", str(run), "--max-prompts", str(opts.eval_max_prompts),
+            "--batch-size", str(opts.eval_batch_size), *(["--skip", "base"] if skip_base else [])]
+
+
+def scored(run, names) -> bool:
+    path = Path(run) / "eval" / "scores.json"
+    return path.is_file() and set(names) <= set(json.loads(path.read_text()).get("models", {}))
+
+
+def plan(opts):
+    """Every step in run order: dict(label, cmd (a callable: built when run), done, when (run it only if true),
+    seed (a cell to copy iteration 1's generation from), ok_rc (exit codes that are not failures))."""
+    out, start = Path(opts.out), Path(opts.out) / "start"
+    steps = [dict(label="train start iter0 (SPIN)", done=lambda: finished(opts, "start", 0),
+                  cmd=lambda: [sys.executable, str(HERE / "train.py"), "--iter", "0", "--run-dir", str(start),
+                               *opts.train_flags]),
+             dict(label="eval start (base, iter0)", done=lambda: scored(start, ["base", "iter0"]),
+                  cmd=lambda: eval_cmd(opts, start, skip_base=False))]
+    first = next(iter(opts.cells))
+    probes = [c for c, spec in opts.cells.items() if spec.get("probe")]
+    for cell in probes:  # every probe before any grid cell finishes: kept() needs them all
+        steps.append(dict(label=f"probe {cell} ({PROBE_STEPS} steps)", seed=first, ok_rc=(0, 1),
+                          done=lambda c=cell: probe_shift(opts, c) is not None or finished(opts, c),
+                          cmd=lambda c=cell: train_cmd(opts, c, 1, ["--stop-after-steps", str(PROBE_STEPS)])))
+    at = len(steps) - len(probes)  # iteration 1 of the other cells goes before the probes
+    for k in (1, 2, 3):
+        for cell, spec in opts.cells.items():
+            if k not in spec["iters"]:
+                continue
+            when = (lambda c=cell: c in (kept(opts) or ())) if spec.get("probe") else None
+            pair = [dict(label=f"train {cell} iter{k}", done=lambda c=cell, k=k: finished(opts, c, k), when=when,
+                         cmd=lambda c=cell, k=k: train_cmd(opts, c, k), seed=first if k == 1 and cell != first else None),
+                    dict(label=f"eval {cell} (to iter{k})", when=when,
+                         done=lambda c=cell, k=k: scored(out / c, [f"iter{j}" for j in range(1, k + 1)]),
+                         cmd=lambda c=cell: eval_cmd(opts, out / c))]
+            if k == 1 and not spec.get("probe"):
+                steps[at:at] = pair
+                at += 2
+            else:
+                steps += pair
+    return steps
+
+
+def seed_generation(opts, source, cell):
+    """Copy iteration 1's generated and judged answers (and their stage records) from `source` to `cell`: the
+    same start model and generation flags give the same answers, so each cell need not regenerate them."""
+    src, dst = Path(opts.out) / source / "iter1", Path(opts.out) / cell / "iter1"
+    records = json.loads((src / "stages.json").read_text()) if (src / "stages.json").is_file() else {}
+    if dst.exists() or not records.get("judge", {}).get("output"):
+        return False
+    dst.mkdir(parents=True)
+    for name in ("generated.jsonl", "judged.jsonl"):
+        shutil.copyfile(src / name, dst / name)
+    data.write_json(dst / "stages.json", {s: records[s] for s in ("generate", "judge")})
+    return True
+
+
+def check_settings(opts, write):
+    path = Path(opts.out) / "study_config.json"
+    now = dict(train_flags=opts.train_flags, eval_max_prompts=opts.eval_max_prompts)
+    if path.is_file():
+        was = json.loads(path.read_text())
+        if was != now:
+            raise SystemExit(f"noise_study.py: {opts.out} was run with {was}; rerun with those or use another --out")
+    elif write:
+        data.write_json(path, now)
+
+
+def execute(opts, steps):
+    times_path = Path(opts.out) / "study_times.json"
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    for i, step in enumerate(steps, 1):
+        if step["done"]() or (step.get("when") and not step["when"]()):
+            continue
+        if step.get("seed"):
+            seed_generation(opts, step["seed"], step["label"].split()[1])
+        cmd = step["cmd"]()
+        print(f"[{i}/{len(steps)}] {shlex.join(cmd)}", flush=True)
+        t0 = time.time()
+        rc = subprocess.run(cmd).returncode
+        if rc not in step.get("ok_rc", (0,)) or not step["done"]():
+            raise SystemExit(f"noise_study.py: {step['label']} failed (exit status {rc}); fix the cause and rerun "
+                             f"(finished work is kept)")
+        times[step["label"]] = time.time() - t0
+        data.write_json(times_path, times)
+        if step["label"].startswith("eval"):
+            report(opts)  # the table so far
+
+
+# ----------------------------------------------------------------------------- the tables
+def judged_file(opts, cell, k):
+    return Path(opts.out) / cell / "eval" / f"iter{k}_judged.jsonl"
+
+
+def differ(path_a, path_b):
+    """Fraction of the prompts both files answer whose generated answers differ."""
+    a = {r["id"]: r["generated"] for r in data.read_jsonl(path_a)}
+    b = {r["id"]: r["generated"] for r in data.read_jsonl(path_b)}
+    common = [i for i in a if i in b]
+    return sum(a[i] != b[i] for i in common) / len(common) if common else None
+
+
+def cell_result(opts, cell, k=1):
+    spec, run = opts.cells[cell], Path(opts.out) / cell
+    rows = metrics(opts, cell, k)
+    last = [r for r in rows if r["epoch"] == max(r["epoch"] for r in rows)] if rows else []
+    res = dict(cell=cell, group=spec["group"], row=spec["row"], k=k, flags=spec["flags"], steps=len(rows),
+               finished=finished(opts, cell, k), end={key: mean_of(last, key) for key in END_KEYS})
+    if spec.get("probe"):
+        res["probe_weight_shift"] = probe_shift(opts, cell)
+    if spec["row"] == "fixed":
+        res["noise_sigma"] = matched_sigma(opts, cell)
+    mine = judged_file(opts, cell, k)
+    if mine.is_file():
+        res["accuracy"] = ev.score_row(data.read_jsonl(mine))["accuracy"]
+        base = Path(opts.out) / "start" / "eval" / "base_judged.jsonl"
+        if base.is_file():
+            res["vs_base"] = ev.accuracy_vs(mine, base)
+        spin = judged_file(opts, spec["baseline"], k)
+        if cell != spec["baseline"] and spin.is_file():
+            res["vs_spin"], res["differ_from_spin"] = ev.accuracy_vs(mine, spin), differ(mine, spin)
+        prev = judged_file(opts, cell, k - 1) if k > 1 else Path(opts.out) / "start" / "eval" / "iter0_judged.jsonl"
+        if prev.is_file():
+            res["changed_from_previous"] = differ(mine, prev)
+    logps = run / f"iter{k}" / "logps.jsonl"
+    if logps.is_file():  # the human answer's log-prob at the start and end of the iteration (Fig. 2/10 analogue)
+        human = {}
+        for r in data.read_jsonl(logps):
+            side = "chosen" if r["chosen_source"] == "human" else "rejected"
+            other = "rejected" if side == "chosen" else "chosen"
+            human.setdefault(r["id"], {})[r["stage"]] = (r[f"{side}_logp"], r[f"{other}_logp"])
+        both = [v for v in human.values() if {"start", "end"} <= set(v)]
+        if both:
+            res["mean_abs_dlogp_human"] = float(np.mean([abs(v["end"][0] - v["start"][0]) for v in both]))
+            res["human_minus_generated_end"] = float(np.mean([v["end"][0] - v["end"][1] for v in both]))
+    return res
+
+
+def fmt(x, spec="{:.3f}"):
+    return "–" if x is None else spec.format(x)
+
+
+def fmt_vs(v):
+    return "–" if not v else f"{v['diff']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
+
+
+def collect(opts):
+    start = Path(opts.out) / "start" / "eval" / "scores.json"
+    scores = json.loads(start.read_text())["models"] if start.is_file() else {}
+    out = dict(base=scores.get("base", {}).get("accuracy"), start=scores.get("iter0", {}).get("accuracy"),
+               cells=[cell_result(opts, c) for c in opts.cells],
+               chain=[cell_result(opts, c, k) for c, s in opts.cells.items() if len(s["iters"]) > 1 for k in s["iters"]])
+    base_file = Path(opts.out) / "start" / "eval" / "base_judged.jsonl"
+    if base_file.is_file():
+        n = len([r for r in data.read_jsonl(base_file) if r.get("answer") is not None])
+        out["base_ci"] = ev.wilson_interval(round(out["base"] * n), n)
+    return out
+
+
+def markdown(result):
+    lines = [f"Base model {fmt(result['base'])} (95 % CI {fmt(result.get('base_ci'), '[{0[0]:.3f}, {0[1]:.3f}]')}); "
+             f"SPIN iteration 0 (every cell's start) {fmt(result['start'])}.", "",
+             "| cell | steps | acc | Δ vs base [95 %] | Δ vs SPIN [95 %] | differ from SPIN | end margin m / m̃ | "
+             "m − m̃ (± std) | weight ratio | weight shift | KL | σ² all / target / top-10 | model loss | reward acc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in result["cells"]:
+        e = c["end"]
+        name = c["cell"] + (f" (σ {c['noise_sigma']:.3g})" if c.get("noise_sigma") else "")
+        if c.get("probe_weight_shift") is not None and not c["finished"]:
+            name += f" — pruned (probe shift {c['probe_weight_shift']:.3f})"
+        lines.append("| " + " | ".join([
+            name, str(c["steps"]), fmt(c.get("accuracy")), fmt_vs(c.get("vs_base")), fmt_vs(c.get("vs_spin")),
+            fmt(c.get("differ_from_spin"), "{:.1%}"), f"{fmt(e['margin'])} / {fmt(e['noisy_margin'])}",
+            f"{fmt(e['margin_offset'])} (± {fmt(e['margin_offset_std'])})", fmt(e["dpo_weight_ratio"]),
+            fmt(e["weight_shift"]), fmt(e["kl_noise"], "{:.2g}"),
+            f"{fmt(e['sigma2'], '{:.3g}')} / {fmt(e['sigma2_target'], '{:.3g}')} / {fmt(e['sigma2_topk'], '{:.3g}')}",
+            fmt(e["model_loss"]), fmt(e["reward_acc"], "{:.2f}")]) + " |")
+    if result["chain"]:
+        lines += ["", "| run | iter | acc | Δ vs SPIN [95 %] | answers changed from previous iter | mean abs Δ log π(human) "
+                  "| human − generated log-prob (end) | end margin | model loss |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in result["chain"]:
+            lines.append("| " + " | ".join([c["cell"], str(c["k"]), fmt(c.get("accuracy")), fmt_vs(c.get("vs_spin")),
+                                            fmt(c.get("changed_from_previous"), "{:.1%}"),
+                                            fmt(c.get("mean_abs_dlogp_human"), "{:.2f}"),
+                                            fmt(c.get("human_minus_generated_end"), "{:.2f}"),
+                                            fmt(c["end"]["margin"]), fmt(c["end"]["model_loss"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(opts):
+    import plots
+    result = collect(opts)
+    data.write_json(Path(opts.out) / "noise_study.json", result)
+    (Path(opts.out) / "noise_study.md").write_text(markdown(result), encoding="utf-8")
+    for cell in opts.cells:
+        if (Path(opts.out) / cell).is_dir():
+            plots.plot_noise(Path(opts.out) / cell, Path(opts.out) / cell / "plots")
+    return result
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    steps = plan(opts)
+    check_settings(opts, write=not opts.dry_run)
+    if opts.dry_run:
+        for step in steps:
+            print(("# done: " if step["done"]() else "") + step["label"])
+        return steps
+    Path(opts.out).mkdir(parents=True, exist_ok=True)
+    try:
+        execute(opts, steps)
+    finally:  # the table so far, also when a step failed or was interrupted
+        report(opts)
+    print((Path(opts.out) / "noise_study.md").read_text())
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("noise_study.py: interrupted; rerun the same command to continue")
