@@ -1,5 +1,5 @@
 """Run-directory plumbing and resumable training state for train.py: which model an iteration starts
-from, the end-of-iteration summary, the few torch.distributed helpers, the data order, the learning-rate
+from, the end-of-iteration summary, the data order, the learning-rate
 schedule, RNG states, and the one checkpoint dict, all written atomically so that a kill at any moment
 loses at most the steps since the last save and never leaves a half-written file.
 
@@ -14,7 +14,6 @@ Where this departs from, or fills a gap in, the paper:
    share. With world size W and batch b, the W ranks of one step see exactly the examples that a
    single process with batch W·b would see in that step.
 """
-import datetime
 import json
 import math
 import os
@@ -25,7 +24,6 @@ import shutil
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import data
 import stages
@@ -108,36 +106,6 @@ def given_start_model(start_model, k):
         raise SystemExit(f"train.py: --start-model {start_model} has no config.json "
                          f"(expected a save_pretrained() directory or a hub id)")
     return start_model
-
-
-# ----------------------------------------------------------------------------- distributed
-def setup_distributed(device=None):
-    """(rank, world, device); torchrun sets WORLD_SIZE > 1, a plain run never touches torch.distributed."""
-    from model import pick_device
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world == 1:
-        return 0, 1, pick_device(device)
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if cuda:
-        torch.cuda.set_device(local)
-    # rank 0 judges while the others wait at a barrier: far longer than the default 10-minute timeout
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12))
-    return rank, world, torch.device("cuda", local) if cuda else torch.device("cpu")
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def gather(obj, world):
-    """[obj of rank 0, obj of rank 1, ...] (a collective: every rank must call it)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ----------------------------------------------------------------------------- resumable state

@@ -35,6 +35,7 @@ Where this departs from, or fills a gap in, the paper:
 2. The global RNG state saved is rank 0's and is restored on every rank, as in the DDP checkpoint.
 """
 import contextlib
+import datetime
 import json
 import os
 import pathlib
@@ -60,6 +61,37 @@ import step as steps
 
 
 # ----------------------------------------------------------------------------- wrapping
+# ----------------------------------------------------------------------------- torchrun: process group, barrier, gather
+def setup_distributed(device=None):
+    """(rank, world, device); torchrun sets WORLD_SIZE > 1, a plain run never touches torch.distributed."""
+    from model import pick_device
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world == 1:
+        return 0, 1, pick_device(device)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    # rank 0 judges while the others wait at a barrier: far longer than the default 10-minute timeout
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12))
+    return rank, world, torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] (a collective: every rank must call it)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+
 def prepare(policy, args, device):
     """The module the training step calls: step.PolicyLogps (or the CausalLM itself with
     --no-precompute-ref), sharded in place for --dist fsdp. Call it before building the optimizer:

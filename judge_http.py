@@ -10,11 +10,11 @@ both answers of a record go in one prompt, in both orders, and `parse_verdict` r
 seconds or as an HTTP date is waited out, capped at `retry_after_max`), at most `max_retries` times and
 `max_retry_wait` seconds of waiting in all per request, then the run stops with a one-line
 `JudgeFatalError`; 401 / 403 / 404 stop it at once. Each request has one wall-clock deadline, `timeout`,
-over connect and every read, and its body is read through `judge_net.read_capped` (at most
+over connect and every read, and its body is read through `read_capped` (at most
 `max_reply_bytes` read and decoded). The base URL must be http(s) and the key a plain visible-ASCII
 string, checked when the judge is built. The API key is read from an environment variable and is never
 stored, logged or written; error texts are scrubbed of it. Scores (and token counts, never reply text)
-are cached in an append-only JSONL file (judge_cache.py) keyed by sha256(base URL without credentials,
+are cached in an append-only JSONL file (section "cache") keyed by sha256(base URL without credentials,
 judge model, template version (which names the scale or the pairwise template), prompt, answer(s)), so a
 rerun or a resumed run never sends a request twice for an answer that got a score.
 
@@ -33,20 +33,247 @@ Where this departs from, or fills a gap in, the paper:
    one request costs at most (max_retries + 1) * timeout + max_retry_wait seconds.
 4. Pairwise verdicts are cached as the first answer's share of the vote (1, 0 or 0.5) under a key naming
    both answers in their order; the paper describes no pairwise mode (judge_base.py, departure "Scale").
+
+The network guards (section "network"): URL and key checks, the Retry-After header, scrubbing secrets
+from messages, and bounded reading of one reply body.
+
+`read_capped` reads a streamed httpx response (`client.stream(...)`) and stops with `BadReply` as soon as
+more than `cap` bytes came off the wire or more than `cap` bytes were decoded. It undoes the
+Content-Encoding itself with zlib's `max_length`, so a gzip bomb is never inflated past the cap in memory:
+httpx's own decoder (behind `aiter_bytes`) inflates each network chunk whole, and deflate expands up to
+~1000x, so 64 KiB read could become 64 MiB before any cap is checked. The judge sends
+`Accept-Encoding: ACCEPT_ENCODING`; any other encoding in a reply is refused.
+
+`check_base_url` and `check_header_value` turn what could never work (a file:// URL, a key ending in a
+CR) into a one-line `JudgeFatalError` when the judge is built, instead of rounds of retried
+"connection errors". `public_url` is the base URL without credentials, for messages and the cache key.
+
+The score cache (section "cache"): an append-only JSONL file of {key, score, prompt_tokens,
+completion_tokens}. The key is the sha256 of what decides a score (the base URL without credentials, judge
+model, template version, prompt, answer or answers), so two servers serving models of the same name share
+nothing.
+A row holds the parsed score and the reply's token counts only, never the reply's text (a reply may be
+large, or repeat what it was sent, the API key included). Only a finite number is a score: a row with a
+null or unreadable score is no hit, so an answer that failed is asked again on a rerun.
 """
 import asyncio
+import email.utils
+import hashlib
+import ipaddress
 import json
+import math
 import os
 import random
 import re
+import time
+import urllib.parse
+import zlib
 
 import httpx
 
+from data import append_jsonl, open_append, read_jsonl_tolerant
 from judge_base import (DEFAULT_SCALE, PAIRWISE_VERSION, Judge, JudgeFatalError, build_pairwise_prompt,
                         build_prompt, check_scale_and_mode, judge_name, template_version)
-from judge_cache import ScoreCache, cache_key, token_count
-from judge_net import (ACCEPT_ENCODING, MAX_REPLY_BYTES, BadReply, check_base_url, check_header_value, is_local_url,
-                       parse_retry_after, public_url, read_capped, redact)
+
+# ---------------------------------------------------------------- network
+MAX_REPLY_BYTES = 1 << 20             # 1 MiB: a rating reply is a few hundred bytes
+ACCEPT_ENCODING = "gzip, deflate"     # the encodings read_capped decodes
+
+
+def is_local_url(url: str) -> bool:
+    """Loopback, private-network and single-label hosts: servers that need no API key."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost") or "." not in host:
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return addr.is_loopback or addr.is_private
+
+
+def public_url(url: str) -> str:
+    """scheme://host[:port]/path: lower-case scheme and host, no user:password@, no default port, no final "/"."""
+    p = urllib.parse.urlsplit(url.strip())
+    host = (p.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    try:
+        port = p.port
+    except ValueError:
+        port = None
+    if port is not None and port != {"http": 80, "https": 443}.get(p.scheme.lower()):
+        host += f":{port}"
+    return urllib.parse.urlunsplit((p.scheme.lower(), host, p.path.rstrip("/"), p.query, p.fragment))
+
+
+def check_base_url(url: str) -> None:
+    """JudgeFatalError unless url is http(s)://host[:port][/path] (no query or fragment, no spaces)."""
+    p = urllib.parse.urlsplit(url)
+    problem = None
+    if p.scheme.lower() not in ("http", "https"):
+        problem = "must start with http:// or https://"
+    elif not p.hostname:
+        problem = "has no host"
+    elif p.query or p.fragment:
+        problem = "must not have a query or fragment (/chat/completions is appended to it)"
+    elif any(c.isspace() or not c.isprintable() for c in url):
+        problem = "holds a space or a control character"
+    else:
+        try:
+            p.port
+        except ValueError:
+            problem = "has an invalid port"
+    if problem:
+        shown = re.sub(r"//[^/@]*@", "//", url)  # never show user:password@
+        raise JudgeFatalError(f"judge base URL {redact(shown, None)!r} {problem}")
+
+
+def check_header_value(value: str, what: str) -> None:
+    """JudgeFatalError naming `what` (never the value) unless value is visible ASCII, as an HTTP header needs."""
+    for i, c in enumerate(value):
+        if not "!" <= c <= "~":
+            kind = {"\r": "a carriage return", "\n": "a line feed", " ": "a space"}.get(
+                c, "a control character" if ord(c) < 128 else "a non-ASCII character")
+            raise JudgeFatalError(f"{what} holds {kind} at position {i + 1} of {len(value)}, which an HTTP header "
+                                  f"cannot carry; set it again without it (a stray CR from a Windows file?)")
+
+
+def parse_retry_after(value):
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date); None if absent/unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def redact(text: str, secret) -> str:
+    """One line, at most 200 characters, with the key and anything key-like removed."""
+    if secret:
+        text = text.replace(secret, "***")
+    text = re.sub(r"sk-[A-Za-z0-9_*\-.]{3,}", "sk-***", text)
+    text = re.sub(r"(?i)bearer\s+\S+", "Bearer ***", text)
+    return " ".join(text.split())[:200]
+
+
+class BadReply(ValueError):
+    """A reply body refused: over the size cap, or in an encoding that cannot be decoded."""
+
+
+def size_text(n: int) -> str:
+    """1048576 -> "1 MiB", 65536 -> "64 KiB", 1000 -> "1000 bytes"."""
+    if n and n % (1 << 20) == 0:
+        return f"{n >> 20} MiB"
+    return f"{n >> 10} KiB" if n and n % 1024 == 0 else f"{n} bytes"
+
+
+def _decoder(encoding: str):
+    """A zlib decompressor for the Content-Encoding, None for identity; BadReply for anything else."""
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip header and trailer
+    if encoding == "deflate":
+        return zlib.decompressobj(32 + zlib.MAX_WBITS)  # zlib (RFC 9110) or gzip header, detected
+    raise BadReply(f"unsupported Content-Encoding {encoding[:40]!r}")
+
+
+async def read_capped(response, cap: int = MAX_REPLY_BYTES) -> bytes:
+    """The decoded body of a streamed httpx response, at most `cap` bytes read and decoded; BadReply beyond."""
+    too_big = f"reply larger than the {size_text(cap)} cap"
+    declared = response.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > cap:
+        raise BadReply(too_big)
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    decoder = _decoder(encoding)
+    body, wire = bytearray(), 0
+    try:
+        async for chunk in response.aiter_raw():
+            wire += len(chunk)
+            if wire > cap:
+                raise BadReply(too_big)
+            if decoder is None:
+                body += chunk
+            while decoder is not None and chunk:  # inflate at most one byte past the cap per call
+                body += decoder.decompress(chunk, cap + 1 - len(body))
+                chunk = decoder.unconsumed_tail
+                if len(body) > cap:
+                    raise BadReply(too_big)
+            if len(body) > cap:
+                raise BadReply(too_big)
+        if decoder is not None:
+            body += decoder.flush()  # at most one pending match (<= 258 bytes) once all input is consumed
+    except zlib.error as e:
+        raise BadReply(f"undecodable {encoding} body ({e})") from None
+    if len(body) > cap:
+        raise BadReply(too_big)
+    return bytes(body)
+
+
+# ---------------------------------------------------------------- cache
+FIELDS = ("key", "score", "prompt_tokens", "completion_tokens")
+
+
+def cache_key(*parts: str) -> str:
+    """sha256 of the JSON list of parts."""
+    return hashlib.sha256(json.dumps(list(parts), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def token_count(value) -> int:
+    """A usage count as a non-negative int; anything else (missing, text, a bool, negative, inf) counts 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return 0
+    return int(value)
+
+
+def clean_row(row):
+    """The row reduced to FIELDS, or None when it has no string key or no finite numeric score."""
+    if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+        return None
+    score = row.get("score")
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return None
+    return {"key": row["key"], "score": float(score), "prompt_tokens": token_count(row.get("prompt_tokens")),
+            "completion_tokens": token_count(row.get("completion_tokens"))}
+
+
+class ScoreCache:
+    """Scores by key, loaded from and appended to one JSONL file (one writer per file)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        rows = read_jsonl_tolerant(self.path)
+        self.entries = {}
+        for row in rows:
+            if (clean := clean_row(row)) is not None:
+                self.entries[clean["key"]] = clean
+        self._fh = None
+
+    def get(self, key):
+        """{key, score, prompt_tokens, completion_tokens} or None."""
+        return self.entries.get(key)
+
+    def put(self, key, entry: dict):
+        """Append the score and token counts of entry (nothing else of it) under key."""
+        row = clean_row(dict(entry, key=key))
+        if row is None:
+            raise ValueError(f"judge cache: {entry.get('score')!r} is not a score")
+        if self._fh is None:
+            self._fh = open_append(self.path)
+        append_jsonl(self._fh, row)
+        self.entries[key] = row
+
+    def close(self):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
 
 # USD per 1M (prompt, completion) tokens, OpenAI pricing page as of 2024-10 (gpt-4o-mini unchanged since
 # its 2024-07-18 launch). Dated snapshots ("gpt-4o-mini-2024-07-18") match their family.

@@ -26,7 +26,9 @@ Where this departs from, or fills a gap in, the paper:
    --batch-size is per process (the HF per_device_train_batch_size that Table 3 most likely lists);
    gradient clipping at norm 1.0 (HF); Table 3's "linear" schedule is transformers'
    get_linear_schedule_with_warmup (lr 0 → peak over ceil(0.1·steps), then linear decay to 0);
-   logps.jsonl, the start/end log-probs behind Fig. 2/10.
+   logps.jsonl, the start/end log-probs behind Fig. 2/10 (record_logps: the first --logp-examples pairs;
+   under --dist fsdp from step.PolicyLogps, the sharded root, computed on every rank, written by rank 0;
+   otherwise from the fp32 policy's full logits: the same numbers up to float rounding).
 5. Policy weights are kept in fp32 (master copy) with bf16 autocast on CUDA; the reference copy is held
    in the compute dtype and generates; its training-time numbers (step.ReferenceCache) are computed by
    the policy itself before its first update (step.py, departure 2), after which the copy is freed
@@ -51,13 +53,13 @@ import data
 import distributed
 import generate
 import judge as judges
-import logps_rows
 import memplan
 import model as models
 import noise as noises
 import packing
 import stages
 import step as steps
+from loss import sequence_logps
 from config import TRAINING_KEYS, parse_args
 
 # ----------------------------------------------------------------------------- helpers
@@ -68,7 +70,7 @@ def generate_stage(args, model, tokenizer, it_dir, rank, flags, inputs):
                                 flaw_rate=args.flaw_rate)
     if rank == 0:  # record what the answers are made from before the first one is written
         stages.begin(it_dir, "generate", flags["generate"], inputs["generate"])
-    ckpt.barrier()
+    distributed.barrier()
     generate.generate_answers(model, tokenizer, records, str(out), max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               batch_size=args.gen_batch_size, backend=args.gen_backend,
@@ -104,11 +106,45 @@ def label_stage(args, it_dir, run_dir, rank, flags):
             data.write_jsonl(pairs_path, pairs)
         stages.finish(it_dir, "label", pairs_path.name)
         stats["flip_rate"] = judges.dsl_flip_rate(judged)
-    ckpt.barrier()
+    distributed.barrier()
     pairs = data.history_pairs(run_dir, args.iter, args.history, seed=args.seed)  # α-SPIN 50:50 mix; h = 1: this iteration
     if not pairs:
         raise SystemExit(f"train.py: {it_dir / 'pairs.jsonl'} holds no pairs (every judge score missing?)")
     return pairs, stats
+
+
+# ----------------------------------------------------------------------------- logps.jsonl (Fig. 2/10 histograms)
+@torch.no_grad()
+def policy_logps_rows(policy, examples, pairs, n, stage, pad_id, device, batch_size):
+    """logps.jsonl rows: the policy's summed log-probs of the first n pairs (for the Fig. 2/10 histograms)."""
+    was_training, rows = policy.training, []
+    policy.eval()
+    for i in range(0, min(n, len(examples)), batch_size):
+        chunk = examples[i:min(i + batch_size, n)]
+        batch = {k: v.to(device) for k, v in data.collate_pairs(chunk, pad_id).items()}
+        if isinstance(policy, steps.PolicyLogps):  # the FSDP root (distributed.py): its forward unshards
+            logps = policy(batch).tolist()
+        else:
+            logps = sequence_logps(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                   batch["labels"]).tolist()
+        counts = (batch["labels"][:, 1:] != -100).sum(-1).tolist()
+        for j, pair in enumerate(pairs[i:i + len(chunk)]):
+            rows.append(dict(stage=stage, id=pair["id"], chosen_logp=logps[j], rejected_logp=logps[len(chunk) + j],
+                             chosen_tokens=counts[j], rejected_tokens=counts[len(chunk) + j],
+                             chosen_source=pair.get("chosen_source")))
+    policy.train(was_training)
+    return rows
+
+
+def record_logps(path, stage, policy, examples, pairs, args, pad_id, device, main_proc, collective):
+    """The rows of `stage` ("start" begins the file, "end" follows the start rows kept in it), computed on
+    every rank when `collective` (FSDP), else on rank 0 only, and written by rank 0."""
+    if not args.logp_examples or not (main_proc or collective):
+        return
+    rows = policy_logps_rows(policy, examples, pairs, args.logp_examples, stage, pad_id, device, args.batch_size)
+    if main_proc:
+        keep = [r for r in data.read_jsonl(path) if r["stage"] == "start"] if stage == "end" and path.is_file() else []
+        data.write_jsonl(path, keep + rows)
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -175,7 +211,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     elif main_proc:  # a fresh start: forget any metrics of a run killed before its first checkpoint
         data.write_jsonl(metrics_path, [])
     if state is None:
-        logps_rows.record(logps_path, "start", logps_of, examples, pairs, args, pad_id, device, main_proc, fsdp)
+        record_logps(logps_path, "start", logps_of, examples, pairs, args, pad_id, device, main_proc, fsdp)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.train()
@@ -183,7 +219,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     lengths = [packing.row_length(e, pack) for e in examples]
 
     def save(step):
-        noise_rng_states = ckpt.gather(noise_rng.get_state(), world)  # collective: every rank
+        noise_rng_states = distributed.gather(noise_rng.get_state(), world)  # collective: every rank
         if fsdp:  # collective: every rank writes its shards
             return distributed.save_sharded(state_path, module, generator, optimizer, dict(
                 scheduler=scheduler.state_dict(), rng=ckpt.rng_state(), noise_rng=noise_rng_states, step=step,
@@ -265,7 +301,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         if args.stop_after_steps and done == args.stop_after_steps and step < total_steps:
             raise SystemExit(f"train.py: stopped after {done} steps (--stop-after-steps); rerun to resume")
     bar.close()
-    logps_rows.record(logps_path, "end", logps_of, examples, pairs, args, pad_id, device, main_proc, fsdp)
+    record_logps(logps_path, "end", logps_of, examples, pairs, args, pad_id, device, main_proc, fsdp)
     return data.read_jsonl(metrics_path) if main_proc else []
 
 
@@ -273,7 +309,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
 def main(argv=None):
     args = parse_args(argv)  # every flag is checked before anything is written
     t_start = time.time()
-    rank, world, device = ckpt.setup_distributed(args.device)
+    rank, world, device = distributed.setup_distributed(args.device)
     args.world_size = world
     run_dir = pathlib.Path(args.run_dir)
     it_dir = run_dir / f"iter{args.iter}"
@@ -317,7 +353,7 @@ def main(argv=None):
             (it_dir / "checkpoint" / "state.pt").unlink(missing_ok=True)
             distributed.remove_sharded(it_dir / "checkpoint" / "state.pt")
         ckpt.print_summary(it_dir)
-    ckpt.barrier()
+    distributed.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,7 +1,7 @@
-"""The harness of the demo-workload benchmarks in bench_perf.py (registered in bench.py's BENCHMARKS).
+"""The harness of the demo-workload benchmarks in bench/perf.py (registered in bench/run.py's BENCHMARKS).
 
-    python bench.py --only train_step_vs_trl [--rounds N]
-    python bench_train.py --child VARIANT --spec JSON      # internal: one peak-RSS probe in its own process
+    python -m bench --only train_step_vs_trl [--rounds N]
+    python -m bench.training --child VARIANT --spec JSON      # internal: one peak-RSS probe in its own process
 
 Workload (WORKLOAD, as `train.py --preset demo`): the embedded SmolLM2-135M in fp32, the first 32 prompts
 of the demo train split, chosen = the human answer, rejected = the model's own greedy answer (48 new
@@ -309,7 +309,7 @@ def _quiet_trl():
 class PeakRSS:
     """Peak resident set size of this process from start() on. On Linux the kernel's high-water mark of this
     address space is reset by writing 5 to /proc/self/clear_refs and read back as VmHWM (/proc/self/status);
-    extra = peak - RSS at start. ru_maxrss (bench.py's noisy_logps) is not used there: it never falls below
+    extra = peak - RSS at start. ru_maxrss (bench/run.py's noisy_logps) is not used there: it never falls below
     the parent's RSS at fork time (exec records the forked address space's mark), which made every child
     of a large parent report the parent's size. Elsewhere: ru_maxrss, baseline its value so far."""
 
@@ -361,8 +361,9 @@ def child_peaks(variants, w):
         spec = dict(w.spec, pairs_file=os.path.join(d, "pairs.jsonl"))
         data.write_jsonl(spec["pairs_file"], w.pairs)
         for v in variants:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", v, "--spec", json.dumps(spec),
-                                   "--device", w.device.type], capture_output=True, text=True, env=env)
+            proc = subprocess.run([sys.executable, "-m", "bench.training", "--child", v, "--spec", json.dumps(spec),
+                                   "--device", w.device.type], capture_output=True, text=True, env=env,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             if proc.returncode != 0:
                 raise RuntimeError(f"memory child {v!r} failed: {proc.stderr.strip().splitlines()[-1:]}")
             out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -374,7 +375,7 @@ def _mib(x):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="internal: one peak-RSS probe (see bench.py)")
+    p = argparse.ArgumentParser(description="internal: one peak-RSS probe (see bench/run.py)")
     p.add_argument("--child", required=True, choices=["ours", "old", "trl_off", "trl_on"])
     p.add_argument("--spec", required=True, help="workload spec as JSON")
     p.add_argument("--device", default="cpu")

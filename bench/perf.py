@@ -1,4 +1,4 @@
-"""Training and generation benchmarks on the demo workload (bench_train.WORKLOAD), registered in bench.py.
+"""Training and generation benchmarks on the demo workload (training.WORKLOAD), registered in bench/run.py.
 
 * train_step_vs_trl: our SPIN step (train.py's fast path: reference once per iteration in
   step.ReferenceCache, step.PolicyLogps, step.cached_batch_loss with noise none, length-grouped batches;
@@ -7,12 +7,12 @@
   off and on. Each round runs one epoch per variant on a fresh copy of the model; step time = the
   epoch's wall time over its steps (data collation included on both sides); the reference precompute is
   timed on its own and also amortised over an iteration (2 epochs). Peak RSS: each variant in its own
-  process, one epoch after a one-batch warm-up (bench_train.PeakRSS).
+  process, one epoch after a one-batch warm-up (training.PeakRSS).
 * iteration_speedup: train.train (the real loop, with the demo preset's checkpoints and logps.jsonl)
   twice on the same pairs, the new path against `--no-precompute-ref --no-group-by-length`, and the
   padding fraction of the epochs' micro-batches without and with length grouping.
 * memory_and_noise: peak RSS of one epoch of the new path against the old one (own processes,
-  bench_train.PeakRSS), and a fast-path DNPO step (noise trainable) against a fast-path SPIN step.
+  training.PeakRSS), and a fast-path DNPO step (noise trainable) against a fast-path SPIN step.
 * flop_utilization: useful model FLOP/s of a training step over this machine's measured matmul rate
   (torch.mm of 2048², same run): 6·N per real token for the policy's forward + backward, 2·N per real
   token for the reference once per iteration (amortised over the epochs, with its time); N = the model's
@@ -21,7 +21,7 @@
   against one at a time, greedy, 32 new tokens.
 * cpu_bf16: the fast-path step with bf16 autocast (reference in bf16, as `--dtype bf16`) against fp32;
   agreement over a few lockstep steps from the same weights; torch.compile of step.PolicyLogps.
-* profile: where one fast-path DNPO step's time goes (bench_train.Timer around each part).
+* profile: where one fast-path DNPO step's time goes (training.Timer around each part).
 """
 import contextlib
 import copy
@@ -38,7 +38,7 @@ import generate
 import model as models
 import packing
 import train
-from bench_train import OurRun, Timer, _mib, child_peaks, trl_available, trl_trainer, workload
+from bench.training import OurRun, Timer, _mib, child_peaks, trl_available, trl_trainer, workload
 
 
 def _interleaved_epochs(w, variants, rounds=None):

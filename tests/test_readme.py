@@ -2,7 +2,7 @@
 import pathlib
 import re
 
-ROOT = pathlib.Path(__file__).parent
+ROOT = pathlib.Path(__file__).resolve().parent.parent  # the repository
 ROW = re.compile(r"^\| (Eq\. [0-9–]+|App\. H) \| .* \| `([\w.]+)`, (\w+\.py):(\d+) \|$")
 
 

@@ -8,7 +8,6 @@ import shutil
 import pytest
 
 import ablate
-import ablate_table
 import eval as ev
 import train
 from data import read_jsonl, write_jsonl
@@ -109,7 +108,7 @@ def test_table_by_hand(tmp_path):
     fake_judged(out / "dnpo-seed0" / "eval" / "iter1_judged.jsonl", range(2, 9))    # 7/10: wins 5-8, losses 0-1
     fake_judged(out / "dnpo-seed1" / "eval" / "iter1_judged.jsonl", range(8))       # 8/10: wins 6-7, no loss
     opts = ablate.parse_args(["--out", str(out), "--iters", "1", "--seeds", "0", "1", "--rows", "spin,dnpo"])
-    result = ablate_table.collect(opts)
+    result = ablate.collect(opts)
     assert result["base"]["value"] == 0.3 and result["human"]["value"] == 0.7
     cell = {(c["row"], c["seed"], c["k"]): c for c in result["cells"]}
     assert (cell["spin", 0, 1]["correct"], cell["spin", 0, 1]["n"]) == (5, 10)
@@ -127,7 +126,7 @@ def test_table_by_hand(tmp_path):
     check = result["dnpo_vs_spin"][0]
     assert check["diffs"] == pytest.approx([0.2, 0.2]) and check["spread"] == pytest.approx({"spin": 0.1, "dnpo": 0.1})
     assert check["exceeds"] and "the difference exceeds the spread" in check["sentence"]
-    md = ablate_table.markdown(opts, result)
+    md = ablate.markdown(opts, result)
     assert "| base model | — | 0.300 [0.108, 0.603] |  |  |" in md
     assert "| SPIN | 2 |  | 0.400 (0.400–0.400) | 0.550 (0.500–0.600) |" in md
     assert "| +DNPO (DSL + NPO) | 2 |  | = SPIN | 0.750 (0.700–0.800) |" in md
@@ -137,10 +136,10 @@ def test_table_by_hand(tmp_path):
     lo, hi = b["ci"]
     assert f"| +DNPO (DSL + NPO) | 0 | = SPIN | +0.400 [{lo:+.3f}, {hi:+.3f}] |" in md
     fake_judged(out / "dnpo-seed1" / "eval" / "iter1_judged.jsonl", range(5))       # 5/10: −0.1 at seed 1
-    check = ablate_table.collect(opts)["dnpo_vs_spin"][0]
+    check = ablate.collect(opts)["dnpo_vs_spin"][0]
     assert check["mean"] == pytest.approx(0.05) and not check["exceeds"]
     assert "does not exceed" in check["sentence"]
-    one = ablate_table.collect(ablate.parse_args(["--out", str(out), "--iters", "1", "--seeds", "0", "--rows", "dnpo"]))
+    one = ablate.collect(ablate.parse_args(["--out", str(out), "--iters", "1", "--seeds", "0", "--rows", "dnpo"]))
     assert "one seed" in one["dnpo_vs_spin"][0]["sentence"] and "exceeds" not in one["dnpo_vs_spin"][0]
 
 
@@ -225,4 +224,4 @@ def test_per_family_accuracy_by_hand(tmp_path):
     path = tmp_path / "judged.jsonl"
     fake_judged(path, correct_ids=[0, 1, 4])  # q0..q9
     family_of = {"q0": "arithmetic", "q1": "arithmetic", "q2": "arithmetic", "q3": "units", "q4": "units"}
-    assert ablate_table.per_family(path, family_of) == {"arithmetic": [2, 3], "units": [1, 2]}
+    assert ablate.per_family(path, family_of) == {"arithmetic": [2, 3], "units": [1, 2]}

@@ -9,9 +9,7 @@ import pytest
 
 import judge
 import judge_base
-import judge_cache
 import judge_http
-import judge_net
 from fakechat import FAKE_KEY, FakeChat, records
 from test_judge_http import fast_judge, key_env, server  # noqa: F401 (fixtures)
 
@@ -39,7 +37,7 @@ def test_huge_reply_capped_and_not_cached(server, key_env, tmp_path):
     (score, err), = j.score_many(one())
     assert score is None and "1 MiB" in err and "\n" not in err
     assert sum(server.received.values()) == 1 and (not cache.exists() or cache.stat().st_size < 1000)
-    assert judge_net.MAX_REPLY_BYTES == 1 << 20
+    assert judge_http.MAX_REPLY_BYTES == 1 << 20
 
 
 def test_gzip_bomb_bounded_memory(server, key_env):
@@ -62,7 +60,7 @@ def test_compressed_reply_decoded(server, key_env, mode):
     """An honest gzip or deflate reply is decoded as before; the judge asks for those encodings only."""
     server.default = mode
     assert fast_judge(server.url).score_many(one()) == [(3.0, None)]
-    assert judge_net.ACCEPT_ENCODING == "gzip, deflate"
+    assert judge_http.ACCEPT_ENCODING == "gzip, deflate"
 
 
 def test_retry_after_600_bounded(server, key_env):
@@ -158,7 +156,7 @@ def test_cache_key_includes_base_url_without_credentials(key_env, tmp_path):
         creds = a.url.replace("http://", "http://user:hunter2pw@") + "/"
         assert fast_judge(creds, cache_path=cache).score_many(one("x")) == [(3.0, None)]
         assert sum(a.received.values()) == 1 and b"hunter2pw" not in cache.read_bytes()
-        assert judge_net.public_url(creds) == a.url
+        assert judge_http.public_url(creds) == a.url
     finally:
         a.close()
         b.close()
@@ -175,15 +173,13 @@ def test_reply_echoing_key_never_reaches_cache(server, key_env, tmp_path):
     assert (rows[0]["score"], rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (3.0, 100, 7)
 
 
-def test_old_cache_rows_with_text_load_without_it(tmp_path, capsys):
-    """Rows of the older format (raw reply, usage object) load as score + counts; the file is rewritten
-    without the text; rows without a usable score (null) are no hits."""
+def test_cache_rows_load_as_score_and_counts_only(tmp_path):
+    """A row loads as its score and token counts, whatever else it holds; rows without a usable score (null)
+    are no hits, so those answers are asked again."""
     path = tmp_path / "c.jsonl"
-    path.write_text(json.dumps({"key": "k1", "model": "m", "template": "t", "score": 7.0,
-                                "reply": f"Rating: [[7]] {FAKE_KEY}", "usage": {"prompt_tokens": 5, "x": FAKE_KEY}})
+    path.write_text(json.dumps({"key": "k1", "score": 7.0, "prompt_tokens": 5, "extra": FAKE_KEY})
                     + "\n" + json.dumps({"key": "k2", "score": None}) + "\n")
-    cache = judge_cache.ScoreCache(path)
+    cache = judge_http.ScoreCache(path)
     assert cache.get("k1") == {"key": "k1", "score": 7.0, "prompt_tokens": 5, "completion_tokens": 0}
     assert cache.get("k2") is None
-    assert FAKE_KEY.encode() not in path.read_bytes() and "rewrote" in capsys.readouterr().err
-    assert judge_cache.ScoreCache(path).entries == cache.entries
+    assert judge_http.ScoreCache(path).entries == cache.entries

@@ -226,7 +226,7 @@ def test_report_tables_recomputed_by_hand(tmp_path, capsys):
 def test_cli_user_error_is_one_line(tmp_path):
     """A bad run directory exits non-zero with a one-line message and no traceback."""
     proc = subprocess.run([sys.executable, "eval.py", "report", str(tmp_path / "nope")], capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
+                          cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "no iter*/ directory" in proc.stderr
 

@@ -23,7 +23,7 @@ import model as models
 import noise as noises
 from conftest import fresh_copy, make_tiny_model, make_tiny_tokenizer, model_weights, read_jsonl, tiny_flags
 
-ROOT = pathlib.Path(__file__).parent
+ROOT = pathlib.Path(__file__).resolve().parent.parent  # the repository
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Performance benchmarks, printed as ratios measured side by side in one run.
 
-    python bench.py [--json] [--only NAME ...] [--device cpu|cuda] [--rounds N] [--no-compile]
+    python -m bench [--json] [--only NAME ...] [--device cpu|cuda] [--rounds N] [--no-compile]
 
 Each benchmark in BENCHMARKS is a function (device) -> dict of ratios; it prints its raw numbers as it
 goes. With --json the last line printed is one JSON object {"<benchmark>.<ratio>": value, ...}.
@@ -13,7 +13,7 @@ Notation as in loss.py: B sequences, T tokens, V vocabulary, d hidden size, N an
   the peak *extra* memory over the inputs already in memory: on CUDA torch.cuda.max_memory_allocated
   minus the memory allocated before the call; on CPU (where torch has no allocator statistics) each
   variant runs in its own subprocess and reports its peak resident set size (the kernel's high-water mark,
-  reset before the call: bench_train.PeakRSS; it includes transient buffers) minus the RSS before it; a small
+  reset before the call: training.PeakRSS; it includes transient buffers) minus the RSS before it; a small
   warm-up call first pages in torch's kernels (else ~80 MiB of library code counts as "memory"), and
   glibc is told to mmap every block ≥ 64 KiB (MALLOC_MMAP_THRESHOLD_) so freed blocks leave the RSS.
 * dnpo_step: one optimizer step of DNPO (reference forward with hidden states, policy forward/backward,
@@ -21,15 +21,15 @@ Notation as in loss.py: B sequences, T tokens, V vocabulary, d hidden size, N an
   small random Llama. The generator costs about as much as the LM head (both d×V), so the overhead ratio
   grows with the head's share of the model's compute: far larger for a tiny model than for a 7B one.
 * judge_throughput: records/s of judge.judge_records with the openai judge against a loopback
-  chat-completions server (test_judge_http.FakeChat, in its own process) that waits a fixed latency before each
+  chat-completions server (tests/fakechat.FakeChat, in its own process) that waits a fixed latency before each
   reply, at concurrency 1 and 16, fresh cache each run; ratios: c16 over c1, and each level's fraction of
   the latency-bound ideal (concurrency / (2 requests × latency) records/s).
 
 * train_step_vs_trl, iteration_speedup, memory_and_noise, flop_utilization, generation, cpu_bf16, profile,
   noise_diagnostics (a DNPO step with the per-step noise diagnostics against one without):
   on the demo workload (SmolLM2-135M, 32 demo pairs, as `train.py --preset demo`); described in
-  bench_perf.py, the shared harness (train.py's step, the TRL adapter, peak-RSS child processes) in
-  bench_train.py. --rounds sets their interleaved rounds (default 3). train_step_vs_trl needs
+  bench/perf.py, the shared harness (train.py's step, the TRL adapter, peak-RSS child processes) in
+  bench/training.py. --rounds sets their interleaved rounds (default 3). train_step_vs_trl needs
   `pip install -r requirements-bench.txt` (TRL) and is skipped without it.
 
 Departures / choices:
@@ -50,11 +50,11 @@ import time
 
 import torch
 
-import bench_perf
-import bench_train
+from bench import perf, training
 from loss import dnpo_loss, sequence_logps, spin_loss
 from noise import NoiseGenerator, noisy_sequence_logps
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: `python -m bench` runs there
 SIZES = {  # noisy_logps sizes per device: CUDA gets the paper's 7B setting (d = 4096, V = 32000, T = 1024)
     "cpu": dict(batch=4, length=384, prompt=96, vocab=32000, hidden=64, chunk=128),
     "cuda": dict(batch=8, length=1024, prompt=256, vocab=32000, hidden=4096, chunk=256),
@@ -138,7 +138,7 @@ def peak_extra_memory(variant, device):
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    rss = bench_train.PeakRSS().start()  # not ru_maxrss alone: it starts at the parent's RSS at fork
+    rss = training.PeakRSS().start()  # not ru_maxrss alone: it starts at the parent's RSS at fork
     run()
     return rss.stop()["extra"]
 
@@ -151,8 +151,8 @@ def bench_noisy_logps(device, repeats=2):
             peaks[variant] = peak_extra_memory(variant, device)
         else:  # ru_maxrss is a per-process high-water mark: one fresh process per variant
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**16))  # glibc: blocks ≥ 64 KiB go back on free
-            proc = subprocess.run([sys.executable, __file__, "--child", variant, "--device", "cpu"],
-                                  capture_output=True, text=True, env=env)
+            proc = subprocess.run([sys.executable, "-m", "bench", "--child", variant, "--device", "cpu"],
+                                  capture_output=True, text=True, env=env, cwd=ROOT)
             if proc.returncode != 0:
                 raise SystemExit(f"bench child {variant!r} failed: {proc.stderr.strip().splitlines()[-1:]}")
             peaks[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -223,8 +223,8 @@ def bench_dnpo_step(device, pairs=2, length=96, prompt=24, beta=0.1, alpha=1.0, 
 
 
 def _serve_fake_chat(latency, conn):
-    """Run test_judge_http.FakeChat in this (spawned) process until told to stop."""
-    from fakechat import FakeChat
+    """Run tests/fakechat.FakeChat in this (spawned) process until told to stop."""
+    from tests.fakechat import FakeChat
     fake = FakeChat(latency=latency)
     conn.send(fake.url)
     conn.recv()
@@ -237,7 +237,7 @@ def bench_judge_throughput(device, records=64, latency=0.05, concurrencies=(1, 1
     import tempfile
 
     import judge
-    from fakechat import FAKE_KEY, records as make_records
+    from tests.fakechat import FAKE_KEY, records as make_records
     os.environ.setdefault("OPENAI_API_KEY", FAKE_KEY)  # a fake key for the fake server; never a real one
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -265,17 +265,17 @@ def bench_judge_throughput(device, records=64, latency=0.05, concurrencies=(1, 1
 
 BENCHMARKS = {"noisy_logps": bench_noisy_logps, "dnpo_step": bench_dnpo_step,
               "judge_throughput": bench_judge_throughput,
-              # on the demo workload (SmolLM2-135M, 32 demo pairs): bench_train.py, bench_perf.py
-              "train_step_vs_trl": bench_perf.bench_train_step_vs_trl,
-              "iteration_speedup": bench_perf.bench_iteration_speedup,
-              "memory_and_noise": bench_perf.bench_memory_and_noise,
-              "flop_utilization": bench_perf.bench_flop_utilization,
-              "generation": bench_perf.bench_generation,
-              "cpu_bf16": bench_perf.bench_cpu_bf16,
-              "profile": bench_perf.bench_profile,
-              "noise_diagnostics": bench_perf.bench_noise_diagnostics}
+              # on the demo workload (SmolLM2-135M, 32 demo pairs): bench/training.py, bench/perf.py
+              "train_step_vs_trl": perf.bench_train_step_vs_trl,
+              "iteration_speedup": perf.bench_iteration_speedup,
+              "memory_and_noise": perf.bench_memory_and_noise,
+              "flop_utilization": perf.bench_flop_utilization,
+              "generation": perf.bench_generation,
+              "cpu_bf16": perf.bench_cpu_bf16,
+              "profile": perf.bench_profile,
+              "noise_diagnostics": perf.bench_noise_diagnostics}
 WORKLOAD_BENCHMARKS = ("train_step_vs_trl", "iteration_speedup", "memory_and_noise", "flop_utilization", "generation",
-                       "cpu_bf16", "profile", "noise_diagnostics")  # these take spec= (bench_train.WORKLOAD overrides)
+                       "cpu_bf16", "profile", "noise_diagnostics")  # these take spec= (training.WORKLOAD overrides)
 
 
 def main(argv=None):

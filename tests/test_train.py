@@ -225,7 +225,7 @@ def test_two_process_ddp_matches_one_process_with_the_double_batch(iter0_run, tm
     flags[flags.index("--batch-size") + 1] = "1"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "train.py", "--iter", "0", "--device", "cpu", *flags], cwd=pathlib.Path(__file__).parent,
+                           "train.py", "--iter", "0", "--device", "cpu", *flags], cwd=pathlib.Path(__file__).resolve().parent.parent,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run_dir / "iter0" / "config.json").read_text())["world_size"] == 2

@@ -12,7 +12,6 @@ import pytest
 import data
 import judge
 import judge_base
-import judge_cache
 import judge_http
 from fakechat import FAKE_KEY, QA, FakeChat, records, score_of
 
@@ -197,11 +196,11 @@ def test_cache_skips_torn_last_line(tmp_path):
     """A cache whose last line was cut by a kill loads the whole lines and appends cleanly after it."""
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"key": "k1", "score": 3}) + "\n" + '{"key": "k2", "sco')
-    cache = judge_cache.ScoreCache(path)
+    cache = judge_http.ScoreCache(path)
     assert set(cache.entries) == {"k1"}
     cache.put("k3", {"score": 4})
     cache.close()
-    assert set(judge_cache.ScoreCache(path).entries) == {"k1", "k3"}
+    assert set(judge_http.ScoreCache(path).entries) == {"k1", "k3"}
 
 
 def test_cost_estimate_for_known_models():
