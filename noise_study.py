@@ -13,6 +13,9 @@ the npo cell's mean σ² over its training (matched), dnpo = DSL + noise. Groups
     optimizer   AdamW 3e-6 (the study's; with the fixed row), plain SGD 2e-3 (the gradient's scale is not
                 normalised), RMSprop 1e-6 (the paper's Table 3 optimizer at the demo preset's lr)
     saturation  AdamW 3e-6 at β = 1: the margins and loss saturate (reward accuracy 1, loss ≲ 0.1)
+    mechanism   fixed noise of σ = MECHANISM_SIGMA under AdamW and under SGD: a large offset of every pair's
+                margin, which raises every DPO weight alike (loss.py departure 6): a normalising
+                optimizer should undo it, SGD should not
     grid        AdamW: --noise-lr × --noise-alpha × --noise-init-variance (3 × 2 × 2), each trained one epoch
                 (PROBE_STEPS), pruned by its diagnostics: only the KEEP with the largest weight shift (and
                 at least MIN_SHIFT) finish and are evaluated
@@ -50,7 +53,9 @@ HERE = Path(__file__).resolve().parent
 ROWS = {"spin": ["--no-dsl", "--noise", "none"], "npo": ["--no-dsl", "--noise", "trainable"],
         "fixed": ["--no-dsl", "--noise", "fixed"], "dnpo": ["--dsl", "--noise", "trainable"]}
 ADAMW = ["--optimizer", "adamw", "--lr", "3e-6"]
+GROUPS = ("optimizer", "saturation", "mechanism", "grid", "chain")
 PROBE_STEPS, KEEP, MIN_SHIFT = 8, 3, 0.02
+MECHANISM_SIGMA = 3.0  # σ² = 9: the σ² the live trainable noise of the grid puts on the answers' own tokens
 GRID = dict(noise_lr=(1e-3, 1e-2, 1e-1), noise_alpha=(0.0, 1.0), noise_init_variance=(1e-2, 1e-1))
 END_KEYS = ("margin", "noisy_margin", "margin_offset", "margin_offset_std", "dpo_weight", "dpo_weight_ratio",
             "weight_shift", "kl_noise", "sigma2", "sigma2_target", "sigma2_topk", "model_loss", "reward_acc")
@@ -83,6 +88,10 @@ def cells_of(groups):
             out[f"sat-{row}"] = dict(group="saturation", row=row, flags=[*ADAMW, "--beta", "1.0", *ROWS[row]],
                                      iters=iters if row in ("spin", "npo") else [1], baseline="sat-spin",
                                      matched="sat-npo")
+    if "mechanism" in groups:  # a large fixed σ under AdamW and under SGD: does a normalising optimizer undo it?
+        for opt, flags in (("adamw", ADAMW), ("sgd", ["--optimizer", "sgd", "--lr", "2e-3"])):
+            out[f"{opt}-fixed-s{MECHANISM_SIGMA:g}"] = dict(group="mechanism", row="fixed", flags=[*flags, *ROWS["fixed"]],
+                                                          iters=[1], baseline=f"{opt}-spin", sigma=MECHANISM_SIGMA)
     if "grid" in groups:
         for name, flags in grid_cells().items():
             out[name] = dict(group="grid", row="npo", flags=flags, iters=[1], baseline="adamw-spin", probe=True)
@@ -99,19 +108,19 @@ def parse_args(argv=None):
     cut = argv.index("--") if "--" in argv else len(argv)
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/noise_study", help="OUT: start/ and one run directory per cell")
-    p.add_argument("--groups", default="optimizer,saturation,grid,chain", help="comma-separated of "
-                   "optimizer, saturation, grid, chain (run in that order within each iteration)")
+    p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated of " + ", ".join(GROUPS)
+                   + " (run in that order within each iteration)")
     p.add_argument("--eval-max-prompts", type=int, default=400, help="held-out prompts per evaluation")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per evaluation generation batch")
     p.add_argument("--dry-run", action="store_true", help="print the plan (# done: finished) and exit")
     opts = p.parse_args(argv[:cut])
     opts.train_flags = argv[cut + 1:] or ["--max-prompts", "64", "--epochs", "3", "--max-new-tokens", "32", *ADAMW]
     opts.groups = opts.groups.split(",")
-    unknown = [g for g in opts.groups if g not in ("optimizer", "saturation", "grid", "chain")]
+    unknown = [g for g in opts.groups if g not in GROUPS]
     if unknown:
         raise SystemExit(f"noise_study.py: unknown group {unknown[0]!r}")
-    if "grid" in opts.groups and "optimizer" not in opts.groups:
-        opts.groups.insert(0, "optimizer")  # the grid's baseline and its default cell are adamw-spin / adamw-npo
+    if {"grid", "mechanism"} & set(opts.groups) and "optimizer" not in opts.groups:
+        opts.groups.insert(0, "optimizer")  # their baselines: adamw-spin, sgd-spin
     owned = [f for f in opts.train_flags if f.split("=")[0] in ("--run-dir", "--iter", "--start-model", "--noise",
                                                                  "--dsl", "--no-dsl", "--stop-after-steps")]
     if owned:
@@ -165,7 +174,7 @@ def train_cmd(opts, cell, k, extra=()):
     if k == 1:
         cmd += ["--start-model", str(Path(opts.out) / "start" / "iter0" / "model")]
     if spec["row"] == "fixed":
-        cmd += ["--noise-sigma", str(matched_sigma(opts, cell))]
+        cmd += ["--noise-sigma", str(spec.get("sigma") or matched_sigma(opts, cell))]
     return cmd
 
 
@@ -281,7 +290,7 @@ def cell_result(opts, cell, k=1):
     if spec.get("probe"):
         res["probe_weight_shift"] = probe_shift(opts, cell)
     if spec["row"] == "fixed":
-        res["noise_sigma"] = matched_sigma(opts, cell)
+        res["noise_sigma"] = spec.get("sigma") or matched_sigma(opts, cell)
     mine = judged_file(opts, cell, k)
     if mine.is_file():
         res["accuracy"] = ev.score_row(data.read_jsonl(mine))["accuracy"]
