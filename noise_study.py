@@ -333,7 +333,8 @@ def collect(opts):
                chain=[cell_result(opts, c, k) for c, s in opts.cells.items() if len(s["iters"]) > 1 for k in s["iters"]])
     base_file = Path(opts.out) / "start" / "eval" / "base_judged.jsonl"
     if base_file.is_file():
-        n = len([r for r in data.read_jsonl(base_file) if r.get("answer") is not None])
+        rows = data.read_jsonl(base_file)
+        n, out["base"] = sum(r.get("answer") is not None for r in rows), ev.score_row(rows)["accuracy"]
         out["base_ci"] = ev.wilson_interval(round(out["base"] * n), n)
     return out
 
