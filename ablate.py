@@ -301,14 +301,23 @@ def report(opts):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise SystemExit(f"ablate.py: {message} (see --help)")
+    """argparse with one-line errors naming the script (`prog`), no usage block (ablate.py, noise_study.py)."""
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: {message} (see --help)")
+
+
+def split_argv(argv=None):
+    """(the script's own flags, the train flags after `--`) of a command line (sys.argv when None)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    return argv[:cut], argv[cut + 1:]
 
 
 def parse_args(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cut = argv.index("--") if "--" in argv else len(argv)
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    own, train_flags = split_argv(argv)
+    p = Parser(prog="ablate.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ablate", help="one run directory per (row, seed) under it")
     p.add_argument("--preset", default="demo", help="train.py --preset for every row (demo | paper)")
     p.add_argument("--iters", type=int, default=3, help="train iterations 0..N (0: shared SPIN; 1..N: ablation)")
@@ -326,8 +335,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, help="eval.py score --batch-size (prompts per generation batch)")
     p.add_argument("--logps-n", type=int, default=64, help="eval.py logps --n for the spin and dnpo rows")
     p.add_argument("--dry-run", action="store_true", help="print the commands (# done: finished) and exit")
-    args = p.parse_args(argv[:cut])
-    args.train_flags = argv[cut + 1:]
+    args = p.parse_args(own)
+    args.train_flags = train_flags
     rows, seeds_rows = args.rows.split(","), args.seeds_rows.split(",")
     unknown = [r for r in rows + seeds_rows if r not in ROWS]
     if unknown:
@@ -411,12 +420,18 @@ def run_command(cmd) -> int:
 
 def check_settings(opts, write):
     """OUT/ablate_config.json: the settings every run under OUT used; refuse others (one line)."""
-    path, now = Path(opts.out) / "ablate_config.json", settings_of(opts)
+    keep_settings(Path(opts.out) / "ablate_config.json", settings_of(opts), write, "ablate.py")
+
+
+def keep_settings(path, now, write, prog):
+    """Refuse, in one line naming the changed settings, a study whose settings file `path` holds other
+    settings than `now`; without the file, write `now` there when `write` (ablate.py, noise_study.py)."""
+    path = Path(path)
     if path.is_file():
         was = json.loads(path.read_text())
         changed = [key for key in now if was.get(key) != now[key]]
         if changed:
-            raise SystemExit(f"ablate.py: {opts.out} was run with " + ", ".join(f"{k}={was.get(k)!r}" for k in changed)
+            raise SystemExit(f"{prog}: {path.parent} was run with " + ", ".join(f"{k}={was.get(k)!r}" for k in changed)
                              + " (now " + ", ".join(f"{now[k]!r}" for k in changed) + "); rerun with those or use another --out")
     elif write:
         data.write_json(path, now)

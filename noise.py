@@ -252,9 +252,10 @@ def _chunk_pair_logps(generator, gather, sl, targets, seed_eps1, seed_eps2, chun
     sigma, variance = _chunk_sigma(generator, h, z)  # with grad to φ
     with torch.no_grad():
         eps1 = _noisy_token_logps(z, sigma, seed_eps1, chunk_index, targets[sl], variance if diagnostics else None)
-    eps1, sums = eps1 if diagnostics else (eps1, None)
-    out = (eps1, _noisy_token_logps(z, sigma, seed_eps2, chunk_index, targets[sl]), variance.sum())
-    return out + (sums,) if diagnostics else out
+    eps2 = _noisy_token_logps(z, sigma, seed_eps2, chunk_index, targets[sl])
+    if diagnostics:  # eps1 is (token logps, _diagnostic_sums)
+        return eps1[0], eps2, variance.sum(), eps1[1]
+    return eps1, eps2, variance.sum()
 
 
 def noisy_answer_logps_pair(hidden, targets, seq_ids, num_seqs, head_weight, generator, head_bias=None,

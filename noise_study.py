@@ -34,7 +34,6 @@ Where this departs from, or fills a gap in, the paper:
 2. "Fixed noise at a matched σ": App. H does not give its σ; here σ² = the trainable noise's own mean σ²
    over V entries and steps, so the two differ in where the variance sits, not how much there is.
 """
-import argparse
 import json
 import math
 import shlex
@@ -48,11 +47,14 @@ import numpy as np
 
 import data
 import eval as ev
+import plots
+from ablate import Parser, keep_settings, split_argv
 
 HERE = Path(__file__).resolve().parent
 ROWS = {"spin": ["--no-dsl", "--noise", "none"], "npo": ["--no-dsl", "--noise", "trainable"],
         "fixed": ["--no-dsl", "--noise", "fixed"], "dnpo": ["--dsl", "--noise", "trainable"]}
 ADAMW = ["--optimizer", "adamw", "--lr", "3e-6"]
+SGD = ["--optimizer", "sgd", "--lr", "2e-3"]
 GROUPS = ("optimizer", "saturation", "mechanism", "grid", "chain")
 PROBE_STEPS, KEEP, MIN_SHIFT = 8, 3, 0.02
 MECHANISM_SIGMA = 3.0  # σ² = 9: the σ² the live trainable noise of the grid puts on the answers' own tokens
@@ -77,8 +79,7 @@ def cells_of(groups):
     """{cell name: dict(group, row, flags, iters)} for the groups asked for, in run order."""
     out = {}
     if "optimizer" in groups:
-        for opt, flags in (("adamw", ADAMW), ("sgd", ["--optimizer", "sgd", "--lr", "2e-3"]),
-                           ("rmsprop", ["--optimizer", "rmsprop", "--lr", "1e-6"])):
+        for opt, flags in (("adamw", ADAMW), ("sgd", SGD), ("rmsprop", ["--optimizer", "rmsprop", "--lr", "1e-6"])):
             for row in ("spin", "npo", "fixed") if opt == "adamw" else ("spin", "npo"):
                 out[f"{opt}-{row}"] = dict(group="optimizer", row=row, flags=[*flags, *ROWS[row]], iters=[1],
                                            baseline=f"{opt}-spin", matched=f"{opt}-npo")
@@ -89,7 +90,7 @@ def cells_of(groups):
                                      iters=iters if row in ("spin", "npo") else [1], baseline="sat-spin",
                                      matched="sat-npo")
     if "mechanism" in groups:  # a large fixed σ under AdamW and under SGD: does a normalising optimizer undo it?
-        for opt, flags in (("adamw", ADAMW), ("sgd", ["--optimizer", "sgd", "--lr", "2e-3"])):
+        for opt, flags in (("adamw", ADAMW), ("sgd", SGD)):
             out[f"{opt}-fixed-s{MECHANISM_SIGMA:g}"] = dict(group="mechanism", row="fixed", flags=[*flags, *ROWS["fixed"]],
                                                           iters=[1], baseline=f"{opt}-spin", sigma=MECHANISM_SIGMA)
     if "grid" in groups:
@@ -98,23 +99,17 @@ def cells_of(groups):
     return out
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise SystemExit(f"noise_study.py: {message} (see --help)")
-
-
 def parse_args(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cut = argv.index("--") if "--" in argv else len(argv)
-    p = Parser(description=__doc__.split("\n\n")[0])
+    own, train_flags = split_argv(argv)
+    p = Parser(prog="noise_study.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/noise_study", help="OUT: start/ and one run directory per cell")
     p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated of " + ", ".join(GROUPS)
                    + " (run in that order within each iteration)")
     p.add_argument("--eval-max-prompts", type=int, default=400, help="held-out prompts per evaluation")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per evaluation generation batch")
     p.add_argument("--dry-run", action="store_true", help="print the plan (# done: finished) and exit")
-    opts = p.parse_args(argv[:cut])
-    opts.train_flags = argv[cut + 1:] or ["--max-prompts", "64", "--epochs", "3", "--max-new-tokens", "32", *ADAMW]
+    opts = p.parse_args(own)
+    opts.train_flags = train_flags or ["--max-prompts", "64", "--epochs", "3", "--max-new-tokens", "32", *ADAMW]
     opts.groups = opts.groups.split(",")
     unknown = [g for g in opts.groups if g not in GROUPS]
     if unknown:
@@ -237,14 +232,9 @@ def seed_generation(opts, source, cell):
 
 
 def check_settings(opts, write):
-    path = Path(opts.out) / "study_config.json"
-    now = dict(train_flags=opts.train_flags, eval_max_prompts=opts.eval_max_prompts)
-    if path.is_file():
-        was = json.loads(path.read_text())
-        if was != now:
-            raise SystemExit(f"noise_study.py: {opts.out} was run with {was}; rerun with those or use another --out")
-    elif write:
-        data.write_json(path, now)
+    """OUT/study_config.json: the settings every cell under OUT used; refuse others (one line)."""
+    keep_settings(Path(opts.out) / "study_config.json",
+                  dict(train_flags=opts.train_flags, eval_max_prompts=opts.eval_max_prompts), write, "noise_study.py")
 
 
 def execute(opts, steps):
@@ -328,7 +318,7 @@ def fmt_vs(v):
 def collect(opts):
     start = Path(opts.out) / "start" / "eval" / "scores.json"
     scores = json.loads(start.read_text())["models"] if start.is_file() else {}
-    out = dict(base=scores.get("base", {}).get("accuracy"), start=scores.get("iter0", {}).get("accuracy"),
+    out = dict(base=None, start=scores.get("iter0", {}).get("accuracy"),
                cells=[cell_result(opts, c) for c in opts.cells],
                chain=[cell_result(opts, c, k) for c, s in opts.cells.items() if len(s["iters"]) > 1 for k in s["iters"]])
     base_file = Path(opts.out) / "start" / "eval" / "base_judged.jsonl"
@@ -370,10 +360,10 @@ def markdown(result):
 
 
 def report(opts):
-    import plots
     result = collect(opts)
     data.write_json(Path(opts.out) / "noise_study.json", result)
-    (Path(opts.out) / "noise_study.md").write_text(markdown(result), encoding="utf-8")
+    with data.atomic_open(Path(opts.out) / "noise_study.md") as fh:
+        fh.write(markdown(result))
     for cell in opts.cells:
         if (Path(opts.out) / cell).is_dir():
             plots.plot_noise(Path(opts.out) / cell, Path(opts.out) / cell / "plots")
