@@ -478,9 +478,18 @@ class OpenAIJudge(Judge):
         headers = {"Accept-Encoding": ACCEPT_ENCODING}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        # httpx's own bounds where they give the guarantee: a per-phase timeout (connect, each read and write,
+        # waiting for a pooled connection), at most `concurrency` connections, no redirects (the key is never
+        # sent elsewhere; proxies and CA files from the environment are honoured). What httpx cannot give
+        # stays ours: one wall-clock deadline per request (its read timeout restarts at every
+        # chunk, so a server dripping a byte a minute never trips it), backoff with jitter and Retry-After
+        # (its transport retries only failed connects, at once), and the capped decoder (read_capped).
+        transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=self.concurrency,
+                                                                 max_keepalive_connections=self.concurrency),
+                                             retries=0)
         try:
-            async with httpx.AsyncClient(timeout=self.timeout, headers=headers, limits=limits) as client:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout), headers=headers, transport=transport,
+                                         follow_redirects=False) as client:
                 await self._run_all(client, requests, by_key, results, api_key)
         finally:
             if self.cache:
