@@ -45,7 +45,7 @@ from data import iterations, load_prompts, read_jsonl, write_json
 from demo import check_answer
 from harness import run_benchmarks
 from judge import judge_records, make_judge, win_tie_loss
-from plots import make_plots, markdown_table, read_json, score_table, similarity_table, write_report
+from plots import make_plots, markdown_table, model_order, read_json, score_table, similarity_table, write_report
 from stagnation import compute_logps
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -63,7 +63,30 @@ def score_row(judged, text_key="generated", score_key="generated_score"):
     checkable = [r for r in judged if r.get("answer") is not None]
     return {"n": len(scores), "missing": len(judged) - len(scores), "mean_score": float(np.mean(scores)) if scores else None,
             "accuracy": float(np.mean([check_answer(r[text_key], r["answer"], r["prompt"]) for r in checkable]))
-            if checkable else None}
+            if checkable else None, "checked": len(checkable)}
+
+
+def score_extras(scores, out_dir):
+    """What `eval.py score` prints beside each accuracy: its 95 % Wilson interval, and the paired accuracy
+    difference (accuracy_vs, paired bootstrap) against the base model and against the model before it
+    (base, iter0, iter1, ...), each on the same held-out prompts."""
+    names = sorted(scores["models"], key=model_order)
+    extra = {}
+    for i, name in enumerate(names):
+        m = scores["models"][name]
+        if m.get("accuracy") is None:
+            continue
+        checked = m.get("checked") or m["n"]
+        extra[name] = {"ci": wilson_interval(round(m["accuracy"] * checked), checked)}
+        judged = lambda other: Path(out_dir) / f"{other}_judged.jsonl"  # noqa: E731
+        for key, other in (("vs base", "base"), ("vs previous", names[i - 1] if i else None)):
+            if other and other != name and judged(name).is_file() and judged(other).is_file():
+                extra[name][key] = accuracy_vs(judged(name), judged(other))
+    h = scores.get("human")
+    if h and h.get("accuracy") is not None:
+        checked = h.get("checked") or h["n"]
+        extra["human"] = {"ci": wilson_interval(round(h["accuracy"] * checked), checked)}
+    return extra
 
 
 def run_score(args):
@@ -112,7 +135,7 @@ def run_score(args):
         if scores["human"] is None:  # the eval prompts' human answers: a fixed reference line
             scores["human"] = score_row(judged, "human", "human_score")
         write_json(out_dir / "scores.json", scores)
-    print(score_table(scores))
+    print(score_table(scores, score_extras(scores, out_dir)))
     return scores
 
 

@@ -340,14 +340,29 @@ def markdown_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows])
 
 
-def score_table(scores):
-    """`eval.py score` table: model | n | mean score | accuracy, plus the human answers' reference row."""
-    models = scores["models"]
-    rows = [[n, models[n]["n"], models[n]["mean_score"], models[n]["accuracy"]] for n in sorted(models, key=model_order)]
+def score_table(scores, extra=None):
+    """`eval.py score` table: model | n | mean score | accuracy, plus the human answers' reference row.
+    extra: {model or "human": {"ci": (lo, hi), "vs base": d, "vs previous": d}} from eval.score_extras: the
+    accuracy's 95 % Wilson interval and d = eval.accuracy_vs's dict (the paired accuracy difference with its
+    paired-bootstrap 95 % interval), shown beside the accuracy and as two more columns."""
+    models, extra = scores["models"], extra or {}
+
+    def accuracy(name, m):
+        ci = extra.get(name, {}).get("ci")
+        return fmt(m["accuracy"]) if ci is None or m["accuracy"] is None else f"{m['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    def delta(name, key):
+        d = extra.get(name, {}).get(key)
+        return "—" if d is None else f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+    header = ["model", "n", "mean score", "accuracy (demo)" + (" [95 % CI]" if extra else "")]
+    rows = [[n, models[n]["n"], models[n]["mean_score"], accuracy(n, models[n])] for n in sorted(models, key=model_order)]
+    if extra:
+        header += ["Δ vs base [95 % CI]", "Δ vs previous [95 % CI]"]
+        rows = [r + [delta(r[0], "vs base"), delta(r[0], "vs previous")] for r in rows]
     if scores.get("human"):
         h = scores["human"]
-        rows.append(["human answers", h["n"], h["mean_score"], h["accuracy"]])
-    return markdown_table(["model", "n", "mean score", "accuracy (demo)"], rows)
+        rows.append(["human answers", h["n"], h["mean_score"], accuracy("human", h)] + ["—", "—"] * bool(extra))
+    return markdown_table(header, rows)
 
 
 def similarity_table(rows):

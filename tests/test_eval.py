@@ -286,8 +286,31 @@ def test_score_row_by_hand():
     rows = [{"prompt": "What is 7 + 5?", "answer": "12", "generated": "7 + 5 = 12", "generated_score": 10.0},
             {"prompt": "What is 7 + 5?", "answer": "12", "generated": "It is 13.", "generated_score": 1.0},
             {"prompt": "What is 2 + 2?", "answer": "4", "generated": "5", "generated_score": None}]
-    assert ev.score_row(rows) == {"n": 2, "missing": 1, "mean_score": 5.5, "accuracy": pytest.approx(1 / 3)}
+    assert ev.score_row(rows) == {"n": 2, "missing": 1, "mean_score": 5.5, "accuracy": pytest.approx(1 / 3),
+                                  "checked": 3}
     assert ev.score_row([{k: v for k, v in r.items() if k != "answer"} for r in rows])["accuracy"] is None
+
+
+def test_score_table_intervals_and_paired_deltas_by_hand(tmp_path):
+    """The printed table: each accuracy with its Wilson interval, and the paired differences against the base
+    model and the previous model (win − loss over the prompts both answered) with accuracy_vs's interval."""
+    prompt, answer = "What is 7 + 5?", "12"
+    right = {"base": [1, 0, 0, 0, 1, 0], "iter0": [1, 1, 0, 0, 0, 0], "iter1": [1, 1, 1, 1, 0, 1]}
+    scores = {"models": {}, "human": None}
+    for name, marks in right.items():
+        rows = [{"id": str(i), "prompt": prompt, "answer": answer, "generated": answer if ok else "13",
+                 "generated_score": 5.0} for i, ok in enumerate(marks)]
+        write_jsonl(tmp_path / f"{name}_judged.jsonl", rows)
+        scores["models"][name] = {"path": name, **ev.score_row(rows)}
+    extra = ev.score_extras(scores, tmp_path)
+    assert extra["iter1"]["ci"] == pytest.approx(ev.wilson_interval(5, 6))
+    assert extra["iter1"]["vs base"]["diff"] == pytest.approx((4 - 1) / 6)  # wins 1,2,3,5 vs the base; loss 4
+    assert extra["iter1"]["vs previous"]["diff"] == pytest.approx((3 - 0) / 6)  # wins 2, 3, 5 vs iter0, no loss
+    assert extra["iter0"]["vs previous"] == extra["iter0"]["vs base"] and "vs base" not in extra["base"]
+    table = plots.score_table(scores, extra)
+    lo, hi = extra["iter1"]["vs base"]["ci"]
+    assert f"| iter1 | 6 | 5.000 | 0.833 [{extra['iter1']['ci'][0]:.3f}, {extra['iter1']['ci'][1]:.3f}] | " \
+           f"+0.500 [{lo:+.3f}, {hi:+.3f}] |" in table
 
 
 def test_score_run_dir_with_tiny_model(tmp_path, tiny_model_dir, monkeypatch, capsys):
