@@ -176,7 +176,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-CHECKPOINT_KEYS = ("policy", "generator", "optimizer", "scheduler", "rng", "noise_rng", "step", "args")
+CHECKPOINT_KEYS = ("policy", "noise_net", "optimizer", "scheduler", "rng", "noise_rng", "step", "args")
 
 
 def save_checkpoint(path, state):
@@ -212,7 +212,7 @@ def load_checkpoint(path):
     return state
 
 
-def restore(state, path, args, keys, rank, policy, generator, optimizer, scheduler, noise_rng):
+def restore(state, path, args, keys, rank, policy, noise_net, optimizer, scheduler, noise_rng):
     """Load a checkpoint dict into the live objects; refuse one written with other training flags."""
     state = {**state, "args": stages.with_legacy(state["args"], keys)}
     changed = [k for k in keys if state["args"].get(k) != getattr(args, k, None)]
@@ -224,8 +224,8 @@ def restore(state, path, args, keys, rank, policy, generator, optimizer, schedul
         was = ", ".join(f"{k}={state['args'].get(k)}" for k in changed)
         raise SystemExit(f"train.py: {path} was written with {was}; rerun with those flags or delete {path.parent}")
     policy.load_state_dict(state["policy"])
-    if generator is not None:
-        generator.load_state_dict(state["generator"])
+    if noise_net is not None:
+        noise_net.load_state_dict(state["noise_net"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

@@ -1,13 +1,15 @@
-"""train.py's flags: the presets, the defaults every preset shares, and the one-line checks that run
-before anything is written. `parse_args(argv)` returns the resolved namespace train.py runs on.
+"""train.py's flags: each flag's default, range and help on its own `flag(...)` line, the presets, and the
+one-line checks that run before anything is written. `parse_args(argv)` returns the parsed flags; train.py
+never writes into them (how the run was started lives in train.RunState).
 
-A preset is a plain dict of flag defaults; a flag given on the command line overrides it. `TRAINING_KEYS`
-are the flags whose change would make a resumed run differ from an uninterrupted one: a checkpoint
-records them and refuses to resume under others (checkpoint.restore), and stages.py records them for
-the train stage.
+A preset is a plain dict of flag defaults applied with argparse's set_defaults; a flag given on the command
+line overrides it, and `--help` shows the chosen preset's values. `TRAINING_KEYS` are the flags declared
+with `trains=True` (those whose change would make a resumed run differ from an uninterrupted one) plus
+RUN_STATE: a checkpoint records them and refuses to resume under others (checkpoint.restore), and
+stages.py records them for the train stage. Adding a training flag is one `flag(..., trains=True)` line.
 
 Where this departs from, or fills a gap in, the paper:
-1. The paper preset is Table 3; what Table 3 does not give (noise α, generator learning rate, chunk
+1. The paper preset is Table 3; what Table 3 does not give (noise α, noise-network learning rate, chunk
    sizes, clipping, the demo preset) is argued where it is used: noise.py for α, train.py's docstring
    for the rest. The demo preset is ours: a few-minute smoke run on 2 CPU cores.
 """
@@ -19,145 +21,195 @@ import data
 import noise as noises
 from loss import LOSS_TYPES
 
-# A preset is a plain dict of flag defaults; a flag given on the command line overrides it.
+# A preset is a plain dict of flag defaults (argparse set_defaults): it overrides the defaults written on the
+# flags below, and a flag given on the command line overrides both.
 PRESETS = {
     "demo": dict(  # embedded SmolLM2-135M, demo task, rule judge: one iteration in minutes on 2 CPU cores
         run_dir="runs/demo", base_model="smollm2-135m", data="demo", max_prompts=32, max_length=256,
         max_prompt_length=128, max_new_tokens=48, gen_batch_size=16, judge="rule", judge_model=None,
-        beta=0.1, epochs=2, batch_size=8, grad_accum=1, lr=1e-6, optimizer="rmsprop", warmup_ratio=0.1,
-        dtype=None, save_every=4, gradient_checkpointing=False, logp_examples=16),
+        epochs=2, batch_size=8, lr=1e-6, optimizer="rmsprop", save_every=4, gradient_checkpointing=False,
+        logp_examples=16),
     "paper": dict(  # Table 3 on zephyr-7b-sft-full, 20k UltraChat prompts, gpt-4o-mini judge
         run_dir="runs/paper", base_model="alignment-handbook/zephyr-7b-sft-full", data=None,
         max_prompts=20000, max_length=1024, max_prompt_length=512, max_new_tokens=512, gen_batch_size=32,
-        judge="openai", judge_model="gpt-4o-mini", judge_scale=100, beta=0.1, epochs=3, batch_size=4, grad_accum=1,
-        lr=5e-7, optimizer="rmsprop", warmup_ratio=0.1, dtype="bf16", save_every=200,
-        gradient_checkpointing=True, logp_examples=64),
+        judge="openai", judge_model="gpt-4o-mini", epochs=3, batch_size=4, lr=5e-7, optimizer="rmsprop",
+        dtype="bf16", save_every=200, gradient_checkpointing=True, logp_examples=64),
 }
-COMMON = dict(  # defaults shared by both presets
-    seed=0, device=None, history=1, flaw_rate=0.3, trust_remote_code=False, temperature=0.0, top_p=1.0,
-    gen_backend="hf", judge_base_url=None, judge_concurrency=8, judge_api_key_env="OPENAI_API_KEY",
-    judge_max_missing=0.2, judge_scale=10, judge_mode="single", loss_type="sigmoid", noise_alpha=noises.DEFAULT_ALPHA, noise_sigma=noises.DEFAULT_SIGMA,
-    noise_lr=1e-3, noise_init_variance=noises.DEFAULT_INIT_VARIANCE, noise_chunk_size=256, weight_decay=0.0, max_grad_norm=1.0, keep_checkpoint=False,
-    stop_after_steps=0, precompute_ref=True, ref_cache_gb=4.0, group_by_length=True, pack_pairs=True)
-FLOAT_FLAGS = ("beta", "lr", "noise_alpha", "noise_sigma", "noise_lr", "noise_init_variance", "weight_decay", "warmup_ratio", "max_grad_norm",
-               "temperature", "top_p", "judge_max_missing", "flaw_rate", "ref_cache_gb")
-# Flags whose change would make a checkpoint's resumed run differ from an uninterrupted one.
-TRAINING_KEYS = ("beta", "loss_type", "noise", "noise_alpha", "noise_sigma", "noise_lr", "noise_init_variance", "epochs", "batch_size",
-                 "grad_accum", "lr", "optimizer", "weight_decay", "warmup_ratio", "max_grad_norm", "seed",
-                 "max_length", "max_prompt_length", "history", "dsl", "world_size", "start_model", "pairs_sha256",
-                 "precompute_ref", "group_by_length", "pack_pairs", "dtype")
+# How a run was started, recorded beside the training flags (train.RunState): a checkpoint made under another
+# world size, start model or set of pairs is never resumed.
+RUN_STATE = ("world_size", "start_model", "pairs_sha256")
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise SystemExit(f"train.py: {message} (see --help)")
+    def error(self, message):  # one line, no usage block; "argument --x: must be …" reads "--x must be …"
+        if message.startswith("argument ") and ": " in message:
+            name, rest = message[len("argument "):].split(": ", 1)
+            message = f"{name.split('/')[0]} {rest}" if rest.startswith("must") else f"{name}: {rest}"
+        raise SystemExit(f"{self.prog}: {message} (see --help)")
+
+
+def number(kind, low=None, strict=False):
+    """An argparse type: a finite int/float, > low (strict) or ≥ low; the error reads "must be > 0, got -1"."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '≥'} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT, POSITIVE, COUNT, NONNEGATIVE, FINITE = (number(int, 0, True), number(float, 0, True), number(int, 0),
+                                                     number(float, 0), number(float))
+
+
+def build_parser(preset="demo", training=None):
+    """train.py's parser with `preset`'s defaults. A flag added with `trains=True` is one whose change would make
+    a resumed run differ from an uninterrupted one: its name is appended to `training` (TRAINING_KEYS)."""
+    p = Parser(prog="train.py", description="One DNPO iteration: generate, judge, label, train, save. "
+               f"Defaults shown are those of --preset {preset}.")
+    training = [] if training is None else training
+
+    def flag(group, *names, trains=False, **kw):
+        action = group.add_argument(*names, **kw)
+        if trains:
+            training.append(action.dest)
+        return action
+
+    g = p.add_argument_group("run")
+    flag(g, "--iter", type=int, required=True, help="iteration k ≥ 0 (0 = plain SPIN from --base-model)")
+    flag(g, "--preset", choices=sorted(PRESETS), default="demo", help="flag defaults (default %(default)s)")
+    flag(g, "--run-dir", help="run directory holding iter{k}/ (default %(default)s)")
+    flag(g, "--seed", type=COUNT, default=0, trains=True,
+         help="seed of data order, noise and noise-network init (default %(default)s)")
+    flag(g, "--device", help="cpu | cuda | cuda:N (default: cuda if available, else cpu)")
+    flag(g, "--dtype", choices=["bf16", "fp32"], trains=True,
+         help="compute dtype (default %(default)s: None = bf16 on CUDA, fp32 on CPU)")
+    g = p.add_argument_group("data")
+    flag(g, "--data", help="training prompts: 'demo' or a jsonl/parquet file (plain, UltraChat, SPIN; "
+                           "default %(default)s)")
+    flag(g, "--max-prompts", type=COUNT, help="use the first N prompts (0 = all; default %(default)s)")
+    flag(g, "--max-length", type=POSITIVE_INT, trains=True, help="max tokens of prompt + answer (default %(default)s)")
+    flag(g, "--max-prompt-length", type=POSITIVE_INT, trains=True, help="max prompt tokens (default %(default)s)")
+    flag(g, "--flaw-rate", type=FINITE, default=0.3,
+         help="--data demo: fraction of flawed human answers (default %(default)s)")
+    flag(g, "--history", type=POSITIVE_INT, default=1, trains=True,
+         help="train on the pairs of the last h iterations (1 = this one only; default %(default)s)")
+    g = p.add_argument_group("model and generation")
+    flag(g, "--base-model", help="start model of iteration 0: hub id, dir, or smollm2-135m (embedded; "
+                                 "default %(default)s)")
+    flag(g, "--start-model", help="k ≥ 1: start from this dir or hub id, not <run-dir>/iter{k-1}/model (ablate.py)")
+    flag(g, "--trust-remote-code", action="store_true", help="allow hub model code")
+    flag(g, "--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+         help="recompute activations in backward (default %(default)s)")
+    flag(g, "--max-new-tokens", type=POSITIVE_INT, help="generation length in tokens (default %(default)s)")
+    flag(g, "--temperature", type=NONNEGATIVE, default=0.0,
+         help="sampling temperature (0 = greedy; default %(default)s)")
+    flag(g, "--top-p", type=FINITE, default=1.0, help="nucleus sampling mass (1 = off; default %(default)s)")
+    flag(g, "--gen-batch-size", type=POSITIVE_INT, help="prompts per generation batch (default %(default)s)")
+    flag(g, "--gen-backend", choices=["hf", "vllm"], default="hf", help="generation backend (default %(default)s)")
+    g = p.add_argument_group("DSL and judge")
+    flag(g, "--judge", choices=["rule", "openai", "hf"], help="judge (default %(default)s)")
+    flag(g, "--judge-model", help="judge model name (openai: gpt-4o-mini; hf: hub id or dir; default %(default)s)")
+    flag(g, "--judge-base-url", help="OpenAI-compatible server URL (default api.openai.com)")
+    flag(g, "--judge-concurrency", type=POSITIVE_INT, default=8, help="parallel judge requests (default %(default)s)")
+    flag(g, "--judge-api-key-env", default="OPENAI_API_KEY",
+         help="environment variable holding the API key (default %(default)s)")
+    flag(g, "--judge-max-missing", type=FINITE, default=0.2,
+         help="fraction of records allowed without a score (default %(default)s)")
+    flag(g, "--judge-scale", type=int, choices=[10, 100], default=10,
+         help="LLM judges: rate 1..10 (default) or 1..100 (most likely the paper's, judge_base.py)")
+    flag(g, "--judge-mode", choices=["single", "pairwise"], default="single",
+         help="openai judge: single-answer scores (default) or pairwise (both answers, both orders)")
+    flag(g, "--dsl", action=argparse.BooleanOptionalAction, trains=True,
+         help="dynamic sample labeling (default on for k ≥ 1; --no-dsl: human = chosen)")
+    g = p.add_argument_group("DNPO")
+    flag(g, "--beta", type=POSITIVE, default=0.1, trains=True, help="β of the margin (default %(default)s)")
+    flag(g, "--loss-type", choices=LOSS_TYPES, default="sigmoid", trains=True,
+         help="ℓ(m): sigmoid (paper) or hinge (SPIN repo; default %(default)s)")
+    flag(g, "--noise", choices=["trainable", "fixed", "none"], trains=True,
+         help="noise on reference logits of rejected answers (default trainable for k ≥ 1; none = SPIN)")
+    flag(g, "--noise-alpha", type=NONNEGATIVE, default=noises.DEFAULT_ALPHA, trains=True,
+         help="α weight of mean σ² in the loss (0 = no bound; default %(default)s, see noise.py)")
+    flag(g, "--noise-sigma", type=POSITIVE, default=noises.DEFAULT_SIGMA, trains=True,
+         help="σ of --noise fixed, in logits (default %(default).3g)")
+    flag(g, "--noise-lr", type=POSITIVE, default=1e-3, trains=True,
+         help="learning rate of the noise network (default %(default)s)")
+    flag(g, "--noise-init-variance", type=POSITIVE, default=noises.DEFAULT_INIT_VARIANCE, trains=True,
+         help="σ² of the trainable noise at the start of each iteration (Eq. 5 bias init; default %(default)s)")
+    flag(g, "--noise-chunk-size", type=POSITIVE_INT, default=256,
+         help="answer tokens per chunk of lm_head + log-softmax (memory; default %(default)s)")
+    g = p.add_argument_group("optimization")
+    flag(g, "--epochs", type=POSITIVE_INT, trains=True, help="epochs over the pairs (default %(default)s)")
+    flag(g, "--batch-size", type=POSITIVE_INT, trains=True,
+         help="pairs per micro-batch per process (default %(default)s)")
+    flag(g, "--grad-accum", type=POSITIVE_INT, default=1, trains=True,
+         help="micro-batches per optimizer step (1 = off; default %(default)s)")
+    flag(g, "--lr", type=POSITIVE, trains=True, help="peak policy learning rate (default %(default)s)")
+    flag(g, "--optimizer", choices=["rmsprop", "adamw", "sgd"], trains=True,
+         help="optimizer (paper: rmsprop; sgd: plain, no momentum, for the noise study; default %(default)s)")
+    flag(g, "--weight-decay", type=NONNEGATIVE, default=0.0, trains=True, help="weight decay (default %(default)s)")
+    flag(g, "--warmup-ratio", type=NONNEGATIVE, default=0.1, trains=True,
+         help="fraction of steps of linear warmup, then linear decay to 0 (default %(default)s)")
+    flag(g, "--max-grad-norm", type=NONNEGATIVE, default=1.0, trains=True,
+         help="gradient clipping norm (0 = off; default %(default)s)")
+    flag(g, "--precompute-ref", action=argparse.BooleanOptionalAction, default=True, trains=True,
+         help="run the frozen reference once per iteration, not in every step (default %(default)s; step.py)")
+    flag(g, "--ref-cache-gb", type=NONNEGATIVE, default=4.0,
+         help="memory for the reference's rejected-answer hidden states (default %(default)s)")
+    flag(g, "--group-by-length", action=argparse.BooleanOptionalAction, default=True, trains=True,
+         help="micro-batches of pairs of similar length (less padding; default %(default)s)")
+    flag(g, "--pack-pairs", action=argparse.BooleanOptionalAction, default=True, trains=True,
+         help="one row per pair, the prompt shared by both answers (packing.py; with --precompute-ref, "
+              "sdpa or eager attention; default %(default)s)")
+    g = p.add_argument_group("checkpoint and logging")
+    flag(g, "--save-every", type=POSITIVE_INT,
+         help="checkpoint every N optimizer steps and each epoch end (default %(default)s)")
+    flag(g, "--keep-checkpoint", action="store_true",
+         help="keep iter{k}/checkpoint/ after the model is saved (default: delete it)")
+    flag(g, "--logp-examples", type=COUNT,
+         help="pairs whose log-probs go to logps.jsonl (0 = off; default %(default)s)")
+    flag(g, "--stop-after-steps", type=COUNT, default=0,
+         help="debug: stop after N optimizer steps, as if killed (0 = off)")
+    g = p.add_argument_group("scale-out (distributed.py, memplan.py)")
+    flag(g, "--dist", choices=["auto", "ddp", "fsdp"], default="auto",
+         help="under torchrun: DDP or FSDP2 for the policy (auto: FSDP from 1 B parameters; default %(default)s)")
+    flag(g, "--memory-check", action=argparse.BooleanOptionalAction, default=True,
+         help="refuse a run whose memory plan does not fit the GPU (default %(default)s)")
+    p.set_defaults(**PRESETS[preset])
+    return p
+
+
+_training = []
+build_parser(training=_training)
+# Flags whose change would make a checkpoint's resumed run differ from an uninterrupted one (the `trains=True`
+# flags), and how the run was started: a checkpoint records them and refuses to resume under others
+# (checkpoint.restore); stages.py records them for the train stage.
+TRAINING_KEYS = tuple(_training) + RUN_STATE
 
 
 def parse_args(argv=None):
-    p = Parser(description="One DNPO iteration: generate, judge, label, train, save.")
-    g = p.add_argument_group("run")
-    g.add_argument("--iter", type=int, required=True, help="iteration k ≥ 0 (0 = plain SPIN from --base-model)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="flag defaults (default demo)")
-    g.add_argument("--run-dir", help="run directory holding iter{k}/ (demo: runs/demo, paper: runs/paper)")
-    g.add_argument("--seed", type=int, help="seed of data order, noise and generator init (default 0)")
-    g.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="training prompts: 'demo' or a jsonl/parquet file (plain, UltraChat, SPIN)")
-    g.add_argument("--max-prompts", type=int, help="use the first N prompts (0 = all; demo 32, paper 20000)")
-    g.add_argument("--max-length", type=int, help="max tokens of prompt + answer (demo 256, paper 1024)")
-    g.add_argument("--max-prompt-length", type=int, help="max prompt tokens (demo 128, paper 512)")
-    g.add_argument("--flaw-rate", type=float, help="--data demo: fraction of flawed human answers (default 0.3)")
-    g.add_argument("--history", type=int, help="train on the pairs of the last h iterations (1 = this one only)")
-    g = p.add_argument_group("model and generation")
-    g.add_argument("--base-model", help="start model of iteration 0: hub id, dir, or smollm2-135m (embedded)")
-    g.add_argument("--start-model", help="k ≥ 1: start from this dir or hub id, not <run-dir>/iter{k-1}/model (ablate.py)")
-    g.add_argument("--trust-remote-code", action="store_true", default=None, help="allow hub model code")
-    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute activations in backward (paper preset: on)")
-    g.add_argument("--max-new-tokens", type=int, help="generation length in tokens (demo 48, paper 512)")
-    g.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy, the default)")
-    g.add_argument("--top-p", type=float, help="nucleus sampling mass (1 = off)")
-    g.add_argument("--gen-batch-size", type=int, help="prompts per generation batch")
-    g.add_argument("--gen-backend", choices=["hf", "vllm"], help="generation backend (default hf)")
-    g = p.add_argument_group("DSL and judge")
-    g.add_argument("--judge", choices=["rule", "openai", "hf"], help="judge (demo: rule, paper: openai)")
-    g.add_argument("--judge-model", help="judge model name (openai: gpt-4o-mini; hf: hub id or dir)")
-    g.add_argument("--judge-base-url", help="OpenAI-compatible server URL (default api.openai.com)")
-    g.add_argument("--judge-concurrency", type=int, help="parallel judge requests (default 8)")
-    g.add_argument("--judge-api-key-env", help="environment variable holding the API key (default OPENAI_API_KEY)")
-    g.add_argument("--judge-max-missing", type=float, help="fraction of records allowed without a score (default 0.2)")
-    g.add_argument("--judge-scale", type=int, choices=[10, 100],
-                   help="LLM judges: rate 1..10 (default) or 1..100 (most likely the paper's, judge_base.py)")
-    g.add_argument("--judge-mode", choices=["single", "pairwise"],
-                   help="openai judge: single-answer scores (default) or pairwise (both answers, both orders)")
-    g.add_argument("--dsl", action=argparse.BooleanOptionalAction,
-                   help="dynamic sample labeling (default on for k ≥ 1; --no-dsl: human = chosen)")
-    g = p.add_argument_group("DNPO")
-    g.add_argument("--beta", type=float, help="β of the margin (default 0.1)")
-    g.add_argument("--loss-type", choices=LOSS_TYPES, help="ℓ(m): sigmoid (paper) or hinge (SPIN repo)")
-    g.add_argument("--noise", choices=["trainable", "fixed", "none"],
-                   help="noise on reference logits of rejected answers (default trainable for k ≥ 1; none = SPIN)")
-    g.add_argument("--noise-alpha", type=float, help="α weight of mean σ² in the loss (0 = no bound; default 1.0, see noise.py)")
-    g.add_argument("--noise-sigma", type=float, help="σ of --noise fixed, in logits (default 0.1)")
-    g.add_argument("--noise-lr", type=float, help="learning rate of the noise generator (default 1e-3)")
-    g.add_argument("--noise-init-variance", type=float,
-                   help="σ² of the trainable noise at the start of each iteration (Eq. 5 bias init; default 0.01)")
-    g.add_argument("--noise-chunk-size", type=int, help="answer tokens per chunk of lm_head + log-softmax (memory)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, help="epochs over the pairs (demo 2, paper 3)")
-    g.add_argument("--batch-size", type=int, help="pairs per micro-batch per process (demo 8, paper 4)")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (1 = off)")
-    g.add_argument("--lr", type=float, help="peak policy learning rate (demo 1e-6, paper 5e-7)")
-    g.add_argument("--optimizer", choices=["rmsprop", "adamw", "sgd"],
-                   help="optimizer (paper: rmsprop; sgd: plain, no momentum, for the noise study)")
-    g.add_argument("--weight-decay", type=float, help="weight decay (0 = off)")
-    g.add_argument("--warmup-ratio", type=float, help="fraction of steps of linear warmup, then linear decay to 0")
-    g.add_argument("--max-grad-norm", type=float, help="gradient clipping norm (0 = off; default 1.0)")
-    g.add_argument("--precompute-ref", action=argparse.BooleanOptionalAction,
-                   help="run the frozen reference once per iteration, not in every step (default on; step.py)")
-    g.add_argument("--ref-cache-gb", type=float, help="memory for the reference's rejected-answer hidden states (default 4)")
-    g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
-                   help="micro-batches of pairs of similar length (less padding; default on)")
-    g.add_argument("--pack-pairs", action=argparse.BooleanOptionalAction,
-                   help="one row per pair, the prompt shared by both answers (packing.py; with --precompute-ref, "
-                        "sdpa or eager attention; default on)")
-    g = p.add_argument_group("checkpoint and logging")
-    g.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (and each epoch end)")
-    g.add_argument("--keep-checkpoint", action="store_true", default=None,
-                   help="keep iter{k}/checkpoint/ after the model is saved (default: delete it)")
-    g.add_argument("--logp-examples", type=int, help="pairs whose log-probs go to logps.jsonl (0 = off; demo 16, paper 64)")
-    g.add_argument("--stop-after-steps", type=int, help="debug: stop after N optimizer steps, as if killed (0 = off)")
-    g = p.add_argument_group("scale-out (distributed.py, memplan.py)")
-    g.add_argument("--dist", choices=["auto", "ddp", "fsdp"], default="auto",
-                   help="under torchrun: DDP or FSDP2 for the policy (auto: FSDP from 1 B parameters)")
-    g.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True,
-                   help="refuse a run whose memory plan does not fit the GPU (default on)")
-    args = p.parse_args(argv)
-    for key, value in {**COMMON, **PRESETS[args.preset]}.items():  # explicit flags win
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return check_args(args)
+    """The resolved flags: --preset's dict as argparse defaults, the command line over it, then check_args."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="demo")
+    preset = pre.parse_known_args(argv)[0].preset
+    return check_args(build_parser(preset if preset in PRESETS else "demo").parse_args(argv))
 
 
 def check_args(args):
-    """One-line errors for values no run can use; resolves the iteration-dependent DSL/noise defaults."""
+    """One-line errors for combinations no run can use (each flag's own range is checked by its type);
+    resolves the iteration-dependent DSL/noise defaults."""
     def need(ok, message):
         if not ok:
             raise SystemExit(f"train.py: {message}")
-    need(args.iter >= 0, f"--iter must be ≥ 0, got {args.iter}")
-    for name in FLOAT_FLAGS:  # inf and nan pass every comparison below or fail it silently
-        need(math.isfinite(getattr(args, name)), f"--{name.replace('_', '-')} must be a finite number, got "
-                                                 f"{getattr(args, name)}")
+    need(args.iter >= 0, f"--iter must be ≥ 0, got {args.iter}")  # each flag's own range: its type (number)
     need(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
     need(0 <= args.judge_max_missing <= 1, f"--judge-max-missing must be in [0, 1], got {args.judge_max_missing}")
-    for name in ("beta", "lr", "epochs", "batch_size", "grad_accum", "max_length", "max_prompt_length",
-                 "max_new_tokens", "history", "save_every", "noise_lr", "noise_init_variance", "noise_chunk_size",
-                 "gen_batch_size"):
-        need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("noise_alpha", "weight_decay", "max_grad_norm", "warmup_ratio", "logp_examples",
-                 "stop_after_steps", "max_prompts", "temperature"):
-        need(getattr(args, name) is None or getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be ≥ 0")
     need(0 <= args.flaw_rate <= 1, f"--flaw-rate must be in [0, 1], got {args.flaw_rate}")
     need(args.warmup_ratio < 1, f"--warmup-ratio must be < 1, got {args.warmup_ratio}")
     need(args.max_prompt_length < args.max_length,

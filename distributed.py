@@ -12,12 +12,12 @@ torch.distributed.checkpoint (DCP), and the final model gathered into one save_p
                   whole, and afterwards the per-step work is its lm_head (V × d) or, when the hidden-state
                   cache is over --ref-cache-gb, one pass over the B rejected rows; memplan.py shows 7B
                   fits 80 GB so (13.5 GiB of 37.6 GiB per rank), sharding it would save 11.8 GiB.
-    generator     the noise generator (V × d, 131 M parameters at 7B: 1.5 GiB with gradients and
+    noise_net     the noise network (V × d, 131 M parameters at 7B: 1.5 GiB with gradients and
                   RMSprop state) stays replicated, its gradients all-reduced by train.py; sharding it
                   would save ~1.3 GiB per rank but put FSDP hooks inside noise.py's checkpointed chunks.
 
 Checkpoint: iter{k}/checkpoint/sharded/ holds DCP's files (each rank writes its shards of the policy
-and of the optimizer state; the replicated generator once) and meta.json (step, scheduler, RNG states
+and of the optimizer state; the replicated noise network once) and meta.json (step, scheduler, RNG states
 of rank 0, the noise RNG of every rank, optimizer param_groups, flags), written into sharded.tmp/ and
 renamed into place by rank 0 once complete; a crash between the two renames leaves sharded.old/,
 which is read instead.
@@ -174,13 +174,13 @@ def check_format(state_path, mode):
         raise SystemExit(f"train.py: {other} was written with {was}; rerun with it or delete {other}")
 
 
-def _holder(module, generator):
-    """One module holding the policy root and the generator: DCP's state-dict helpers map the
+def _holder(module, noise_net):
+    """One module holding the policy root and the noise network: DCP's state-dict helpers map the
     optimizer's two parameter groups to names through it."""
     holder = nn.Module()
     holder.policy = module
-    if generator is not None:
-        holder.generator = generator
+    if noise_net is not None:
+        holder.noise_net = noise_net
     return holder
 
 
@@ -213,14 +213,14 @@ def _decode(x):
     return {k: _decode(v) for k, v in x.items()}
 
 
-def save_sharded(state_path, module, generator, optimizer, meta):
+def save_sharded(state_path, module, noise_net, optimizer, meta):
     """Every rank writes its shards into sharded.tmp/, rank 0 adds meta.json and renames it into place."""
     final = sharded_dir(state_path)
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(_holder(module, generator), optimizer)
+    model_sd, optim_sd = get_state_dict(_holder(module, noise_net), optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd["state"]}, checkpoint_id=tmp)  # tensors only
     if dist.get_rank() == 0:  # dcp.save returns on rank 0 after every rank's files and .metadata are written
         (tmp / "meta.json").write_text(json.dumps(_encode({**meta, "param_groups": optim_sd["param_groups"]})))
@@ -241,13 +241,13 @@ def load_meta(state_path):
     return None
 
 
-def restore_sharded(meta, args, keys, rank, module, generator, optimizer, scheduler, noise_rng):
+def restore_sharded(meta, args, keys, rank, module, noise_net, optimizer, scheduler, noise_rng):
     """Load a sharded checkpoint into the live objects (as checkpoint.restore); refuse other training flags."""
     changed = [k for k in keys if meta["args"].get(k) != getattr(args, k, None)]
     if changed:
         was = ", ".join(f"{k}={meta['args'].get(k)}" for k in changed)
         raise SystemExit(f"train.py: {meta['dir']} was written with {was}; rerun with those flags or delete it")
-    holder = _holder(module, generator)
+    holder = _holder(module, noise_net)
     model_sd, optim_sd = get_state_dict(holder, optimizer)  # the live shapes and shardings to read into
     state = {"model": model_sd, "optimizer": optim_sd["state"]}
     try:

@@ -15,7 +15,7 @@ Departures from, and gaps filled in, the paper:
    the wrong way by forgetting a detach (the ε₁ log-probs, the reference log-probs and, in the noise
    term, the policy log-probs are detached here).
 2. The hinge variant is the SPIN repository's `relu(1 − m)`; the paper uses only the sigmoid loss.
-3. Rewards, margins and reward accuracy are logging quantities and are detached. `margins` is the clean
+3. Rewards, margins and reward accuracy are logging quantities and are detached. `margin` is the clean
    margin when `ref_rejected_logps` is passed, else the ε₁ noisy margin (identical for `--noise none`).
 4. Without a noise term (`--noise none|fixed`) `noise_loss` and `variance_penalty` are zero tensors and
    `loss` is the model term itself (nothing added), so `--noise none` reproduces SPIN bit for bit.
@@ -135,8 +135,9 @@ def dnpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     noisy_ref_rejected_logps_noise: log π̃_ref(y⁻) under ε₂ with grad to the generator, None = no noise term;
     variance_mean: mean σ² with grad to the generator, None = no α term;
     ref_rejected_logps: the clean reference, only for logging the clean margins.
-    Returns dict(loss, model_loss, noise_loss, variance_penalty, margins, noisy_margins,
-    chosen_rewards, rejected_rewards, reward_accuracy); loss = model_loss + noise_loss + variance_penalty.
+    Returns dict(loss, model_loss, noise_loss, variance_penalty, margin (B,), noisy_margin (B,),
+    chosen_rewards, rejected_rewards, reward_acc); loss = model_loss + noise_loss + variance_penalty. The keys
+    are the metrics.jsonl column names (train.py logs each one's batch mean under the same name).
     """
     _check_shapes(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                   ref_chosen_logps=ref_chosen_logps, noisy_ref_rejected_logps_model=noisy_ref_rejected_logps_model,
@@ -176,9 +177,9 @@ def dnpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     margins = chosen_rewards - rejected_rewards
     return dict(
         loss=loss, model_loss=model_loss, noise_loss=noise_loss, variance_penalty=variance_penalty,
-        margins=margins, noisy_margins=noisy_margins,
+        margin=margins, noisy_margin=noisy_margins,
         chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
-        reward_accuracy=(chosen_rewards > rejected_rewards).float().mean(),
+        reward_acc=(chosen_rewards > rejected_rewards).float().mean(),
     )
 
 

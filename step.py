@@ -29,6 +29,8 @@ Where this departs from, or fills a gap in, the paper:
    setting, and this code's before) differs from the fp32-master policy under autocast by ~0.5 nats
    per sequence on SmolLM2-135M, a margin of ~0.05 at β = 0.1 before any training.
 """
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -38,6 +40,25 @@ import packing
 from loss import MARGIN_DIAGNOSTICS, answer_states, chunked_answer_logps, dnpo_loss, margin_diagnostics, sequence_logps
 
 DIAGNOSTICS = MARGIN_DIAGNOSTICS + noises.TOKEN_DIAGNOSTICS  # per step in metrics.jsonl (loss.py 6, noise.py 9)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the step's loss depends on, named (not the whole flag namespace): β and ℓ of Eq. 1–3, the noise
+    kind ("trainable" Eq. 5–6, "fixed" App. H, "none" = SPIN), α of Eq. 9, σ of fixed noise, and the answer
+    tokens per chunk of lm_head + log-softmax (memory only)."""
+    beta: float
+    alpha: float
+    noise: str = "trainable"
+    loss_type: str = "sigmoid"
+    noise_sigma: float = noises.DEFAULT_SIGMA
+    chunk_size: int = 256
+
+    @classmethod
+    def of(cls, args):
+        """From train.py's flags."""
+        return cls(beta=args.beta, alpha=args.noise_alpha, noise=args.noise, loss_type=args.loss_type,
+                   noise_sigma=args.noise_sigma, chunk_size=args.noise_chunk_size)
 
 
 def _decoder_hidden(model, input_ids, attention_mask, position_ids=None):
@@ -165,7 +186,7 @@ def release(model):
     return freed
 
 
-def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rng, autocast, diagnostics=True):
+def cached_batch_loss(policy_logps, cache, idx, batch, noise_net, objective, noise_rng, autocast, diagnostics=True):
     """Eq. 1–9 on one micro-batch (pairs `idx`): the policy forward only; the reference from the cache.
     diagnostics: add DIAGNOSTICS to the returned dict (off only to time their cost, bench.py)."""
     B = len(idx)
@@ -176,30 +197,30 @@ def cached_batch_loss(policy_logps, cache, idx, batch, generator, args, noise_rn
     ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
     sigma2, noisy_ref_rejected_eps1, noisy_ref_rejected_eps2, variance_mean = 0.0, None, None, None
     stats = dict.fromkeys(noises.TOKEN_DIAGNOSTICS, 0.0)  # the ε₁ draw's, filled by noise.py (0 without noise)
-    if args.noise != "none":
+    if objective.noise != "none":
         hidden, targets, seq_ids = cache.rejected_tokens(idx, batch)
         weight, bias = cache.head  # z = lm_head(h) with the reference's (the start model's) lm_head
-        common = dict(head_bias=bias, chunk_size=args.noise_chunk_size, rng=noise_rng,
+        common = dict(head_bias=bias, chunk_size=objective.chunk_size, rng=noise_rng,
                       stats=stats if diagnostics else None)
-        if args.noise == "trainable":  # Eq. 6 under ε₁ (no graph) and ε₂ (graph to the generator), one z and σ²
+        if objective.noise == "trainable":  # Eq. 6 under ε₁ (no graph) and ε₂ (graph to the noise network), one z and σ²
             noisy_ref_rejected_eps1, noisy_ref_rejected_eps2, variance_mean = noises.noisy_answer_logps_pair(
-                hidden, targets, seq_ids, B, weight, generator, **common)
+                hidden, targets, seq_ids, B, weight, noise_net, **common)
         else:  # fixed noise: ε₁ only, no noise term
-            noisy_ref_rejected_eps1 = noises.noisy_answer_logps(hidden, targets, seq_ids, B, weight, generator,
+            noisy_ref_rejected_eps1 = noises.noisy_answer_logps(hidden, targets, seq_ids, B, weight, noise_net,
                                                                 generator_grad=False, **common)
-        sigma2 = variance_mean.item() if variance_mean is not None else args.noise_sigma ** 2
+        sigma2 = variance_mean.item() if variance_mean is not None else objective.noise_sigma ** 2
     out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen,
                     noisy_ref_rejected_eps1 if noisy_ref_rejected_eps1 is not None else ref_rejected,
-                    noisy_ref_rejected_eps2, variance_mean, args.beta, args.noise_alpha, args.loss_type,
+                    noisy_ref_rejected_eps2, variance_mean, objective.beta, objective.alpha, objective.loss_type,
                     ref_rejected_logps=ref_rejected)  # Eq. 9 (noise none: exactly SPIN)
     if diagnostics:
-        out.update(margin_diagnostics(out["margins"], out["noisy_margins"], args.loss_type), **stats)
+        out.update(margin_diagnostics(out["margin"], out["noisy_margin"], objective.loss_type), **stats)
     out["sigma2"] = sigma2
     out["tokens"] = int(batch["tokens"]) if "tokens" in batch else int(batch["attention_mask"].sum())
     return out
 
 
-def batch_loss(policy, reference, generator, batch, args, noise_rng, autocast):
+def batch_loss(policy, reference, noise_net, batch, objective, noise_rng, autocast):
     """The old path (`--no-precompute-ref`), what cached_batch_loss is tested against: Eq. 1–9 on one
     micro-batch with the reference inside the step: one policy forward over 2B rows (full (2B, T, V)
     logits), one reference forward, the noise twice."""
@@ -210,28 +231,28 @@ def batch_loss(policy, reference, generator, batch, args, noise_rng, autocast):
     policy_logps = sequence_logps(policy_logits, labels)  # (2B,)
     with torch.no_grad(), autocast:
         ref_out = reference(input_ids=input_ids, attention_mask=attention_mask,
-                            output_hidden_states=args.noise != "none")
+                            output_hidden_states=objective.noise != "none")
     ref_logps = sequence_logps(ref_out.logits, labels)  # (2B,)
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = policy_logps[:B], policy_logps[B:], ref_logps[:B], ref_logps[B:]
     sigma2, stats = 0.0, dict.fromkeys(noises.TOKEN_DIAGNOSTICS, 0.0)
-    if args.noise == "none":  # exactly SPIN: the clean reference, no noise term
-        out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, None, None, args.beta,
-                        args.noise_alpha, args.loss_type, ref_rejected_logps=ref_rejected)
+    if objective.noise == "none":  # exactly SPIN: the clean reference, no noise term
+        out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, None, None, objective.beta,
+                        objective.alpha, objective.loss_type, ref_rejected_logps=ref_rejected)
     else:
         noise_inputs = (ref_out.logits[B:], ref_out.hidden_states[-1][B:], labels[B:])  # (B,T,V), (B,T,d), (B,T)
-        noisy_ref_rejected_eps1 = noises.noisy_sequence_logps(*noise_inputs, generator, generator_grad=False,  # Eq. 6, ε₁
-                                                  chunk_size=args.noise_chunk_size, rng=noise_rng, stats=stats)
+        noisy_ref_rejected_eps1 = noises.noisy_sequence_logps(*noise_inputs, noise_net, generator_grad=False,  # Eq. 6, ε₁
+                                                  chunk_size=objective.chunk_size, rng=noise_rng, stats=stats)
         noisy_ref_rejected_eps2, variance_mean = None, None
-        if args.noise == "trainable":
-            noisy_ref_rejected_eps2, variance_mean = noises.noisy_sequence_logps(  # Eq. 6, ε₂, grad to the generator
-                *noise_inputs, generator, generator_grad=True, chunk_size=args.noise_chunk_size, rng=noise_rng,
+        if objective.noise == "trainable":
+            noisy_ref_rejected_eps2, variance_mean = noises.noisy_sequence_logps(  # Eq. 6, ε₂, grad to the noise network
+                *noise_inputs, noise_net, generator_grad=True, chunk_size=objective.chunk_size, rng=noise_rng,
                 return_variance=True)
             sigma2 = variance_mean.item()
         else:
-            sigma2 = args.noise_sigma ** 2
+            sigma2 = objective.noise_sigma ** 2
         out = dnpo_loss(policy_chosen, policy_rejected, ref_chosen, noisy_ref_rejected_eps1, noisy_ref_rejected_eps2,
-                        variance_mean, args.beta, args.noise_alpha, args.loss_type, ref_rejected_logps=ref_rejected)  # Eq. 9
-    out.update(margin_diagnostics(out["margins"], out["noisy_margins"], args.loss_type), **stats)
+                        variance_mean, objective.beta, objective.alpha, objective.loss_type, ref_rejected_logps=ref_rejected)  # Eq. 9
+    out.update(margin_diagnostics(out["margin"], out["noisy_margin"], objective.loss_type), **stats)
     out["sigma2"] = sigma2
     out["tokens"] = int(attention_mask.sum())
     return out

@@ -102,8 +102,8 @@ def test_noise_none_is_exactly_spin(loss_type):
     assert torch.equal(out["loss"], losses.mean()) and torch.equal(out["model_loss"], losses.mean())
     assert out["noise_loss"].item() == 0.0 and out["variance_penalty"].item() == 0.0
     assert torch.equal(out["chosen_rewards"], cr) and torch.equal(out["rejected_rewards"], rj)
-    torch.testing.assert_close(out["margins"], BETA * ((pc - pr) - (rc - rr)).detach())
-    assert out["reward_accuracy"].item() == pytest.approx((cr > rj).float().mean().item())
+    torch.testing.assert_close(out["margin"], BETA * ((pc - pr) - (rc - rr)).detach())
+    assert out["reward_acc"].item() == pytest.approx((cr > rj).float().mean().item())
 
 
 def test_dnpo_terms_sum_and_margins():
@@ -118,8 +118,8 @@ def test_dnpo_terms_sum_and_margins():
     torch.testing.assert_close(out["noise_loss"], noise)
     torch.testing.assert_close(out["variance_penalty"], torch.tensor(0.1))
     torch.testing.assert_close(out["loss"], model + noise + 0.1)
-    torch.testing.assert_close(out["margins"], BETA * ((pc - rc) - (pr - rr)))
-    torch.testing.assert_close(out["noisy_margins"], BETA * ((pc - rc) - (pr - noisy1)))
+    torch.testing.assert_close(out["margin"], BETA * ((pc - rc) - (pr - rr)))
+    torch.testing.assert_close(out["noisy_margin"], BETA * ((pc - rc) - (pr - noisy1)))
     with pytest.raises(ValueError, match="one shape"):
         dnpo_loss(pc, pr[:2], rc, noisy1, None, None, BETA, 0.5)
 
@@ -191,4 +191,4 @@ def test_noise_step_lowers_the_noisy_margin():
     after = dnpo_from(setup, seed=3)  # same rng seed: ε₁ and ε₂ are the same samples as before
     assert after["noise_loss"].item() < out["noise_loss"].item()
     assert after["eps2_margins"].mean() < out["eps2_margins"].mean()
-    torch.testing.assert_close(after["margins"], out["margins"])  # the clean margin does not move
+    torch.testing.assert_close(after["margin"], out["margin"])  # the clean margin does not move

@@ -38,7 +38,9 @@ Where this departs from, or fills a gap in, the paper:
    checkpoints), the generator replicated with its gradients all-reduced by hand, generation sharded
    across ranks, judging and all file writing on rank 0. memplan.py prints the bytes per rank first.
 """
+import argparse
 import copy
+import dataclasses
 import math
 import pathlib
 import time
@@ -61,6 +63,21 @@ import stages
 import step as steps
 from loss import sequence_logps
 from config import TRAINING_KEYS, parse_args
+
+
+@dataclasses.dataclass
+class RunState:
+    """How this run was started, kept apart from the parsed flags (config.RUN_STATE, recorded with the
+    training flags): the number of processes, the resolved start model, the sha256 of the pairs trained on
+    (known after labelling), and the data-parallel mode memplan chose."""
+    world_size: int
+    start_model: str
+    pairs_sha256: str | None = None
+    dist: str = "auto"
+
+    def over(self, args):
+        """The flags with this state over them: what checkpoints, stage records and summaries record."""
+        return argparse.Namespace(**{**vars(args), **dataclasses.asdict(self)})
 
 # ----------------------------------------------------------------------------- helpers
 def generate_stage(args, model, tokenizer, it_dir, rank, flags, inputs):
@@ -149,7 +166,8 @@ def record_logps(path, stage, policy, examples, pairs, args, pad_id, device, mai
 
 # ----------------------------------------------------------------------------- the training loop
 def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world):
-    """Stage 4: the hand-written loop. Returns the metrics rows of this iteration."""
+    """Stage 4: the hand-written loop on `args` = the flags with the RunState over them (RunState.over).
+    Returns the metrics rows of this iteration."""
     main_proc, pad_id = rank == 0, tokenizer.pad_token_id
     metrics_path, logps_path, state_path = it_dir / "metrics.jsonl", it_dir / "logps.jsonl", it_dir / "checkpoint" / "state.pt"
     examples = [data.tokenize_pair(tokenizer, p, args.max_length, args.max_prompt_length)
@@ -159,12 +177,12 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     compute_dtype = models.pick_dtype(device, args.dtype)  # bf16 autocast on CUDA; fp32 on CPU unless --dtype bf16
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
 
-    # noise generator: freshly initialised every iteration (departure 2)
+    # the noise network (Eq. 5): freshly initialised every iteration (departure 2)
     torch.manual_seed(args.seed * 1000 + args.iter)
-    generator = noises.make_noise(args.noise, policy.config.hidden_size, policy.config.vocab_size,
+    noise_net = noises.make_noise(args.noise, policy.config.hidden_size, policy.config.vocab_size,
                                   alpha=args.noise_alpha, sigma=args.noise_sigma,
                                   init_variance=args.noise_init_variance)
-    generator = generator.to(device) if generator is not None else None
+    noise_net = noise_net.to(device) if noise_net is not None else None
     noise_rng = torch.Generator(device=device).manual_seed(args.seed * 1000 + args.iter * 10 + rank)  # ε₁, ε₂
     fsdp, module = args.dist == "fsdp", distributed.prepare(policy, args, device)  # fsdp: sharded, before the optimizer
     logps_of = module if fsdp else policy  # the model logps.jsonl reads (FSDP: its root)
@@ -180,11 +198,11 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
             if main_proc:
                 print(f"[4/5] train: reference cached; the reference model freed ({freed / 2 ** 20:.0f} MiB)")
 
-    # one optimizer, two parameter groups (policy, generator), one linear warmup + decay schedule
+    # one optimizer, two parameter groups (policy, noise network), one linear warmup + decay schedule
     groups = [dict(params=[p for p in policy.parameters() if p.requires_grad], lr=args.lr)]
-    generator_params = list(generator.parameters()) if generator is not None else []
-    if generator_params:
-        groups.append(dict(params=generator_params, lr=args.noise_lr))
+    noise_params = list(noise_net.parameters()) if noise_net is not None else []
+    if noise_params:
+        groups.append(dict(params=noise_params, lr=args.noise_lr))
     if args.optimizer == "rmsprop":
         optimizer = torch.optim.RMSprop(groups, lr=args.lr, weight_decay=args.weight_decay)
     elif args.optimizer == "adamw":
@@ -199,10 +217,10 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     step, state = 0, distributed.load_meta(state_path) if fsdp else ckpt.load_checkpoint(state_path)
     if state is not None:
         if fsdp:
-            step = distributed.restore_sharded(state, args, TRAINING_KEYS, rank, module, generator, optimizer,
+            step = distributed.restore_sharded(state, args, TRAINING_KEYS, rank, module, noise_net, optimizer,
                                                scheduler, noise_rng)
         else:
-            step = ckpt.restore(state, state_path, args, TRAINING_KEYS, rank, policy, generator, optimizer, scheduler,
+            step = ckpt.restore(state, state_path, args, TRAINING_KEYS, rank, policy, noise_net, optimizer, scheduler,
                                 noise_rng)
         if main_proc:
             print(f"[4/5] train: resuming {state['dir'] if fsdp else state_path} at step {step}/{total_steps}")
@@ -221,17 +239,18 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     def save(step):
         noise_rng_states = distributed.gather(noise_rng.get_state(), world)  # collective: every rank
         if fsdp:  # collective: every rank writes its shards
-            return distributed.save_sharded(state_path, module, generator, optimizer, dict(
+            return distributed.save_sharded(state_path, module, noise_net, optimizer, dict(
                 scheduler=scheduler.state_dict(), rng=ckpt.rng_state(), noise_rng=noise_rng_states, step=step,
                 epoch=step // spe, args=vars(args)))
         if main_proc:
             ckpt.save_checkpoint(state_path, dict(
-                policy=policy.state_dict(), generator=generator.state_dict() if generator is not None else None,
+                policy=policy.state_dict(), noise_net=noise_net.state_dict() if noise_net is not None else None,
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=ckpt.rng_state(),
                 noise_rng=noise_rng_states, step=step, epoch=step // spe, data_order=order, args=vars(args)))
 
-    keys = ("loss", "model_loss", "noise_loss", "variance_penalty", "margins", "noisy_margins", "reward_accuracy",
-            "sigma2", *steps.DIAGNOSTICS)
+    objective = steps.Objective.of(args)  # β, α, ℓ and the noise kind: what the loss depends on
+    keys = ("loss", "model_loss", "noise_loss", "variance_penalty", "margin", "noisy_margin", "reward_acc",
+            "sigma2", *steps.DIAGNOSTICS)  # loss.py's names, logged as they are
     t_start, done, epoch, order, micro_batches = time.time(), 0, None, None, None
     bar = tqdm(total=total_steps, initial=step, desc=f"iter {args.iter} train", disable=not main_proc)
     while step < total_steps:
@@ -250,23 +269,24 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
             sync = j == len(step_micro) - 1 or world == 1
             with distributed.grad_sync(ddp_policy, sync):
                 if cache is not None:
-                    out = steps.cached_batch_loss(ddp_policy, cache, idx, batch, generator, args, noise_rng, autocast)
+                    out = steps.cached_batch_loss(ddp_policy, cache, idx, batch, noise_net, objective, noise_rng,
+                                                   autocast)
                 else:
-                    out = steps.batch_loss(ddp_policy, reference, generator, batch, args, noise_rng, autocast)
-                (out["loss"] / len(step_micro)).backward()  # one backward: policy and generator
+                    out = steps.batch_loss(ddp_policy, reference, noise_net, batch, objective, noise_rng, autocast)
+                (out["loss"] / len(step_micro)).backward()  # one backward: policy and noise network
             sums += torch.tensor([float(out[k].detach().mean()) if torch.is_tensor(out[k]) else out[k] for k in keys],
                                  dtype=torch.float64)
             tokens += out["tokens"]
-        if world > 1:  # the generator is not DDP-wrapped: average its gradients by hand
-            for p in generator_params:
+        if world > 1:  # the noise network is not DDP-wrapped: average its gradients by hand
+            for p in noise_params:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
             sums = sums.to(device)
             dist.all_reduce(sums, op=dist.ReduceOp.AVG)
         m = dict(zip(keys, (sums.cpu() / len(step_micro)).tolist()))
         if args.max_grad_norm > 0:
             grad_norm = distributed.clip_grad_norm(policy.parameters(), args.max_grad_norm)  # FSDP: over all shards
-            if generator_params:
-                torch.nn.utils.clip_grad_norm_(generator_params, args.max_grad_norm)
+            if noise_params:
+                torch.nn.utils.clip_grad_norm_(noise_params, args.max_grad_norm)
         else:
             grad_norm = torch.zeros(())
         if not (math.isfinite(m["loss"]) and torch.isfinite(grad_norm)):
@@ -280,12 +300,8 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         optimizer.zero_grad(set_to_none=True)
         step, done = step + 1, done + 1
         dt = time.time() - t0
-        row = dict(iter=args.iter, step=step, epoch=epoch, loss=m["loss"], model_loss=m["model_loss"],
-                   noise_loss=m["noise_loss"], variance_penalty=m["variance_penalty"], margin=m["margins"],
-                   noisy_margin=m["noisy_margins"], reward_acc=m["reward_accuracy"], sigma2=m["sigma2"],
-                   **{k: m[k] for k in steps.DIAGNOSTICS}, grad_norm=float(grad_norm), lr=lr,
-                   tokens_per_s=tokens * world / dt,
-                   time_s=time.time() - t_start)
+        row = dict(iter=args.iter, step=step, epoch=epoch, **m, grad_norm=float(grad_norm), lr=lr,
+                   tokens_per_s=tokens * world / dt, time_s=time.time() - t_start)
         if main_proc:
             with data.open_append(metrics_path) as fh:
                 data.append_jsonl(fh, row)
@@ -307,48 +323,48 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    args = parse_args(argv)  # every flag is checked before anything is written
+    args = parse_args(argv)  # every flag is checked before anything is written; never written into
     t_start = time.time()
     rank, world, device = distributed.setup_distributed(args.device)
-    args.world_size = world
     run_dir = pathlib.Path(args.run_dir)
     it_dir = run_dir / f"iter{args.iter}"
-    args.start_model = ckpt.given_start_model(args.start_model, args.iter) or ckpt.start_model_of(
-        args.run_dir, args.iter, args.base_model, "" if args.preset == "demo" else f" --preset {args.preset}")
+    run = RunState(world_size=world, start_model=ckpt.given_start_model(args.start_model, args.iter) or ckpt.start_model_of(
+        args.run_dir, args.iter, args.base_model, "" if args.preset == "demo" else f" --preset {args.preset}"),
+        dist=args.dist)
     say = print if rank == 0 else (lambda *a, **k: None)
-    flags, inputs = stages.stage_flags(args, TRAINING_KEYS, run_dir, models.EMBEDDED)
+    flags, inputs = stages.stage_flags(run.over(args), TRAINING_KEYS, run_dir, models.EMBEDDED)
     stages.check_all(it_dir, flags, inputs)  # outputs of other settings are never reused or overwritten
     if (it_dir / "model" / "config.json").is_file():
         say(f"iter {args.iter}: {it_dir / 'model'} exists, nothing to do")
         return ckpt.print_summary(it_dir) if rank == 0 else None
     ckpt.prepare_iteration_dir(it_dir, rank)  # writable; leftovers of a killed write removed
-    if rank == 0:
-        data.write_json(it_dir / "config.json", stages.public_args(vars(args)))  # no API key, no URL credentials
+    if rank == 0:  # the flags and how the run was started; no API key, no URL credentials
+        data.write_json(it_dir / "config.json", stages.public_args(vars(run.over(args))))
     ckpt.seed_everything(args.seed + args.iter)
-    say(f"iter {args.iter}: start {args.start_model} | dsl {args.dsl} | noise {args.noise} | world {world}")
-    args.dist = memplan.preflight(args, world, device, say)  # prints the plan; refuses one that cannot fit
+    say(f"iter {args.iter}: start {run.start_model} | dsl {args.dsl} | noise {args.noise} | world {world}")
+    run.dist = memplan.preflight(run.over(args), world, device, say)  # prints the plan; refuses one that cannot fit
 
     # start model: the policy in fp32 (master weights), the reference a frozen copy in the compute dtype
-    policy, tokenizer = models.load_model(args.start_model, device=device, dtype="fp32",
+    policy, tokenizer = models.load_model(run.start_model, device=device, dtype="fp32",
                                           trust_remote_code=args.trust_remote_code)
     reference = copy.deepcopy(policy).to(models.pick_dtype(device, args.dtype)).eval().requires_grad_(False)
 
     generate_stage(args, reference, tokenizer, it_dir, rank, flags, inputs)  # 1 generate (the start model)
     pairs, stats = label_stage(args, it_dir, run_dir, rank, flags)          # 2 judge, 3 label
-    args.pairs_sha256 = stages.sha256_json(pairs)  # in TRAINING_KEYS: a checkpoint never resumes on other pairs
+    run.pairs_sha256 = stages.sha256_json(pairs)  # in TRAINING_KEYS: a checkpoint never resumes on other pairs
     if rank == 0:
-        stages.begin(it_dir, "train", flags["train"], {"pairs": args.pairs_sha256})
+        stages.begin(it_dir, "train", flags["train"], {"pairs": run.pairs_sha256})
     t_train = time.time()
-    rows = train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world)  # 4 train
+    rows = train(run.over(args), policy, reference, tokenizer, pairs, it_dir, device, rank, world)  # 4 train
 
     save_dtype = models.pick_dtype(device, args.dtype)
-    if args.dist == "fsdp":  # 5 save: a collective gather of the shards onto rank 0
+    if run.dist == "fsdp":  # 5 save: a collective gather of the shards onto rank 0
         distributed.save_full_model(policy, tokenizer, it_dir / "model", save_dtype)
     if rank == 0:  # 5 save
-        if args.dist != "fsdp":
+        if run.dist != "fsdp":
             models.save_model(policy.to(save_dtype), tokenizer, it_dir / "model")
-        data.write_json(it_dir / "summary.json", ckpt.summarize(args, pairs, stats, rows, time.time() - t_train,
-                                                                time.time() - t_start))
+        data.write_json(it_dir / "summary.json", ckpt.summarize(run.over(args), pairs, stats, rows,
+                                                                time.time() - t_train, time.time() - t_start))
         if not args.keep_checkpoint:
             (it_dir / "checkpoint" / "state.pt").unlink(missing_ok=True)
             distributed.remove_sharded(it_dir / "checkpoint" / "state.pt")

@@ -275,14 +275,14 @@ def lockstep_agreement(w, steps=3, dtype="bf16"):
     reference log-probs (the cache), policy summed log-probs, margins and loss of each step."""
     runs = {d: OurRun(w, dtype=d) for d in ("fp32", dtype)}
     diff = dict(reference_logps=(runs["fp32"].cache.logps - runs[dtype].cache.logps).abs().max().item(),
-                policy_logps=0.0, margins=0.0, loss=0.0)
+                policy_logps=0.0, margin=0.0, loss=0.0)
     scale = runs["fp32"].cache.logps.abs().mean().item()
     for idx in runs["fp32"].micro_batches(0)[:steps]:
         seen, outs = {}, {}
         for d, run in runs.items():
             outs[d] = run.step(idx, policy_hook=lambda lp, d=d: seen.__setitem__(d, lp.float()))
         diff["policy_logps"] = max(diff["policy_logps"], (seen["fp32"] - seen[dtype]).abs().max().item())
-        diff["margins"] = max(diff["margins"], (outs["fp32"]["margins"] - outs[dtype]["margins"].float()).abs().max().item())
+        diff["margin"] = max(diff["margin"], (outs["fp32"]["margin"] - outs[dtype]["margin"].float()).abs().max().item())
         diff["loss"] = max(diff["loss"], abs(outs["fp32"]["loss"].item() - outs[dtype]["loss"].item()))
     return diff, scale
 
@@ -317,7 +317,7 @@ def bench_cpu_bf16(device, spec=None, agree_steps=3, compile=True):
     print(f"cpu_bf16 | {device.type} | {w.spec['model']} | fast-path SPIN step: fp32 {t['fp32'][0] * 1e3:.0f} ms, bf16 "
           f"autocast {t['bf16'][0] * 1e3:.0f} ms | precompute fp32 {t['fp32'][1]:.2f} s, bf16 {t['bf16'][1]:.2f} s")
     print(f"  bf16 vs fp32 over {agree_steps} lockstep steps, max |Δ|: reference log-probs {diff['reference_logps']:.4f}, "
-          f"policy log-probs {diff['policy_logps']:.4f} (mean |log-prob| {scale:.1f}), margins {diff['margins']:.5f}, "
+          f"policy log-probs {diff['policy_logps']:.4f} (mean |log-prob| {scale:.1f}), margins {diff['margin']:.5f}, "
           f"loss {diff['loss']:.6f}")
     out = {"time_ratio_bf16_over_fp32": t["bf16"][0] / t["fp32"][0],
            **{f"max_abs_diff_{k}": v for k, v in diff.items()},

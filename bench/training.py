@@ -126,15 +126,15 @@ class OurRun:
         self.autocast = torch.autocast(w.device.type, dtype=compute, enabled=compute != torch.float32)
         self.policy = (policy if policy is not None else copy.deepcopy(w.model)).train()
         self.reference = copy.deepcopy(w.model).to(compute).eval().requires_grad_(False)
-        self.args = argparse.Namespace(noise=noise, beta=0.1, noise_alpha=noises.DEFAULT_ALPHA, loss_type="sigmoid",
-                                       noise_sigma=noises.DEFAULT_SIGMA, noise_chunk_size=256)
+        self.objective = steps.Objective(noise=noise, beta=0.1, alpha=noises.DEFAULT_ALPHA, loss_type="sigmoid",
+                                         noise_sigma=noises.DEFAULT_SIGMA, chunk_size=256)
         torch.manual_seed(seed)
         cfg = self.policy.config
-        self.generator = noises.make_noise(noise, cfg.hidden_size, cfg.vocab_size)
-        self.generator = self.generator.to(w.device) if self.generator is not None else None
+        self.noise_net = noises.make_noise(noise, cfg.hidden_size, cfg.vocab_size)
+        self.noise_net = self.noise_net.to(w.device) if self.noise_net is not None else None
         groups = [dict(params=list(self.policy.parameters()), lr=w.spec["lr"])]
-        if self.generator is not None and list(self.generator.parameters()):
-            groups.append(dict(params=list(self.generator.parameters()), lr=1e-3))
+        if self.noise_net is not None and list(self.noise_net.parameters()):
+            groups.append(dict(params=list(self.noise_net.parameters()), lr=1e-3))
         self.optimizer = torch.optim.RMSprop(groups, lr=w.spec["lr"])
         self.noise_rng = torch.Generator(device=w.device).manual_seed(seed)
         self.cache, self.precompute_s = None, 0.0
@@ -174,10 +174,10 @@ class OurRun:
                     policy_hook(out.detach())
                 return out
             with _timed_noise(timer):
-                out = steps.cached_batch_loss(policy_logps, self.cache, idx, batch, self.generator, self.args,
+                out = steps.cached_batch_loss(policy_logps, self.cache, idx, batch, self.noise_net, self.objective,
                                               self.noise_rng, self.autocast, diagnostics=self.diagnostics)
         else:
-            out = steps.batch_loss(self.module, self.reference, self.generator, batch, self.args, self.noise_rng,
+            out = steps.batch_loss(self.module, self.reference, self.noise_net, batch, self.objective, self.noise_rng,
                                   self.autocast)
         if timer.enabled:  # the forward's time outside the timed parts: reference lookup, Eq. 9, bookkeeping
             inner = sum(timer.seconds.get(k, 0.0) - before.get(k, 0.0) for k in timer.seconds)
@@ -186,8 +186,8 @@ class OurRun:
             out["loss"].backward()
         with timer("optimizer"):
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
-            if self.generator is not None and list(self.generator.parameters()):
-                torch.nn.utils.clip_grad_norm_(self.generator.parameters(), 1.0)
+            if self.noise_net is not None and list(self.noise_net.parameters()):
+                torch.nn.utils.clip_grad_norm_(self.noise_net.parameters(), 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return out

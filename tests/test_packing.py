@@ -1,6 +1,5 @@
 """Shared-prompt packing (packing.py) against two padded rows per pair: the same answer log-probs, gradients,
 reference cache and loss; the layout checked by hand."""
-import argparse
 import copy
 
 import pytest
@@ -85,8 +84,7 @@ def test_packed_cache_and_step_equal_padded(tiny_tokenizer, over_budget):
     if not over_budget:
         for a, b in zip(caches[True].hidden + caches[True].targets, caches[False].hidden + caches[False].targets):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    args = argparse.Namespace(noise="trainable", beta=0.1, noise_alpha=1.0, noise_sigma=0.1, loss_type="sigmoid",
-                              noise_chunk_size=6)
+    args = steps.Objective(noise="trainable", beta=0.1, alpha=1.0, noise_sigma=0.1, loss_type="sigmoid", chunk_size=6)
     idx, outs = [4, 1, 2], {}
     for pack in (True, False):
         torch.manual_seed(3)
@@ -95,7 +93,7 @@ def test_packed_cache_and_step_equal_padded(tiny_tokenizer, over_budget):
         batch = collate([examples[i] for i in idx], pad)
         outs[pack] = steps.cached_batch_loss(steps.PolicyLogps(policy, 6), caches[pack], idx, batch, generator, args,
                                              torch.Generator().manual_seed(9), OFF)
-    for key in ("loss", "model_loss", "noise_loss", "variance_penalty", "margins", "noisy_margins"):
+    for key in ("loss", "model_loss", "noise_loss", "variance_penalty", "margin", "noisy_margin"):
         torch.testing.assert_close(outs[True][key], outs[False][key], rtol=1e-5, atol=1e-5)
     assert outs[True]["tokens"] < outs[False]["tokens"]  # the prompt once per pair
 

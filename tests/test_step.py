@@ -1,6 +1,5 @@
 """The fast training path (step.py, loss.chunked_sequence_logps, noise.noisy_answer_logps, length grouping)
 against the computations it replaces: full-logits log-probs, the reference inside the step, random batches."""
-import argparse
 import copy
 
 import pytest
@@ -98,8 +97,7 @@ def test_precomputed_reference_step_equals_reference_in_the_step(tiny_tokenizer,
     policy = make_tiny_model(tiny_tokenizer, seed=3).float()
     reference = copy.deepcopy(policy).requires_grad_(False)
     examples = [data.tokenize_pair(tiny_tokenizer, p, 160, 96) for p in _pairs(5)]
-    args = argparse.Namespace(noise=noise, beta=0.1, noise_alpha=1.0, noise_sigma=0.3, loss_type="sigmoid",
-                              noise_chunk_size=7)
+    args = steps.Objective(noise=noise, beta=0.1, alpha=1.0, noise_sigma=0.3, loss_type="sigmoid", chunk_size=7)
     off = torch.autocast("cpu", enabled=False)
     # as train.py: the policy before its first update computes the reference's numbers
     cache = steps.ReferenceCache.build(steps.PolicyLogps(policy, 7), examples, tiny_tokenizer.pad_token_id,
@@ -122,7 +120,7 @@ def test_precomputed_reference_step_equals_reference_in_the_step(tiny_tokenizer,
         grads += [p.grad.clone() for p in (generator.parameters() if generator is not None else [])]
         results.append((out, grads))
     (fast, gf), (slow, gs) = results
-    for key in ("loss", "model_loss", "noise_loss", "variance_penalty", "margins", "noisy_margins"):
+    for key in ("loss", "model_loss", "noise_loss", "variance_penalty", "margin", "noisy_margin"):
         torch.testing.assert_close(fast[key], slow[key], rtol=1e-5, atol=1e-5)
     assert fast["sigma2"] == pytest.approx(slow["sigma2"], rel=1e-5)
     assert len(gf) == len(gs) and any(g.abs().sum() > 0 for g in gf)
@@ -198,9 +196,8 @@ def test_bf16_margins_start_at_zero_when_the_policy_computes_the_reference(tiny_
     old = steps.ReferenceCache.build(bf16_copy, examples, pad, cpu, 6, False, bf16, progress=False)
     idx = list(range(6))
     batch = packing.pack_pairs([examples[i] for i in idx], pad)
-    args = argparse.Namespace(noise="none", beta=0.1, noise_alpha=1.0, noise_sigma=0.1, loss_type="sigmoid",
-                              noise_chunk_size=256)
+    args = steps.Objective(noise="none", beta=0.1, alpha=1.0, noise_sigma=0.1, loss_type="sigmoid", chunk_size=256)
     margins = {name: steps.cached_batch_loss(steps.PolicyLogps(policy), cache, idx, batch, None, args, None,
-                                             bf16)["margins"].abs().max().item() for name, cache in
+                                             bf16)["margin"].abs().max().item() for name, cache in
                (("ours", ours), ("old", old))}
     assert margins["ours"] < 1e-6 < margins["old"]

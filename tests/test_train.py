@@ -116,7 +116,7 @@ def test_noise_none_is_exactly_the_spin_loss_on_a_batch():
     policy, reference = make_tiny_model(tokenizer, seed=1).double(), make_tiny_model(tokenizer, seed=2).double()
     examples = tiny_batch(tokenizer)
     batch = data.collate_pairs(examples, tokenizer.pad_token_id)
-    args = types.SimpleNamespace(noise="none", beta=0.1, noise_alpha=1.0, loss_type="sigmoid", noise_chunk_size=16)
+    args = train.steps.Objective(noise="none", beta=0.1, alpha=1.0, loss_type="sigmoid", chunk_size=16)
     out = train.steps.batch_loss(policy, reference, None, batch, args, None, torch.autocast("cpu", enabled=False))
 
     def one(model, ids, labels):  # one unpadded sequence

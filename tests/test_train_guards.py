@@ -186,3 +186,24 @@ def test_judge_scale_and_mode_reach_the_judge(iter0_run, tmp_path, monkeypatch):
     assert seen["make"]["scale"] == 100 and seen["make"]["mode"] == "pairwise"
     judge_stage = json.loads((run_dir / "iter1" / "stages.json").read_text())["judge"]["flags"]
     assert judge_stage["judge_scale"] == 100 and judge_stage["judge_mode"] == "pairwise"
+
+
+def test_one_place_per_default_preset_dict_help_and_training_keys(tmp_path, capsys):
+    """A flag's default and help live on its one `flag(...)` line; a preset overrides defaults through
+    set_defaults (and --help shows the chosen preset's values); TRAINING_KEYS are the trains=True flags plus
+    the run state, derived, not listed by hand."""
+    import config
+    demo = config.parse_args(["--iter", "1"])
+    assert (demo.lr, demo.epochs, demo.beta) == (config.PRESETS["demo"]["lr"], config.PRESETS["demo"]["epochs"], 0.1)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi", "answer": "there"}\n')
+    paper = config.parse_args(["--iter", "1", "--preset", "paper", "--data", str(prompts), "--lr", "2e-7"])
+    assert (paper.lr, paper.epochs, paper.dtype) == (2e-7, 3, "bf16")  # the command line over the preset
+    assert "(default 5e-07)" in config.build_parser("paper").format_help().replace("\n", " ").replace("  ", " ")
+    trains = [a.dest for a in config.build_parser()._actions if a.dest in config.TRAINING_KEYS]
+    assert set(config.TRAINING_KEYS) == set(trains) | set(config.RUN_STATE)
+    assert {"beta", "noise_lr", "noise_init_variance", "optimizer", "pack_pairs"} <= set(trains)
+    assert not {"noise_chunk_size", "run_dir", "judge", "save_every"} & set(config.TRAINING_KEYS)
+    state = train.RunState(world_size=2, start_model="m")
+    view = state.over(demo)
+    assert (view.world_size, view.start_model, view.lr) == (2, "m", demo.lr) and not hasattr(demo, "world_size")
