@@ -19,6 +19,7 @@ import sys
 
 import data
 import noise as noises
+import tracking
 from loss import LOSS_TYPES
 
 # A preset is a plain dict of flag defaults (argparse set_defaults): it overrides the defaults written on the
@@ -176,6 +177,8 @@ def build_parser(preset="demo", training=None):
          help="pairs whose log-probs go to logps.jsonl (0 = off; default %(default)s)")
     flag(g, "--stop-after-steps", type=COUNT, default=0,
          help="debug: stop after N optimizer steps, as if killed (0 = off)")
+    flag(g, "--report-to", choices=tracking.KINDS, default="none",
+         help="also log every metrics row to tensorboard or wandb (tracking.py; default %(default)s)")
     g = p.add_argument_group("scale-out (distributed.py, memplan.py)")
     flag(g, "--dist", choices=["auto", "ddp", "fsdp"], default="auto",
          help="under torchrun: DDP or FSDP2 for the policy (auto: FSDP from 1 B parameters; default %(default)s)")
@@ -230,4 +233,5 @@ def check_args(args):
     args.dsl = True if args.dsl is None else args.dsl
     args.noise = args.noise or "trainable"
     need(args.noise != "fixed" or args.noise_sigma > 0, "--noise fixed needs --noise-sigma > 0")
+    tracking.require(args.report_to)  # a missing tracker library stops here, before any model loads
     return args

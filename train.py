@@ -5,6 +5,7 @@
     2 judge      iter{k}/judged.jsonl      scores of the human and the generated answer
     3 label      iter{k}/pairs.jsonl       DSL: higher score = chosen (k = 0 or --no-dsl: human = chosen)
     4 train      iter{k}/metrics.jsonl, logps.jsonl, checkpoint/state.pt   the hand-written loop below
+                 (each metrics row also to --report-to tensorboard | wandb: tracking.py, rank 0)
     5 save       iter{k}/model/ (save_pretrained), summary.json; config.json is written first
 
 Every stage skips work already done, and training resumes from its last checkpoint, so rerunning the
@@ -61,6 +62,7 @@ import noise as noises
 import packing
 import stages
 import step as steps
+import tracking
 from loss import sequence_logps
 from config import TRAINING_KEYS, parse_args
 
@@ -230,6 +232,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         data.write_jsonl(metrics_path, [])
     if state is None:
         record_logps(logps_path, "start", logps_of, examples, pairs, args, pad_id, device, main_proc, fsdp)
+    tracker = tracking.open_run(args.report_to if main_proc else "none", it_dir, vars(args), step)  # steps > step
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.train()
@@ -305,6 +308,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         if main_proc:
             with data.open_append(metrics_path) as fh:
                 data.append_jsonl(fh, row)
+            tracker.log(row, step)
             tqdm.write(f"iter {args.iter} | step {step}/{total_steps} | loss {row['loss']:.4f} | model "
                        f"{row['model_loss']:.4f} | noise {row['noise_loss']:.4f} | margin {row['margin']:.3f} | "
                        f"acc {row['reward_acc']:.2f} | σ² {row['sigma2']:.4g} | "
@@ -317,6 +321,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         if args.stop_after_steps and done == args.stop_after_steps and step < total_steps:
             raise SystemExit(f"train.py: stopped after {done} steps (--stop-after-steps); rerun to resume")
     bar.close()
+    tracker.close()
     record_logps(logps_path, "end", logps_of, examples, pairs, args, pad_id, device, main_proc, fsdp)
     return data.read_jsonl(metrics_path) if main_proc else []
 

@@ -1,4 +1,5 @@
 """Tests of train.py (the iteration driver and the loop) and checkpoint.py, on the tiny random model."""
+import importlib.util
 import json
 import pathlib
 import shutil
@@ -223,6 +224,8 @@ def test_two_process_ddp_matches_one_process_with_the_double_batch(iter0_run, tm
     single = json.loads((iter0_run / "iter0" / "config.json").read_text())
     flags = tiny_flags(run_dir, single["base_model"])
     flags[flags.index("--batch-size") + 1] = "1"
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # then: only rank 0 reports (tracking.py)
+    flags += ["--report-to", "tensorboard"] if tensorboard else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "train.py", "--iter", "0", "--device", "cpu", *flags], cwd=pathlib.Path(__file__).resolve().parent.parent,
@@ -230,6 +233,8 @@ def test_two_process_ddp_matches_one_process_with_the_double_batch(iter0_run, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run_dir / "iter0" / "config.json").read_text())["world_size"] == 2
     assert len(read_jsonl(run_dir / "iter0" / "metrics.jsonl")) == 6
+    if tensorboard:  # one event file, from one process
+        assert len(list((run_dir / "iter0").glob("events.out.tfevents.*"))) == 1
     a, b = model_weights(iter0_run / "iter0" / "model"), model_weights(run_dir / "iter0" / "model")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
