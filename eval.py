@@ -8,7 +8,8 @@
     logps       log-probs of the human answers and of each iter{k}/model's own fresh answers under that
                 model (stagnation.py; the data of Fig. 2 / 10)
     plots       PNG figures into RUN_DIR/plots/ (plots.py: Fig. 2/10, 6, 9)
-    benchmarks  EleutherAI lm-evaluation-harness with the paper's few-shot settings (Table 1)
+    benchmarks  EleutherAI lm-evaluation-harness with the paper's few-shot settings (Table 1), or its
+                offline local task on the demo's held-out questions (--local-task); a model or a run directory
     report      RUN_DIR/report.md: flags, per-iteration table, DSL flip rates, similarity, plots
 
 Files: RUN_DIR/eval/{base,iter{k}}_generated.jsonl and _judged.jsonl (resumable), scores.json, similarity.json,
@@ -343,6 +344,12 @@ def run_plots(args):
     return written
 
 
+def run_harness(args):
+    """`eval.py benchmarks` (harness.py): an embedded base model is passed to lm_eval as its converted directory."""
+    args.batch_size = args.batch_size or ("auto" if torch.cuda.is_available() else "8")
+    return run_benchmarks(args, resolve=model_lib.resolve_model)
+
+
 def run_report(args):
     path = write_report(args.run_dir)
     print(f"wrote {path}")
@@ -391,13 +398,19 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=None, help="where scores.png goes (default: the first run's plots/)")
     p.set_defaults(func=run_plots)
     p = sub.add_parser("benchmarks", help="lm-evaluation-harness with the paper's few-shot settings (Table 1)")
-    p.add_argument("model", help="saved model directory (e.g. RUN_DIR/iter2/model) or hub id")
-    p.add_argument("--out-dir", default=None, help="results directory (default: next to the model dir: .../benchmarks)")
-    p.add_argument("--batch-size", default="auto", help="lm_eval --batch_size (a number or 'auto')")
+    p.add_argument("model", help="a run directory (its base model and every iter*/model), a saved model directory "
+                                 "(e.g. RUN_DIR/iter2/model) or a hub id")
+    p.add_argument("--local-task", action="store_true",
+                   help="the offline local task (the demo's held-out questions, exact match) instead of Table 1")
+    p.add_argument("--out-dir", default=None, help="results directory (default: RUN_DIR/eval/benchmarks/NAME for a "
+                                                   "run directory, else next to the model dir: .../benchmarks)")
+    p.add_argument("--skip", nargs="*", default=[], help="run directory: models not to evaluate, e.g. base")
+    p.add_argument("--batch-size", default=None, help="lm_eval --batch_size (a number or 'auto'; default: auto on "
+                                                      "CUDA, 8 on CPU)")
     p.add_argument("--device", default=None, help="lm_eval --device (default: lm_eval's choice)")
     p.add_argument("--limit", type=int, default=None, help="examples per task, for a smoke test (default: all)")
     p.add_argument("--dry-run", action="store_true", help="print the lm_eval commands and exit")
-    p.set_defaults(func=run_benchmarks)
+    p.set_defaults(func=run_harness)
     p = sub.add_parser("report", help="RUN_DIR/report.md with flags, tables and figures")
     p.add_argument("run_dir")
     p.set_defaults(func=run_report)

@@ -444,6 +444,16 @@ def write_report(run_dir) -> Path:
         out += ["", "## Held-out scores (`eval.py score`)", "", f"Settings: `{json.dumps(scores['settings'])}`.", "", score_table(scores)]
     if (sim := run_dir / "eval" / "similarity.json").is_file():
         out += ["", "## Similarity to the previous chosen answers (`eval.py similarity`, App. F)", "", similarity_table(read_json(sim))]
+    if (bench := run_dir / "eval" / "benchmarks.json").is_file():
+        models = read_json(bench)["models"]
+        columns = [c for c in next(iter(models.values()), {}) if c != "model"
+                   and any(m.get(c) is not None for m in models.values())]
+        out += ["", "## lm-evaluation-harness (`eval.py benchmarks`)", "",
+                "Table 1 columns where run (harness.py); `Demo first-line` / `Demo last-word`: exact match of the "
+                "offline local task on the demo's held-out questions (`--local-task`), the whole answer line / its "
+                "last word.", "",
+                markdown_table(["model", "path"] + columns, [[name, models[name]["model"]] + [models[name].get(c) for c in columns]
+                                                             for name in sorted(models, key=model_order)])]
     figures = [("losses.png", "Model loss and noise loss per step (Fig. 9)"), ("margins.png", "Margins and reward accuracy"),
                ("logps.png", "Sequence log-probs of the training pairs' chosen / rejected answers"),
                ("logps_per_token.png", "The same per answer token"),
