@@ -16,7 +16,8 @@ and RUN_DIR/report.md. The computations behind the numbers live in eval.py; this
                          of the noisy reference (noise.py departure 9, loss.py departure 6)
 
 Inputs (written by train.py / `eval.py score` / `eval.py logps`): iter{k}/metrics.jsonl, iter{k}/logps.jsonl,
-eval/scores.json, eval/logps_iter{k}.jsonl. Used by `python eval.py plots RUN_DIR [RUN_DIR ...]`, `python
+eval/scores.json, eval/logps_iter{k}.jsonl (and, for report.md, eval/similarity.json and the lm-evaluation-harness
+scores in eval/benchmarks.json from `eval.py benchmarks RUN_DIR`). Used by `python eval.py plots RUN_DIR [RUN_DIR ...]`, `python
 eval.py report RUN_DIR` (write_report) and ablate.py.
 
 Where this departs from, or fills a gap in, the paper:

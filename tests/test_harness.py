@@ -98,3 +98,26 @@ def test_local_task_runs_offline_on_the_tiny_model_into_the_report(tmp_path, tin
     assert json.loads((run / "eval" / "benchmarks.json").read_text())["models"]["iter0"]["Demo last-word"] is not None
     report = plots.write_report(run).read_text()
     assert "## lm-evaluation-harness" in report and "| iter0 |" in report.split("## lm-evaluation-harness")[1]
+
+
+def test_report_tabulates_the_run_s_harness_scores(tmp_path):
+    """report.md: one row per model (base first), only the columns some model has, the numbers as written."""
+    import plots
+
+    run = tmp_path / "run"
+    data.write_json(run / "iter0" / "config.json", {"iter": 0, "base_model": "b"})
+    row = lambda v: {"model": f"m{v}", "ARC": None, "Demo first-line": v, "Demo last-word": v / 2}  # noqa: E731
+    data.write_json(run / "eval" / "benchmarks.json", {"models": {"iter0": row(0.25), "base": row(0.5)}})
+    report = plots.write_report(run).read_text().split("## lm-evaluation-harness")[1]
+    assert "| model | path | Demo first-line | Demo last-word |" in report and "ARC" not in report
+    assert report.index("| base | m0.5 | 0.500 | 0.250 |") < report.index("| iter0 | m0.25 | 0.250 | 0.125 |")
+
+
+def test_dry_run_on_a_run_dir_prints_one_local_command_per_model(tmp_path, tiny_model_dir, capsys):
+    run = tmp_path / "run"
+    data.write_json(run / "iter0" / "config.json", {"iter": 0, "base_model": tiny_model_dir})
+    shutil.copytree(tiny_model_dir, run / "iter0" / "model")
+    ev.main(["benchmarks", str(run), "--local-task", "--dry-run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and f"pretrained={tiny_model_dir} " in lines[0] and "iter0/model" in lines[1]
+    assert all(f"--include_path {run / 'eval' / 'benchmarks' / 'task'}" in line for line in lines)
