@@ -92,10 +92,14 @@ class WandbTracker(NullTracker):
     def __init__(self, it_dir, config, wandb):
         it_dir = pathlib.Path(it_dir).resolve()
         run_id = hashlib.sha256(f"{it_dir}\0{config.get('pairs_sha256')}".encode()).hexdigest()[:16]
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "dnpo", name=run_name(it_dir),
-                              group=it_dir.parent.name, job_type=it_dir.name, id=run_id, resume="allow",
-                              config=config, dir=os.environ.get("WANDB_DIR") or str(it_dir),
-                              mode=os.environ.get("WANDB_MODE") or None)
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "dnpo", name=run_name(it_dir),
+                                  group=it_dir.parent.name, job_type=it_dir.name, id=run_id, resume="allow",
+                                  config=config, dir=os.environ.get("WANDB_DIR") or str(it_dir),
+                                  mode=os.environ.get("WANDB_MODE") or None)
+        except wandb.errors.Error as e:  # no account / key, a server refusing: one line (a rerun resumes)
+            raise SystemExit(f"train.py: --report-to wandb: {' '.join(str(e).split())} (without an account: "
+                             f"WANDB_MODE=offline, then `wandb sync` later)") from None
 
     def log(self, row, step):
         self.run.log({k: v for k, v in numbers(row).items() if k != "step"}, step=step)

@@ -122,3 +122,16 @@ def test_missing_library_stops_before_the_model_loads(kind, tiny_model_dir, tmp_
     with pytest.raises(SystemExit, match=f"--report-to {kind} needs the {kind} package: pip install {kind} ") as e:
         run(tiny_model_dir, tmp_path / "m", "--report-to", kind)
     assert "\n" not in str(e.value) and not (tmp_path / "m").exists()
+
+
+@needs_wandb
+def test_wandb_without_an_account_is_one_line(tmp_path, monkeypatch):
+    """Online mode and no API key: wandb's refusal becomes one line naming the offline mode."""
+    import wandb
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(SystemExit, match=r"--report-to wandb: No API key configured\..* WANDB_MODE=offline") as e:
+        tracking.open_run("wandb", tmp_path / "run" / "iter0", {}, 0)
+    assert "\n" not in str(e.value)
