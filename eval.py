@@ -13,7 +13,7 @@
     report      RUN_DIR/report.md: flags, per-iteration table, DSL flip rates, similarity, plots
 
 Files: RUN_DIR/eval/{base,iter{k}}_generated.jsonl and _judged.jsonl (resumable), scores.json, similarity.json,
-logps_iter{k}.jsonl and logps_settings.json (`logps`).
+logps_iter{k}.jsonl and logps_settings.json (`logps`), benchmarks/{base,iter{k}}/ and benchmarks.json (`benchmarks RUN_DIR`).
 
 Where this departs from, or fills a gap in, the paper:
 1. The paper scores with GPT-4o-mini on its own test prompts; the default here is the judge named by
@@ -397,7 +397,8 @@ def parse_args(argv=None):
     p.add_argument("run_dirs", nargs="+", help="one or more run directories; scores.png overlays all of them")
     p.add_argument("--out-dir", default=None, help="where scores.png goes (default: the first run's plots/)")
     p.set_defaults(func=run_plots)
-    p = sub.add_parser("benchmarks", help="lm-evaluation-harness with the paper's few-shot settings (Table 1)")
+    p = sub.add_parser("benchmarks", help="lm-evaluation-harness: Table 1 (paper's few-shot settings) or the "
+                                          "offline local task (--local-task)")
     p.add_argument("model", help="a run directory (its base model and every iter*/model), a saved model directory "
                                  "(e.g. RUN_DIR/iter2/model) or a hub id")
     p.add_argument("--local-task", action="store_true",
