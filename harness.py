@@ -174,7 +174,8 @@ def run_benchmarks(args, resolve=str):
         print("\n".join(" ".join(cmd) for cmds in commands.values() for _, cmd in cmds))
         return commands
     if importlib.util.find_spec("lm_eval") is None:
-        raise SystemExit("benchmarks need EleutherAI's lm-evaluation-harness: pip install -r requirements-harness.txt"
+        raise SystemExit("benchmarks need EleutherAI's lm-evaluation-harness: pip install lm-eval (or pip install -r "
+                         "requirements-harness.txt)"
                          + ("" if args.local_task else " (and network access to the Hugging Face Hub for the "
                                                        "benchmark datasets)"))
     env = dict(os.environ)

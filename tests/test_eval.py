@@ -269,14 +269,15 @@ def test_benchmark_results_parser_builds_table1_row(tmp_path):
     assert harness.benchmark_table(tmp_path)["MMLU"] is None and harness.benchmark_table(tmp_path)["Average"] is None
 
 
-def test_benchmarks_dry_run_and_missing_lm_eval(tmp_path, capsys):
+def test_benchmarks_dry_run_and_missing_lm_eval(tmp_path, capsys, monkeypatch):
     """--dry-run prints six commands; without lm_eval a real run stops with an install hint."""
     ev.main(["benchmarks", str(tmp_path), "--dry-run"])
     assert len(capsys.readouterr().out.strip().splitlines()) == 6
-    if importlib.util.find_spec("lm_eval") is not None:
-        pytest.skip("lm_eval is installed; the missing-package path is not reachable")
-    with pytest.raises(SystemExit, match="pip install lm-eval"):
+    real = importlib.util.find_spec  # lm_eval may be installed: hide it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(SystemExit, match="pip install lm-eval") as e:
         ev.main(["benchmarks", str(tmp_path)])
+    assert "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- score
