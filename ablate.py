@@ -55,6 +55,7 @@ import numpy as np
 import data
 import eval as ev
 import plots
+import runlock
 from demo import check_answer
 
 HERE = Path(__file__).resolve().parent
@@ -146,7 +147,7 @@ def collect(opts) -> dict:
                     out["families"][f"{row} iter{k}"] = per_family(judged(opts, row, seed, f"iter{k}"), family_of)
                 summary = run_dir(opts, row, seed) / f"iter{k}" / "summary.json"
                 if summary.is_file():
-                    s = json.loads(summary.read_text())
+                    s = data.read_json(summary)
                     out["times"].append(dict(stage=f"train {row}-seed{seed} iter{k}", train_s=s.get("train_s"),
                                              wall_s=s.get("wall_s")))
     for row in opts.rows:
@@ -428,13 +429,32 @@ def keep_settings(path, now, write, prog):
     settings than `now`; without the file, write `now` there when `write` (ablate.py, noise_study.py)."""
     path = Path(path)
     if path.is_file():
-        was = json.loads(path.read_text())
-        changed = [key for key in now if was.get(key) != now[key]]
+        was = data.read_json(path)
+        same = lambda key: (flag_settings(was.get(key)) == flag_settings(now[key]) if key == "train_flags"  # noqa: E731
+                            else was.get(key) == now[key])
+        changed = [key for key in now if not same(key)]
         if changed:
             raise SystemExit(f"{prog}: {path.parent} was run with " + ", ".join(f"{k}={was.get(k)!r}" for k in changed)
                              + " (now " + ", ".join(f"{now[k]!r}" for k in changed) + "); rerun with those or use another --out")
     elif write:
         data.write_json(path, now)
+
+
+def flag_settings(flags):
+    """Train flags as a set of settings: {flag: its values} (the last one given wins, as in argparse), so the
+    same flags in another order, or as --flag=value, are the same settings. Anything but a list: as it is."""
+    if not isinstance(flags, list):
+        return flags
+    settings, flag = {}, None
+    for token in map(str, flags):
+        if token.startswith("--"):
+            flag, _, value = token.partition("=")
+            settings[flag] = [value] if value else []
+        elif flag is not None:
+            settings[flag].append(token)
+        else:
+            settings[None] = settings.get(None, []) + [token]
+    return settings
 
 
 def execute(opts, steps):
@@ -464,6 +484,8 @@ def execute(opts, steps):
 def main(argv=None):
     opts = parse_args(argv)
     steps = plan(opts)
+    if not opts.dry_run:  # one ablate.py per --out, until it ends (runlock.py); a dry run writes nothing
+        runlock.hold(opts.out, "ablate.py")
     check_settings(opts, write=not opts.dry_run)
     if opts.dry_run:
         for step in steps:
@@ -481,5 +503,5 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         raise SystemExit("ablate.py: interrupted; rerun the same command to continue")
-    except ValueError as e:
-        raise SystemExit(f"ablate.py: {e}")
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"ablate.py: {' '.join(str(e).split())}") from None

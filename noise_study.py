@@ -48,6 +48,7 @@ import numpy as np
 import data
 import eval as ev
 import plots
+import runlock
 from ablate import Parser, keep_settings, split_argv
 
 HERE = Path(__file__).resolve().parent
@@ -373,6 +374,8 @@ def report(opts):
 def main(argv=None):
     opts = parse_args(argv)
     steps = plan(opts)
+    if not opts.dry_run:  # one noise_study.py per --out, until it ends (runlock.py); a dry run writes nothing
+        runlock.hold(opts.out, "noise_study.py")
     check_settings(opts, write=not opts.dry_run)
     if opts.dry_run:
         for step in steps:
@@ -391,3 +394,5 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         raise SystemExit("noise_study.py: interrupted; rerun the same command to continue")
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"noise_study.py: {' '.join(str(e).split())}") from None

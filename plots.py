@@ -41,7 +41,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data import iterations, read_jsonl  # noqa: E402
+from data import atomic_open, iterations, read_jsonl  # noqa: E402
+from data import read_json as data_read_json  # noqa: E402
 from judge import dsl_flip_rate  # noqa: E402
 from stagnation import read_summaries  # noqa: E402
 
@@ -54,12 +55,12 @@ def _values(rows, key):
 
 
 def _save(fig, path: Path) -> Path:
-    """Save a figure atomically (tmp file + rename) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    """Save a figure atomically (a unique temporary file in the same directory, then os.replace) and close it."""
+    try:
+        with atomic_open(path, binary=True) as fh:  # a unique temporary file beside path, then os.replace
+            fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -373,12 +374,8 @@ def similarity_table(rows):
 
 
 def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    """A JSON file's document; ValueError naming the file when it is missing, unreadable or invalid."""
+    return data_read_json(path, kind=None)
 
 
 def iteration_rows(run_dir, scores=None):
@@ -465,7 +462,6 @@ def write_report(run_dir) -> Path:
         out += ["", "## Figures"]
         out += [line for f, caption in present for line in ("", f"### {caption}", "", f"![{caption}](plots/{f})")]
     path = run_dir / "report.md"
-    tmp = path.with_name("report.md.tmp")
-    tmp.write_text("\n".join(out) + "\n")
-    tmp.replace(path)
+    with atomic_open(path) as fh:
+        fh.write("\n".join(out) + "\n")
     return path

@@ -60,6 +60,7 @@ import memplan
 import model as models
 import noise as noises
 import packing
+import runlock
 import stages
 import step as steps
 import tracking
@@ -226,7 +227,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
                                 noise_rng)
         if main_proc:
             print(f"[4/5] train: resuming {state['dir'] if fsdp else state_path} at step {step}/{total_steps}")
-            rows = data.read_jsonl(metrics_path) if metrics_path.is_file() else []
+            rows = ckpt.read_metrics(metrics_path)
             data.write_jsonl(metrics_path, [r for r in rows if r["step"] <= step])  # drop unsaved steps
     elif main_proc:  # a fresh start: forget any metrics of a run killed before its first checkpoint
         data.write_jsonl(metrics_path, [])
@@ -323,7 +324,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     bar.close()
     tracker.close()
     record_logps(logps_path, "end", logps_of, examples, pairs, args, pad_id, device, main_proc, fsdp)
-    return data.read_jsonl(metrics_path) if main_proc else []
+    return ckpt.read_metrics(metrics_path) if main_proc else []
 
 
 # ----------------------------------------------------------------------------- main
@@ -337,8 +338,11 @@ def main(argv=None):
         args.run_dir, args.iter, args.base_model, "" if args.preset == "demo" else f" --preset {args.preset}"),
         dist=args.dist)
     say = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:  # one writer per run directory, until this process ends (runlock.py)
+        runlock.hold(run_dir, "train.py")
     flags, inputs = stages.stage_flags(run.over(args), TRAINING_KEYS, run_dir, models.EMBEDDED)
     stages.check_all(it_dir, flags, inputs)  # outputs of other settings are never reused or overwritten
+    stages.check_history(run_dir, args.iter, args.history)  # --history: the earlier pairs, checked the same way
     if (it_dir / "model" / "config.json").is_file():
         say(f"iter {args.iter}: {it_dir / 'model'} exists, nothing to do")
         return ckpt.print_summary(it_dir) if rank == 0 else None
