@@ -14,7 +14,7 @@ Where this departs from, or fills a gap in, the paper:
    share. With world size W and batch b, the W ranks of one step see exactly the examples that a
    single process with batch W·b would see in that step.
 """
-import json
+import collections
 import math
 import os
 import pathlib
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import data
+import diskspace
 import stages
 
 
@@ -72,16 +73,51 @@ def prepare_iteration_dir(it_dir, rank):
     if not os.access(it_dir, os.W_OK | os.X_OK):
         raise SystemExit(f"train.py: {it_dir} is not writable; choose another --run-dir")
     if rank == 0:
+        for path in [it_dir / name for name in WRITTEN] + [it_dir.parent / "judge_cache.jsonl"]:
+            try:
+                data.refuse_symlink(path)
+            except ValueError as e:
+                raise SystemExit(f"train.py: {e}") from None
         remove_leftovers(it_dir)
         data.drop_torn_line(it_dir / "metrics.jsonl")
+        read_metrics(it_dir / "metrics.jsonl")  # checked now, not after the model has loaded
+
+
+# Every file and directory train.py writes in an iteration directory (none may be a symbolic link).
+WRITTEN = ("config.json", "stages.json", "generated.jsonl", "generated.jsonl.partial", "judged.jsonl",
+           "judged.jsonl.partial", "judged.jsonl.cache.jsonl", "pairs.jsonl", "metrics.jsonl", "logps.jsonl",
+           "summary.json", "checkpoint", "checkpoint/state.pt", "model")
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl ([] when there is none); SystemExit (one line, file:row and field) for a
+    row whose step is not a positive integer or whose epoch is not an integer >= 0."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return []
+    try:
+        rows = data.read_jsonl(path)
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}; delete {path.parent} to redo the iteration") from None
+    for i, row in enumerate(rows, 1):
+        for key, low in (("step", 1), ("epoch", 0)):
+            value = row.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise SystemExit(f"train.py: {path} row {i}: field {key!r} must be an integer >= {low}, got "
+                                 f"{value!r}; restore the file or delete {path.parent} to redo the iteration")
+    return rows
 
 
 def print_summary(it_dir):
     """The one-screen summary of a finished iteration (from its summary.json)."""
     path = pathlib.Path(it_dir) / "summary.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return
-    s = json.loads(path.read_text())
+    try:
+        s = data.read_json(path)
+    except ValueError as e:
+        raise SystemExit(f"train.py: {e}; delete {path} and rerun to write it again") from None
+    s = collections.defaultdict(lambda: None, s)  # a missing field prints as None
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     print(f"\n=== iteration {s['iter']} done: {pathlib.Path(it_dir) / 'model'} ===")
     print(f"start model   {s['start_model']}")
@@ -90,7 +126,7 @@ def print_summary(it_dir):
     print(f"noise         {s['noise']}  (final σ² {fmt(s['final_sigma2'])})")
     print(f"last epoch    loss {fmt(s['final_loss'])} | margin {fmt(s['final_margin'])} | noisy margin "
           f"{fmt(s['final_noisy_margin'])} | reward acc {fmt(s['final_reward_acc'])}")
-    print(f"time          train {s['train_s']:.0f} s, wall {s['wall_s']:.0f} s ({s['steps']} steps)")
+    print(f"time          train {fmt(s['train_s'])} s, wall {fmt(s['wall_s'])} s ({s['steps']} steps)")
 
 
 def given_start_model(start_model, k):
@@ -184,8 +220,25 @@ def save_checkpoint(path, state):
     the recorded args lose their user:password@ part."""
     if isinstance(state.get("args"), dict):
         state = {**state, "args": stages.public_args(state["args"])}
-    with data.atomic_open(path, binary=True) as fh:
+    path = pathlib.Path(path)
+    nbytes = tensor_bytes(state)
+    nbytes += nbytes // 50 + (64 << 10)  # a margin for the zip container (alignment, records) and plain values
+    why = (f" beside the current {diskspace.size_text(path.stat().st_size)} {path.name}, which stays until the new one "
+           f"is complete (an atomic checkpoint needs room for two copies)" if path.is_file() else "")
+    diskspace.need(path, nbytes, why)
+    with diskspace.translate(path, nbytes, why), data.atomic_open(path, binary=True) as fh:
         torch.save(state, fh)
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path):

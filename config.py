@@ -221,11 +221,15 @@ def check_args(args):
     need(args.judge != "hf" or args.judge_model, "--judge hf needs --judge-model (a hub id or a directory)")
     need(args.judge == "openai" or args.judge_mode == "single", "--judge-mode pairwise needs --judge openai")
     need(args.judge != "rule" or args.judge_scale == 10, "--judge rule scores 1..10 only (drop --judge-scale)")
-    if args.data != "demo":
+    if args.data != "demo":  # every record read now, before the model loads (bad lines: file:line)
         try:
-            data.check_file(args.data)
+            records = data.load_prompts(args.data, max_prompts=args.max_prompts or None)
         except ValueError as e:
             raise SystemExit(f"train.py: --data {e}") from None
+        no_answer = next((i for i, r in enumerate(records, 1) if "answer" not in r), None)
+        need(args.judge != "rule" or no_answer is None,
+             f"--judge rule needs an 'answer' field in every record; {args.data} record {no_answer} (id "
+             f"{records[(no_answer or 1) - 1]['id']!r}) has none (use --judge openai or hf for other data)")
     if args.iter == 0:
         if args.dsl or args.noise not in (None, "none"):
             print("train.py: iteration 0 is plain SPIN (paper §4.1): ignoring --dsl / --noise", file=sys.stderr)

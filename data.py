@@ -22,6 +22,7 @@ Where this departs from, or fills a gap in, the paper:
    and generalise it to h iterations in equal shares. `mix="concat"` keeps all pairs of all h iterations.
 """
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ import tempfile
 import torch
 
 import demo
+import diskspace
 
 # --- JSONL ------------------------------------------------------------------------------------------
 
@@ -58,6 +60,9 @@ def _decode(path, lineno, line) -> str:
                          f"re-encode the file as UTF-8") from None
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800..\uDFFF escape: maybe half a pair
+
+
 def _parse_line(path, lineno, line) -> dict:
     if isinstance(line, bytes):
         line = _decode(path, lineno, line)
@@ -65,8 +70,40 @@ def _parse_line(path, lineno, line) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:  # [[[[... : Python's JSON parser recurses once per level
+        raise ValueError(f"{path}:{lineno}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    if _SURROGATE_ESCAPE.search(line):  # escapes of a valid pair decode to one character; a lone half stays
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid Unicode (a lone surrogate \\u{ord(e.object[e.start]):04x}, "
+                             f"half of a UTF-16 pair); fix or drop the line") from None
+    return obj
+
+
+def read_json(path, kind=dict):
+    """One JSON document of type `kind` (None: any); ValueError "file: reason" when it is missing, a
+    directory, unreadable, not UTF-8, invalid, nested too deeply or of another type."""
+    try:
+        text = pathlib.Path(path).read_bytes().decode("utf-8")
+        obj = json.loads(text)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if kind is not None and not isinstance(obj, kind):
+        raise ValueError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                         f"got {type(obj).__name__}")
     return obj
 
 
@@ -81,10 +118,11 @@ def atomic_open(path, binary=False):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yield fh
+        with diskspace.translate(path):  # a full disk: one line naming the file
+            with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as fh:
+                yield fh
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # a symbolic link at path is replaced, its target never written
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
@@ -105,8 +143,9 @@ def write_json(path, obj) -> None:
 
 def append_jsonl(fh, record) -> None:
     """Append one record as a line and flush, so a crash loses at most the line being written."""
-    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    fh.flush()
+    with diskspace.translate(fh.name):
+        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        fh.flush()
 
 
 def read_jsonl_tolerant(path) -> list[dict]:
@@ -132,19 +171,39 @@ def read_jsonl_tolerant(path) -> list[dict]:
     return rows
 
 
+def refuse_symlink(path) -> None:
+    """ValueError (one line) when path is a symbolic link: files in a run directory are appended to or
+    repaired in place only when they are the run directory's own regular files, never a link's target."""
+    if os.path.islink(path):
+        raise ValueError(f"{path}: is a symbolic link (to {os.readlink(path)}); files the pipeline appends to or "
+                         f"repairs are never written through a link: replace it with a regular file (or delete it)")
+
+
+def _nofollow(path, flags):
+    """open()'s opener with O_NOFOLLOW: a link put in place after refuse_symlink still fails (one line)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse_symlink(path)
+        raise
+
+
 def drop_torn_line(path) -> None:
-    """Cut off a torn last line (a kill mid-append) of an append-only file, if it exists."""
-    if os.path.exists(path):
-        with open(path, "rb+") as fh:
+    """Cut off a torn last line (a kill mid-append) of an append-only file, if it exists (never a link's target)."""
+    if os.path.lexists(path):
+        refuse_symlink(path)
+        with open(path, "rb+", opener=_nofollow) as fh:
             fh.truncate(fh.read().rfind(b"\n") + 1)  # no-op when the file ends with a newline
 
 
 def open_append(path):
-    """Open an append-only JSONL file for appending, first cutting off a torn last line (a kill mid-write)."""
+    """Open an append-only JSONL file for appending, first cutting off a torn last line (a kill mid-write);
+    a symbolic link is refused (refuse_symlink), not followed."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     drop_torn_line(path)
-    return open(path, "a", encoding="utf-8")
+    return open(path, "a", encoding="utf-8", opener=_nofollow)
 
 
 def prompt_id(prompt: str) -> str:

@@ -71,7 +71,7 @@ import zlib
 
 import httpx
 
-from data import append_jsonl, open_append, read_jsonl_tolerant
+from data import append_jsonl, open_append, read_jsonl_tolerant, refuse_symlink
 from judge_base import (DEFAULT_SCALE, PAIRWISE_VERSION, Judge, JudgeFatalError, build_pairwise_prompt,
                         build_prompt, check_scale_and_mode, judge_name, template_version)
 
@@ -153,10 +153,35 @@ def parse_retry_after(value):
         return None
 
 
+SECRET_PART = 8  # this many consecutive characters of the key, in any letter case, count as the key
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")  # keeps every index
+
+
+def mask_secret(text: str, secret) -> str:
+    """text with every echo of the key masked as "***": the key itself, in any letter case, with or without
+    its prefix ("sk-", "sk-proj-"), and any run of SECRET_PART or more of its consecutive characters (a key
+    shorter than that: the whole key, any case; shorter than 4 characters: only the exact key)."""
+    if not secret:
+        return text
+    if len(secret) < 4:
+        return text.replace(secret, "***")
+    low, key, n = text.translate(_ASCII_LOWER), secret.translate(_ASCII_LOWER), min(SECRET_PART, len(secret))
+    covered = bytearray(len(text))
+    for part in {key[i:i + n] for i in range(len(key) - n + 1)}:
+        at = low.find(part)
+        while at != -1:
+            covered[at:at + n] = b"\1" * n
+            at = low.find(part, at + 1)
+    out, last = [], 0
+    for m in re.finditer(rb"\x01+", covered):
+        out += [text[last:m.start()], "***"]
+        last = m.end()
+    return "".join(out) + text[last:]
+
+
 def redact(text: str, secret) -> str:
-    """One line, at most 200 characters, with the key and anything key-like removed."""
-    if secret:
-        text = text.replace(secret, "***")
+    """One line, at most 200 characters, with the key (mask_secret) and anything key-like removed."""
+    text = mask_secret(str(text), secret)
     text = re.sub(r"sk-[A-Za-z0-9_*\-.]{3,}", "sk-***", text)
     text = re.sub(r"(?i)bearer\s+\S+", "Bearer ***", text)
     return " ".join(text.split())[:200]
@@ -248,6 +273,7 @@ class ScoreCache:
 
     def __init__(self, path):
         self.path = str(path)
+        refuse_symlink(self.path)  # rows are appended to the cache's own file, never to a link's target
         rows = read_jsonl_tolerant(self.path)
         self.entries = {}
         for row in rows:

@@ -127,14 +127,30 @@ def stage_flags(args, training_keys, run_dir, embedded=()):
 def load(it_dir):
     """The records of an iteration directory ({} when none)."""
     path = pathlib.Path(it_dir) / RECORD
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
+    way_out = f"delete {it_dir} to redo the iteration"
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # invalid JSON or not UTF-8
-        raise SystemExit(f"train.py: {path} is corrupt ({str(e).splitlines()[0][:80]}); delete {it_dir} to redo "
-                         f"the iteration") from None
-    return records if isinstance(records, dict) else {}
+        records = data.read_json(path)
+    except ValueError as e:  # invalid JSON, not UTF-8, a directory, not an object
+        reason = str(e).removeprefix(f"{path}: ").splitlines()[0][:120]
+        raise SystemExit(f"train.py: {path} is corrupt ({reason}); {way_out}") from None
+    for stage, rec in records.items():  # every field a later check reads, of the type it reads
+        problem = None
+        if not isinstance(rec, dict):
+            problem = f"field {stage!r} must be an object, got {type(rec).__name__}"
+        else:
+            for field in ("flags", "inputs", "output"):
+                if not isinstance(rec.get(field, {}), dict):
+                    problem = f"field {stage}.{field} must be an object, got {type(rec[field]).__name__}"
+                    break
+            else:
+                bad = [k for k, v in rec.get("output", {}).items() if not isinstance(v, str)]
+                if bad:
+                    problem = f"field {stage}.output.{bad[0]} must be a sha256 string"
+        if problem:
+            raise SystemExit(f"train.py: {path} is corrupt ({problem}); {way_out}")
+    return records
 
 
 def _produced(it_dir, stage):
@@ -169,7 +185,7 @@ def check(it_dir, stage, flags, inputs=None, records=None):
     for name, sha in (inputs or {}).items():
         if rec.get("inputs", {}).get(name) != sha:
             raise SystemExit(f"train.py: {it_dir} holds {stage} outputs made from another {name} (sha256 "
-                             f"{str(rec['inputs'].get(name))[:12]}, now {str(sha)[:12]}); restore it, or {way_out}")
+                             f"{str(rec.get('inputs', {}).get(name))[:12]}, now {str(sha)[:12]}); restore it, or {way_out}")
     for name, sha in rec.get("output", {}).items():
         now = sha256_file(it_dir / name)
         if now is not None and now != sha:
@@ -188,6 +204,25 @@ def check_all(it_dir, flags, inputs):
             known[stage] = {source: sha256_file(it_dir / source)}
     for stage in ORDER:
         check(it_dir, stage, flags[stage], known.get(stage), records)
+
+
+def check_history(run_dir, k, h):
+    """The iterations k-h+1 .. k-1 whose pairs.jsonl --history h trains on, checked as the current one is:
+    each must exist with a label record whose output sha256 is the file's now (one-line SystemExit)."""
+    for j in range(max(0, k - h + 1), k):
+        it_dir = pathlib.Path(run_dir) / f"iter{j}"
+        pairs, rec = it_dir / "pairs.jsonl", load(it_dir).get("label")
+        if not pairs.is_file():
+            raise SystemExit(f"train.py: {pairs} is missing (--history {h} trains on iterations {max(0, k - h + 1)}.."
+                             f"{k}); run iteration {j} first, or lower --history")
+        recorded = (rec or {}).get("output", {}).get("pairs.jsonl")
+        if recorded is None:
+            raise SystemExit(f"train.py: {pairs} exists but {it_dir / RECORD} does not record what it was made from "
+                             f"(--history {h} reads it); redo iteration {j}, or lower --history")
+        now = sha256_file(pairs)
+        if now != recorded:
+            raise SystemExit(f"train.py: {pairs} changed since the label stage wrote it (sha256 {recorded[:12]}, now "
+                             f"{now[:12]}; --history {h} reads it); restore it, or redo iteration {j}")
 
 
 def begin(it_dir, stage, flags, inputs):
