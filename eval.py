@@ -43,6 +43,7 @@ import torch
 import generate
 import model as model_lib
 from data import iterations, load_prompts, read_jsonl, write_json
+from data import read_json as data_read_json
 from demo import check_answer
 from harness import run_benchmarks
 from judge import judge_records, make_judge, win_tie_loss
@@ -94,9 +95,11 @@ def run_score(args):
     """`eval.py score`: evaluate a run's base + iter models (or one model); cache in eval/scores.json."""
     target = Path(args.target)
     if is_run_dir(target):
-        config = read_json(target / f"iter{iterations(target)[0]}" / "config.json")
-        if "base_model" not in config:
-            raise ValueError(f"{target}/iter{iterations(target)[0]}/config.json: no base_model")
+        config_path = target / f"iter{iterations(target)[0]}" / "config.json"
+        config = data_read_json(config_path)  # an object, or a one-line ValueError naming the file
+        if not isinstance(config.get("base_model"), str) or not config["base_model"]:
+            raise ValueError(f"{config_path}: field 'base_model' must be a model name or directory, got "
+                             f"{config.get('base_model')!r}")
         models = [("base", config["base_model"])]
         models += [(f"iter{k}", str(target / f"iter{k}" / "model")) for k in iterations(target)
                    if (target / f"iter{k}" / "model" / "config.json").is_file()]
@@ -422,8 +425,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
-        raise SystemExit(f"eval.py {args.command}: {e}") from None
+    except (ValueError, OSError) as e:  # bad input, a full disk (diskspace.DiskFull): one line
+        raise SystemExit(f"eval.py {args.command}: {' '.join(str(e).split())}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"eval.py {args.command}: interrupted; rerun the same command to continue (what is "
+                         f"finished is kept)") from None
 
 
 if __name__ == "__main__":

