@@ -5,7 +5,8 @@ the judge's prompt (single-answer or pairwise template, judge_base.py) and answe
 the "score=N" written in the answer (5 without one), or, for a pairwise prompt, "[[A]]" / "[[B]]" / "[[C]]"
 by comparing the two answers' N (`position_bias="A"` makes it always prefer the first answer shown). Per-answer
 scripts play failing servers: 429 with Retry-After, 500, 400, 401, slow, garbage, not JSON, HTML, trickled
-bytes, a huge reply, a gzip bomb, gzip/deflate bodies, a reply echoing the Authorization header.
+bytes, a huge reply, a gzip bomb, gzip/deflate bodies, a reply echoing the Authorization header, a 400
+echoing the key in other forms; `gate` holds every request until it is set.
 `records(n)` makes judge input rows whose answers carry such scores; `FAKE_KEY` is the fake API key.
 
 Where this departs from, or fills a gap in, the paper:
@@ -41,6 +42,7 @@ class FakeChat:
         self.latency, self.slow_s = latency, slow_s
         self.score = score        # every answer gets this score instead of its "score=N"
         self.position_bias = position_bias  # "A": a pairwise verdict always prefers the answer shown first
+        self.gate = None          # a threading.Event: every request waits for it (holds a client mid-stage)
         self.trickle_bytes, self.trickle_s, self.huge_bytes, self.bomb_bytes = trickle_bytes, trickle_s, huge_bytes, bomb_bytes
         self._bomb = None
         fake = self
@@ -87,12 +89,17 @@ class FakeChat:
             if mode == "ok" and self.ok_budget is not None:
                 mode = "ok" if self.ok_budget > 0 else "401"
                 self.ok_budget -= 1
+        if self.gate is not None:
+            self.gate.wait(60)
         if self.latency:
             time.sleep(self.latency)
         if mode.startswith("429"):
             return self.send(req, 429, {"error": {"message": "rate limited"}}, {"Retry-After": mode.split(":")[1]})
         if mode in ("500", "400"):
             return self.send(req, int(mode), {"error": {"message": f"status {mode}"}})
+        if mode == "echo400":  # a 400 whose message repeats the key upper-cased, without its prefix, and in part
+            key = (req.headers.get("Authorization") or "").removeprefix("Bearer ")
+            return self.send(req, 400, {"error": {"message": f"bad key {key.upper()} / {key[3:]} / {key[5:17]}"}})
         if mode == "401":
             key = (req.headers.get("Authorization") or "").removeprefix("Bearer ")
             return self.send(req, 401, {"error": {"message": f"Incorrect API key provided: {key}. Bearer {key}"}})
