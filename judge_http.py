@@ -13,10 +13,12 @@ seconds or as an HTTP date is waited out, capped at `retry_after_max`), at most 
 over connect and every read, and its body is read through `read_capped` (at most
 `max_reply_bytes` read and decoded). The base URL must be http(s) and the key a plain visible-ASCII
 string, checked when the judge is built. The API key is read from an environment variable and is never
-stored, logged or written; error texts are scrubbed of it. Scores (and token counts, never reply text)
-are cached in an append-only JSONL file (section "cache") keyed by sha256(base URL without credentials,
-judge model, template version (which names the scale or the pairwise template), prompt, answer(s)), so a
-rerun or a resumed run never sends a request twice for an answer that got a score.
+stored, logged or written; error texts are scrubbed of it (`mask_secret`: any letter case, with or without
+its prefix, and any run of SECRET_PART characters of it). Scores (and token counts, never reply text)
+are cached in an append-only JSONL file (section "cache"; a path that is a symbolic link is refused) keyed
+by sha256(base URL without credentials, judge model, template version (which names the scale or the
+pairwise template), prompt, answer(s)), so a rerun or a resumed run never sends a request twice for an
+answer that got a score.
 
 Where this departs from, or fills a gap in, the paper:
 1. Cache format: the cache is a JSONL file rather than sqlite: human-readable, greppable, "JSONL
