@@ -196,7 +196,7 @@ def test_one_place_per_default_preset_dict_help_and_training_keys(tmp_path, caps
     demo = config.parse_args(["--iter", "1"])
     assert (demo.lr, demo.epochs, demo.beta) == (config.PRESETS["demo"]["lr"], config.PRESETS["demo"]["epochs"], 0.1)
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "hi", "answer": "there"}\n')
+    prompts.write_text('{"prompt": "hi", "response": "hello", "answer": "there"}\n')
     paper = config.parse_args(["--iter", "1", "--preset", "paper", "--data", str(prompts), "--lr", "2e-7"])
     assert (paper.lr, paper.epochs, paper.dtype) == (2e-7, 3, "bf16")  # the command line over the preset
     assert "(default 5e-07)" in config.build_parser("paper").format_help().replace("\n", " ").replace("  ", " ")
