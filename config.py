@@ -18,6 +18,7 @@ import math
 import sys
 
 import data
+import judge as judges
 import noise as noises
 import tracking
 from loss import LOSS_TYPES
@@ -239,3 +240,16 @@ def check_args(args):
     need(args.noise != "fixed" or args.noise_sigma > 0, "--noise fixed needs --noise-sigma > 0")
     tracking.require(args.report_to)  # a missing tracker library stops here, before any model loads
     return args
+
+
+def check_judge(args):
+    """The judge's own checks (base URL, API key in the environment), run before the model loads by building
+    it once without its cache (the hf judge is not built: that would load its model)."""
+    if args.judge == "hf":
+        return
+    try:
+        judges.make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
+                          concurrency=args.judge_concurrency, api_key_env=args.judge_api_key_env,
+                          scale=args.judge_scale, mode=args.judge_mode)
+    except ValueError as e:  # JudgeFatalError is a ValueError
+        raise SystemExit(f"train.py: {e}") from None

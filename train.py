@@ -65,7 +65,7 @@ import stages
 import step as steps
 import tracking
 from loss import sequence_logps
-from config import TRAINING_KEYS, parse_args
+from config import TRAINING_KEYS, check_judge, parse_args
 
 
 @dataclasses.dataclass
@@ -330,6 +330,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)  # every flag is checked before anything is written; never written into
+    check_judge(args)  # the judge's URL and API key, before the model loads
     t_start = time.time()
     rank, world, device = distributed.setup_distributed(args.device)
     run_dir = pathlib.Path(args.run_dir)

@@ -178,9 +178,13 @@ def test_history_pairs_edited_since_their_label_stage_are_refused(iter0_run, tmp
 
 
 # ----------------------------------------------------------------------------- 4. flags checked before the model
-def test_judge_concurrency_and_rule_answers_are_checked_before_the_model_loads(tmp_path):
-    """Both refused at parse time: the base model does not even exist, and no run directory is made."""
+def test_judge_settings_and_rule_answers_are_checked_before_the_model_loads(tmp_path, monkeypatch):
+    """Refused at parse time: the base model does not even exist, and no run directory is made."""
     run_dir, no_model = tmp_path / "run", str(tmp_path / "no-model")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    refused(["--iter", "0", *tiny_flags(run_dir, no_model), "--judge", "openai"], "$OPENAI_API_KEY is not set")
+    refused(["--iter", "0", *tiny_flags(run_dir, no_model), "--judge", "openai", "--judge-base-url", "file:///x"],
+            "must start with http:// or https://")
     refused(["--iter", "0", *tiny_flags(run_dir, no_model), "--judge", "openai", "--judge-concurrency", "0",
              "--judge-base-url", URL], "--judge-concurrency must be > 0")
     plain = tmp_path / "plain.jsonl"
