@@ -42,6 +42,7 @@ Where this departs from, or fills a gap in, the paper:
    reading of Sec. 5.4, --chain own the other. The fixed-noise σ of App. H is lost: train.py's default.
 """
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -481,27 +482,47 @@ def execute(opts, steps):
     return times
 
 
-def main(argv=None):
-    opts = parse_args(argv)
-    steps = plan(opts)
-    if not opts.dry_run:  # one ablate.py per --out, until it ends (runlock.py); a dry run writes nothing
-        runlock.hold(opts.out, "ablate.py")
-    check_settings(opts, write=not opts.dry_run)
+def run_study(prog, opts, steps, check_settings, execute, report, describe, table):
+    """The driver of both study scripts (ablate.py, noise_study.py). --dry-run: print each step (`describe`),
+    "# done: " before the finished ones, and write nothing. Otherwise hold the lock on --out (one writer,
+    runlock.py), check or write its settings file, run the steps not done, and write the table with
+    `report`, also after a failed or interrupted step (the table so far; the step's error is what is
+    raised), then print OUT/`table`. Returns the steps (dry run) or report's result."""
     if opts.dry_run:
+        check_settings(opts, write=False)
         for step in steps:
-            text = f"ln -s {step['link'][0]} {step['link'][1]}" if "link" in step else shlex.join(step["cmd"])
-            print(("# done: " if step["done"]() else "") + text)
+            print(("# done: " if step["done"]() else "") + describe(step))
         return steps
-    execute(opts, steps)
+    runlock.hold(opts.out, prog)
+    check_settings(opts, write=True)
+    Path(opts.out).mkdir(parents=True, exist_ok=True)
+    try:
+        execute(opts, steps)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            report(opts)
+        raise
     result = report(opts)
-    print(Path(opts.out, "ablation.md").read_text())
+    print(Path(opts.out, table).read_text())
     return result
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    opts = parse_args(argv)
+    return run_study("ablate.py", opts, plan(opts), check_settings, execute, report, table="ablation.md",
+                     describe=lambda step: f"ln -s {step['link'][0]} {step['link'][1]}" if "link" in step
+                     else shlex.join(step["cmd"]))
+
+
+def cli(prog, main):
+    """Run a study script's main as a command: Ctrl-C, a bad input or an OS error is one line naming `prog`."""
     try:
         main()
     except KeyboardInterrupt:
-        raise SystemExit("ablate.py: interrupted; rerun the same command to continue")
+        raise SystemExit(f"{prog}: interrupted; rerun the same command to continue") from None
     except (ValueError, OSError) as e:
-        raise SystemExit(f"ablate.py: {' '.join(str(e).split())}") from None
+        raise SystemExit(f"{prog}: {' '.join(str(e).split())}") from None
+
+
+if __name__ == "__main__":
+    cli("ablate.py", main)

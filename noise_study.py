@@ -48,8 +48,7 @@ import numpy as np
 import data
 import eval as ev
 import plots
-import runlock
-from ablate import Parser, keep_settings, split_argv
+from ablate import Parser, cli, keep_settings, run_study, split_argv
 
 HERE = Path(__file__).resolve().parent
 ROWS = {"spin": ["--no-dsl", "--noise", "none"], "npo": ["--no-dsl", "--noise", "trainable"],
@@ -373,26 +372,9 @@ def report(opts):
 
 def main(argv=None):
     opts = parse_args(argv)
-    steps = plan(opts)
-    if not opts.dry_run:  # one noise_study.py per --out, until it ends (runlock.py); a dry run writes nothing
-        runlock.hold(opts.out, "noise_study.py")
-    check_settings(opts, write=not opts.dry_run)
-    if opts.dry_run:
-        for step in steps:
-            print(("# done: " if step["done"]() else "") + step["label"])
-        return steps
-    Path(opts.out).mkdir(parents=True, exist_ok=True)
-    try:
-        execute(opts, steps)
-    finally:  # the table so far, also when a step failed or was interrupted
-        report(opts)
-    print((Path(opts.out) / "noise_study.md").read_text())
+    return run_study("noise_study.py", opts, plan(opts), check_settings, execute, report,
+                     describe=lambda step: step["label"], table="noise_study.md")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        raise SystemExit("noise_study.py: interrupted; rerun the same command to continue")
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"noise_study.py: {' '.join(str(e).split())}") from None
+    cli("noise_study.py", main)
