@@ -53,7 +53,7 @@ BENCHMARKS = [  # (Table 1 column, lm_eval tasks averaged into it, num_fewshot):
 LOCAL_TASK = "dnpo_demo_eval"
 LOCAL = [("Demo", [LOCAL_TASK], 0)]  # the local task, in BENCHMARKS' shape: one lm_eval run
 LOCAL_FILTERS = ("first-line", "last-word")  # its filters: one score each, from the one generation
-LOCAL_MAX_TOKENS = 48  # the demo preset's max_new_tokens
+LOCAL_MAX_TOKENS = 48  # a demo answer's first line fits (the demo preset generates 32 tokens in training)
 
 
 def local_task_config(data_file):

@@ -118,10 +118,9 @@ def train_args(w, run_dir, fast):
     flags = ["--precompute-ref", "--group-by-length"] if fast else ["--no-precompute-ref", "--no-group-by-length"]
     args = train.parse_args(["--iter", "0", "--preset", "demo", "--run-dir", str(run_dir), "--max-prompts",
                              str(len(w.pairs)), "--epochs", str(s["epochs"]), "--batch-size", str(s["batch_size"]),
-                             "--lr", str(s["lr"]), "--max-length", str(s["max_length"]), "--max-prompt-length",
-                             str(s["max_prompt_length"]), "--device", w.device.type] + flags)
-    args.world_size, args.start_model = 1, s["model"]
-    return args
+                             "--optimizer", "rmsprop", "--lr", str(s["lr"]), "--max-length", str(s["max_length"]),
+                             "--max-prompt-length", str(s["max_prompt_length"]), "--device", w.device.type] + flags)
+    return train.RunState(world_size=1, start_model=s["model"]).over(args)
 
 
 def padding_fractions(w, seed=0):
