@@ -38,5 +38,20 @@ def test_links_and_files_named_by_the_readme_exist():
 
 def test_readme_is_a_front_door():
     assert len(README.splitlines()) <= 300
-    assert "python train.py --iter 0 && python train.py --iter 1 && python eval.py score runs/demo" in README
     assert "python -m pytest -q" in README
+
+
+def test_the_main_job_command_parses():
+    """Every train.py / eval.py call of the README's main job is accepted by that script's own parser (flags and
+    values), and they are iterations 0 and 1 of one run directory, scored by eval.py."""
+    import shlex
+
+    import config
+    import eval as ev
+    line = next(x for x in README.splitlines() if x.startswith("python train.py --iter 0 &&"))
+    calls = [shlex.split(c) for c in line.split("&&")]
+    assert [c[:2] for c in calls] == [["python", "train.py"], ["python", "train.py"], ["python", "eval.py"]]
+    runs = [config.parse_args(c[2:]) for c in calls[:2]]
+    assert [a.iter for a in runs] == [0, 1] and runs[0].run_dir == runs[1].run_dir
+    scored = ev.parse_args(calls[2][2:])
+    assert scored.command == "score" and scored.target == runs[0].run_dir
