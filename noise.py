@@ -42,7 +42,8 @@ Departures from, and gaps filled in, the paper:
    `stats` and it receives, for the draw the model term sees (ε₁), the mean over rejected answer tokens of
    KL(softmax z_t ‖ softmax z̃_t) ("kl_noise"), of σ²_t at the answer's own token y_t ("sigma2_target")
    and of σ²_t over the DIAGNOSTIC_TOPK largest reference logits ("sigma2_topk"); the mean over all V
-   entries is mean σ² itself. Computed without a graph, from tensors the chunk already holds.
+   entries is mean σ² itself. Computed without a graph from the chunk's z and δ = σ ⊙ ε, in cache-sized
+   tiles, once per chunk (a checkpoint recompute skips them): ~45 ms of CPU per demo step, < 1 % of it.
 10. Defaults from the evidence (noise_study.py, docs/noise.md; iteration 1 from SPIN's iteration 0,
    SmolLM2-135M, 62 demo pairs, 24 steps, 400 held-out prompts). Kept: --noise-lr 1e-3, α = 1, σ² = 1e-2
    at the start. Under AdamW (the ablation study's optimizer) these leave the noise small
@@ -70,6 +71,7 @@ DEFAULT_ALPHA = 1.0
 NOISE_KINDS = ("trainable", "fixed", "none")
 DIAGNOSTIC_TOPK = 10
 TOKEN_DIAGNOSTICS = ("kl_noise", "sigma2_target", "sigma2_topk")  # departure 9
+DIAGNOSTIC_TILE_BYTES = 2 ** 19  # rows of (c, V) per pass of _diagnostic_sums on a CPU (2 for V = 49152)
 
 
 def inverse_softplus(y):
@@ -161,45 +163,66 @@ def _chunk_sigma(generator, h, z):
     return variance.clamp_min(torch.finfo(z.dtype).tiny).sqrt(), variance
 
 
-def _noisy_token_logps(z, sigma, seed, chunk_index, targets, variance=None):
-    """log_softmax(z + σ ⊙ ε)[y] on one (c, V) chunk, ε = chunk_noise(seed, chunk_index); with the chunk's
-    variance (c, V) also its _diagnostic_sums."""
-    noisy = z + sigma * chunk_noise(seed, chunk_index, z.shape[0], z.shape[1], z.dtype, z.device)  # Eq. 6: z̃ = z + σ ⊙ ε
+def _noisy_token_logps(z, sigma, seed, chunk_index, targets, variance=None, sink=None):
+    """log_softmax(z + σ ⊙ ε)[y] on one (c, V) chunk, ε = chunk_noise(seed, chunk_index). With a dict `sink`
+    (and the chunk's variance (c, V)) also stores the chunk's _diagnostic_sums as sink[chunk_index], once:
+    a checkpoint recompute finds them there and skips them."""
+    eps = chunk_noise(seed, chunk_index, z.shape[0], z.shape[1], z.dtype, z.device)
+    delta = sigma * eps if torch.is_grad_enabled() else eps.mul_(sigma)  # σ ⊙ ε, in ε's buffer without a graph
+    noisy = z + delta  # Eq. 6: z̃ = z + σ ⊙ ε
     noisy_lse = torch.logsumexp(noisy, dim=-1)
     logps = noisy.gather(1, targets.unsqueeze(1)).squeeze(1) - noisy_lse  # Eq. 6: log_softmax(z̃)[y]
-    return logps if variance is None else (logps, _diagnostic_sums(z, noisy, noisy_lse, variance, targets))
+    if sink is not None and chunk_index not in sink:
+        sink[chunk_index] = _diagnostic_sums(z, delta, noisy_lse, variance, targets)
+    return logps
 
 
 @torch.no_grad()
-def _diagnostic_sums(z, noisy, noisy_lse, variance, targets):
+def _diagnostic_sums(z, delta, noisy_lse, variance, targets):
     """(4,) sums over one chunk's c tokens, no graph (departure 9): [c, Σ_t KL(softmax z_t ‖ softmax z̃_t),
-    Σ_t σ²_t[y_t], Σ_t mean of σ²_t over the DIAGNOSTIC_TOPK largest z_t]."""
-    lse = torch.logsumexp(z, dim=-1)
-    p = (z - lse.unsqueeze(1)).exp_()  # softmax(z), (c, V)
-    kl = torch.linalg.vecdot(p, z - noisy) + noisy_lse - lse  # Σ_v p_v (log p_v − log p̃_v), (c,)
-    top = z.topk(min(DIAGNOSTIC_TOPK, z.shape[1]), dim=-1).indices  # (c, k)
+    Σ_t σ²_t[y_t], Σ_t mean of σ²_t over the DIAGNOSTIC_TOPK largest z_t]; z, δ (c, V), noisy_lse (c,).
+
+    KL(p ‖ p̃) = log Σ_v p_v e^{δ_v} − Σ_v p_v δ_v, δ = z̃ − z = σ ⊙ ε the draw's own (not a difference of
+    logits): two sums of size O(σ) whose difference is O(σ²); in float32 at V = 49152 (lse ≈ 15) its error is
+    ~5e-9 per token, against ~5e-7 (≈ ulp(lse)) for lse(z̃) − lse(z) − Σ p δ, the form used only where e^δ
+    overflows (δ > 88).
+    The passes run DIAGNOSTIC_TILE_BYTES of rows at a time in two small buffers, so that they stay in the CPU's
+    cache (one tile on a GPU); z and δ are only read."""
+    c, v = z.shape
+    top = z.topk(min(DIAGNOSTIC_TOPK, v), dim=-1, sorted=False)  # (c, k)
+    m = top.values.amax(-1, keepdim=True)  # max_v z_v
+    rows = c if z.device.type != "cpu" else max(1, DIAGNOSTIC_TILE_BYTES // (v * z.element_size()))
+    sums = z.new_empty(3, c)  # Σ e, Σ e δ, Σ e (e^δ − 1) per token, e = e^{z − max z} ∝ p
+    e_buf, d_buf = z.new_empty(min(rows, c), v), z.new_empty(min(rows, c), v)
+    for i in range(0, c, rows):
+        sl, r = slice(i, i + rows), min(rows, c - i)
+        e = torch.sub(z[sl], m[sl], out=e_buf[:r]).exp_()
+        sums[0, sl] = e.sum(-1)
+        sums[1, sl] = torch.mul(e, delta[sl], out=d_buf[:r]).sum(-1)
+        sums[2, sl] = e.mul_(torch.exp(delta[sl], out=d_buf[:r]).sub_(1.0)).sum(-1)
+    s, mean_delta, mean_expm1 = sums[0], sums[1] / sums[0], sums[2] / sums[0]  # Σ p δ, Σ p (e^δ − 1)
+    kl = torch.where(mean_expm1.isfinite(), torch.log1p(mean_expm1) - mean_delta,  # log Σ p e^δ − Σ p δ ≥ 0 (Jensen)
+                     noisy_lse - m.squeeze(1) - s.log() - mean_delta)             # lse(z̃) − lse(z) − Σ p δ
     variance = variance.detach()
-    return torch.stack([kl.new_tensor(float(z.shape[0])), kl.sum(), variance.gather(1, targets.unsqueeze(1)).sum(),
-                        variance.gather(1, top).mean(1).sum()])
+    return torch.stack([kl.new_tensor(float(c)), kl.sum(), variance.gather(1, targets.unsqueeze(1)).sum(),
+                        variance.gather(1, top.indices).mean(1).sum()])
 
 
-def _stats_of(sums):
-    """TOKEN_DIAGNOSTICS means from the summed (4,) _diagnostic_sums of every chunk."""
+def _stats_of(sink, dtype, device):
+    """TOKEN_DIAGNOSTICS means from the (4,) _diagnostic_sums of every chunk in sink."""
+    sums = sum(sink.values(), torch.zeros(4, dtype=dtype, device=device))
     n = max(float(sums[0]), 1.0)
     return {key: float(value) / n for key, value in zip(TOKEN_DIAGNOSTICS, sums[1:].tolist())}
 
 
-def _chunk_logps(generator, gather, sl, targets, base_seed, chunk_index, dtype, diagnostics=False):
-    """Eq. 5–6 on one chunk of c answer tokens -> (token logps (c,), Σ σ² over the (c, V) block[, its
-    _diagnostic_sums]). gather(sl) -> (reference logits (c, V), hidden (c, d)) of the chunk: gathered (or
-    recomputed from h by lm_head) here, so that checkpoint keeps no (c, V) copy."""
+def _chunk_logps(generator, gather, sl, targets, base_seed, chunk_index, dtype, sink=None):
+    """Eq. 5–6 on one chunk of c answer tokens -> (token logps (c,), Σ σ² over the (c, V) block); its
+    _diagnostic_sums into sink. gather(sl) -> (reference logits (c, V), hidden (c, d)) of the chunk: gathered
+    (or recomputed from h by lm_head) here, so that checkpoint keeps no (c, V) copy."""
     z, h = gather(sl)
     z = z.to(dtype)  # (c, V) reference logits
     sigma, variance = _chunk_sigma(generator, h, z)
-    if diagnostics:
-        logps, sums = _noisy_token_logps(z, sigma, base_seed, chunk_index, targets[sl], variance)
-        return logps, variance.sum(), sums
-    return _noisy_token_logps(z, sigma, base_seed, chunk_index, targets[sl]), variance.sum()
+    return _noisy_token_logps(z, sigma, base_seed, chunk_index, targets[sl], variance, sink), variance.sum()
 
 
 def _noisy_sums(gather, targets, seq_ids, num_seqs, vocab_size, generator, generator_grad, chunk_size, rng,
@@ -209,19 +232,18 @@ def _noisy_sums(gather, targets, seq_ids, num_seqs, vocab_size, generator, gener
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = targets.numel()
     base_seed = draw_base_seed(rng)
-    token_logps, variance_sums, diagnostic_sums = [], [], []
+    token_logps, variance_sums, sink = [], [], {} if stats is not None else None
     for k, start in enumerate(range(0, n, chunk_size)):
-        args = (generator, gather, slice(start, start + chunk_size), targets, base_seed, k, dtype, stats is not None)
+        args = (generator, gather, slice(start, start + chunk_size), targets, base_seed, k, dtype, sink)
         if generator_grad:  # recompute the (c, V) block in backward instead of keeping it (see module docstring)
-            tl, vs, *ds = checkpoint(_chunk_logps, *args, use_reentrant=False, preserve_rng_state=False)
+            tl, vs = checkpoint(_chunk_logps, *args, use_reentrant=False, preserve_rng_state=False)
         else:
             with torch.no_grad():
-                tl, vs, *ds = _chunk_logps(*args)
+                tl, vs = _chunk_logps(*args)
         token_logps.append(tl)
         variance_sums.append(vs)
-        diagnostic_sums += ds
     if stats is not None:
-        stats.update(_stats_of(sum(diagnostic_sums, torch.zeros(4, dtype=dtype, device=device))))
+        stats.update(_stats_of(sink, dtype, device))
 
     out = torch.zeros(num_seqs, dtype=dtype, device=device)
     if token_logps:
@@ -243,18 +265,16 @@ def _head_gather(hidden, head_weight, head_bias):
     return gather, torch.promote_types(hidden.dtype, torch.float32)
 
 
-def _chunk_pair_logps(generator, gather, sl, targets, seed_eps1, seed_eps2, chunk_index, dtype, diagnostics=False):
+def _chunk_pair_logps(generator, gather, sl, targets, seed_eps1, seed_eps2, chunk_index, dtype, sink=None):
     """Both draws of Eq. 6 on one chunk from one z and one σ² (Eq. 5): the ε₁ log-probs without a graph
-    (the model term sees sg φ), the ε₂ log-probs with the graph to the generator, Σ σ² with it[, the ε₁
-    draw's _diagnostic_sums]."""
+    (the model term sees sg φ), the ε₂ log-probs with the graph to the generator, Σ σ² with it; the ε₁
+    draw's _diagnostic_sums into sink."""
     z, h = gather(sl)
     z = z.to(dtype)  # (c, V)
     sigma, variance = _chunk_sigma(generator, h, z)  # with grad to φ
     with torch.no_grad():
-        eps1 = _noisy_token_logps(z, sigma, seed_eps1, chunk_index, targets[sl], variance if diagnostics else None)
+        eps1 = _noisy_token_logps(z, sigma, seed_eps1, chunk_index, targets[sl], variance, sink)
     eps2 = _noisy_token_logps(z, sigma, seed_eps2, chunk_index, targets[sl])
-    if diagnostics:  # eps1 is (token logps, _diagnostic_sums)
-        return eps1[0], eps2, variance.sum(), eps1[1]
     return eps1, eps2, variance.sum()
 
 
@@ -271,14 +291,13 @@ def noisy_answer_logps_pair(hidden, targets, seq_ids, num_seqs, head_weight, gen
     n, V = targets.numel(), head_weight.shape[0]
     seed_eps1, seed_eps2 = draw_base_seed(rng), draw_base_seed(rng)
     keep = n * V * 24 <= graph_budget_bytes
-    parts = []
+    parts, sink = [], {} if stats is not None else None
     for k, start in enumerate(range(0, n, chunk_size)):
-        args = (generator, gather, slice(start, start + chunk_size), targets, seed_eps1, seed_eps2, k, dtype,
-                stats is not None)
+        args = (generator, gather, slice(start, start + chunk_size), targets, seed_eps1, seed_eps2, k, dtype, sink)
         parts.append(_chunk_pair_logps(*args) if keep else
                      checkpoint(_chunk_pair_logps, *args, use_reentrant=False, preserve_rng_state=False))
     if stats is not None:
-        stats.update(_stats_of(sum((p[3] for p in parts), torch.zeros(4, dtype=dtype, device=hidden.device))))
+        stats.update(_stats_of(sink, dtype, hidden.device))
     eps1, eps2 = (torch.zeros(num_seqs, dtype=dtype, device=hidden.device) for _ in range(2))
     if not parts:
         return eps1, eps2, torch.zeros((), dtype=dtype, device=hidden.device)

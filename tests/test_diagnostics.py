@@ -26,22 +26,26 @@ def inputs(seed=0):
 
 
 def plain_stats(hidden, head, targets, gen, base_seed, chunk_size):
-    """The diagnostics in float64 on the whole (N, V) block, ε from the chunked path's seeds."""
+    """The diagnostics in float64 on the whole (n, v) block, ε from the chunked path's seeds."""
+    n, v = hidden.shape[0], head.shape[0]
     z = (hidden @ head.T).double()
-    variance = gen(hidden).double()
-    eps = torch.cat([chunk_noise(base_seed, k, min(chunk_size, N - s), V) for k, s in
-                     enumerate(range(0, N, chunk_size))]).double()
+    variance = gen(hidden).double().expand(n, v)
+    eps = torch.cat([chunk_noise(base_seed, k, min(chunk_size, n - s), v) for k, s in
+                     enumerate(range(0, n, chunk_size))]).double()
     noisy = z + variance.sqrt() * eps
     logp, logq = z.log_softmax(-1), noisy.log_softmax(-1)
     kl = (logp.exp() * (logp - logq)).sum(-1)  # KL(p ‖ p̃) by its definition
     top = z.argsort(-1, descending=True)[:, :DIAGNOSTIC_TOPK]
-    return dict(kl_noise=kl.mean().item(), sigma2_target=variance[torch.arange(N), targets].mean().item(),
+    return dict(kl_noise=kl.mean().item(), sigma2_target=variance[torch.arange(n), targets].mean().item(),
                 sigma2_topk=variance.gather(1, top).mean().item())
 
 
-@pytest.mark.parametrize("chunk_size", [4, 256])
-def test_token_diagnostics_equal_the_plain_float64_formulas(chunk_size):
-    """stats of the ε₁ draw, chunked, equal KL / σ²[y] / top-k σ² computed on whole tensors in float64."""
+@pytest.mark.parametrize("chunk_size, tile_rows", [(4, None), (256, None), (4, 3), (256, 1), (256, 5)])
+def test_token_diagnostics_equal_the_plain_float64_formulas(chunk_size, tile_rows, monkeypatch):
+    """stats of the ε₁ draw, chunked, equal KL / σ²[y] / top-k σ² computed on whole tensors in float64, whatever
+    the rows per tile of _diagnostic_sums (None: the default, one tile here; 3 and 5 leave a ragged last tile)."""
+    if tile_rows is not None:
+        monkeypatch.setattr(noise, "DIAGNOSTIC_TILE_BYTES", tile_rows * V * 4)
     hidden, head, targets, seq_ids, gen = inputs()
     rng = torch.Generator().manual_seed(5)
     base_seed = draw_base_seed(torch.Generator().manual_seed(5))
@@ -77,6 +81,51 @@ def test_pair_path_reports_the_eps1_draw_and_changes_no_number():
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b)
 
+
+
+@pytest.mark.parametrize("sigma, rel", [(1e-3, 1e-2), (40.0, 1e-5)])
+def test_kl_keeps_its_precision_for_tiny_and_huge_noise(sigma, rel):
+    """At SmolLM2's V = 49152 with logits ~ N(0, 9) (lse(z) ≈ 15): σ = 1e-3 gives KL ≈ 5e-7 per token, about
+    float32's ulp(lse), which lse(z̃) − lse(z) − Σ p δ cannot resolve (2.4 % off here) and log Σ p e^δ − Σ p δ does (0.3 %);
+    σ = 40 makes e^δ overflow float32 (δ > 88), where the lse form takes over."""
+    g = torch.Generator().manual_seed(0)
+    n, v = 8, 49152
+    hidden, head = torch.randn(n, D, generator=g), torch.randn(v, D, generator=g) * (3 / math.sqrt(D))
+    targets = torch.randint(0, v, (n,), generator=g)
+    fixed, stats = FixedNoise(sigma, v), {}
+    noisy_answer_logps(hidden, targets, torch.zeros(n, dtype=torch.long), 1, head, fixed, generator_grad=False,
+                       rng=torch.Generator().manual_seed(3), stats=stats)
+    want = plain_stats(hidden, head, targets, fixed, draw_base_seed(torch.Generator().manual_seed(3)), 256)
+    assert stats["kl_noise"] == pytest.approx(want["kl_noise"], rel=rel)
+
+
+def test_diagnostics_run_once_per_chunk_under_checkpointing(monkeypatch):
+    """A checkpointed chunk is recomputed in backward, its diagnostics are not (the forward's stay in the sink);
+    the graph path's stats equal the no-graph draw's with the same ε, and asking for them changes no gradient."""
+    calls, real = [], noise._diagnostic_sums
+    monkeypatch.setattr(noise, "_diagnostic_sums", lambda *a: calls.append(1) or real(*a))
+    hidden, head, targets, seq_ids, gen = inputs(2)
+    chunks = math.ceil(N / 8)
+    want = {}
+    noisy_answer_logps(hidden, targets, seq_ids, 3, head, gen, generator_grad=False, chunk_size=8,
+                       rng=torch.Generator().manual_seed(4), stats=want)
+    assert len(calls) == chunks
+    calls.clear()
+    grads = []
+    for stats in (None, {}):
+        gen.zero_grad()
+        out, var = noisy_answer_logps(hidden, targets, seq_ids, 3, head, gen, generator_grad=True, chunk_size=8,
+                                      rng=torch.Generator().manual_seed(4), return_variance=True, stats=stats)
+        (out.sum() + var).backward()
+        grads.append(gen.proj.weight.grad.clone())
+    assert len(calls) == chunks and stats == pytest.approx(want, rel=1e-6)
+    torch.testing.assert_close(*grads)
+    calls.clear()
+    stats = {}
+    e1, e2, var = noisy_answer_logps_pair(hidden, targets, seq_ids, 3, head, gen, chunk_size=8,
+                                          rng=torch.Generator().manual_seed(4), graph_budget_bytes=0, stats=stats)
+    (e2.sum() + var).backward()
+    assert len(calls) == chunks and stats == pytest.approx(want, rel=1e-6)
 
 def test_kl_matches_its_second_order_expectation_by_monte_carlo():
     """E_ε KL(p ‖ softmax(z + σε)) ≈ ½ Σ_v σ_v² p_v (1 − p_v) for small σ (the Fisher form), over many tokens."""
