@@ -2,6 +2,7 @@
 that OurRun is train.py's step, that TRL would see our token ids, and that each benchmark returns its
 documented keys. Wall times are never checked; TRL parts are skipped when trl is not installed."""
 import copy
+import math
 import types
 
 import pytest
@@ -98,7 +99,9 @@ def test_noise_diagnostics_switch_changes_no_number_and_is_timed(w):
     a, b = on.step(idx), off.step(idx)
     assert a["loss"].item() == b["loss"].item()
     assert "kl_noise" in a and a["kl_noise"] > 0 and "kl_noise" not in b
-    assert set(perf.bench_noise_diagnostics(CPU, w.spec)) == {"time_ratio_with_over_without"}
+    out = perf.bench_noise_diagnostics(CPU, w.spec)
+    assert set(out) == {"time_ratio_with_over_without", "cpu_time_ratio_with_over_without"}
+    assert all(math.isfinite(v) and v > 0 for v in out.values())
 
 
 def test_benchmarks_return_their_keys(w):
