@@ -45,7 +45,12 @@ from bench.training import OurRun, Timer, _mib, child_peaks, trl_available, trl_
 def _interleaved_epochs(w, variants, rounds=None):
     """{name: (median seconds per step, median precompute seconds)}: each round runs one epoch of every
     variant (a fresh OurRun from OurRun kwargs) in turn, the order reversed every other round, so load from
-    other processes falls on all alike."""
+    other processes falls on all alike. One untimed step of each variant first: the process's first steps are
+    slower (allocator, kernel set-up), which would otherwise fall on the first variant's first epoch."""
+    for kwargs in variants.values():
+        run = OurRun(w, **kwargs)
+        run.step(run.micro_batches(0)[0])
+        del run
     times = {name: ([], []) for name in variants}
     for r in range(rounds or w.spec["rounds"]):
         for name, kwargs in list(variants.items())[::1 if r % 2 == 0 else -1]:  # ABBA order
