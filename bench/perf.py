@@ -219,8 +219,8 @@ def bench_noise_diagnostics(device, spec=None):
             cpu = {}
             for stats in ({}, None) if r % 2 == 0 else (None, {}):
                 c0 = time.process_time()
-                noises.noisy_answer_logps_pair(h, targets, seq_ids, len(idx), weight, run.generator, head_bias=bias,
-                                               chunk_size=run.args.noise_chunk_size, rng=run.noise_rng, stats=stats)
+                noises.noisy_answer_logps_pair(h, targets, seq_ids, len(idx), weight, run.noise_net, head_bias=bias,
+                                               chunk_size=run.objective.chunk_size, rng=run.noise_rng, stats=stats)
                 cpu[stats is not None] = time.process_time() - c0
             c0 = time.process_time()
             run.step(idx)
