@@ -16,6 +16,9 @@ the npo cell's mean σ² over its training (matched), dnpo = DSL + noise. Groups
     mechanism   fixed noise of σ = MECHANISM_SIGMA under AdamW and under SGD: a large offset of every pair's
                 margin, which raises every DPO weight alike (loss.py departure 6): a normalising
                 optimizer should undo it, SGD should not
+    clipping    the test of that prediction with nothing that normalises: plain SGD 2e-3 with
+                --max-grad-norm 0 (no clipping), rows spin, npo and fixed σ = MECHANISM_SIGMA, against their
+                own SPIN (clipping at norm 1, like AdamW, removes a common factor of the pairs' weights)
     grid        AdamW: --noise-lr × --noise-alpha × --noise-init-variance (3 × 2 × 2), each trained one epoch
                 (PROBE_STEPS), pruned by its diagnostics: only the KEEP with the largest weight shift (and
                 at least MIN_SHIFT) finish and are evaluated
@@ -55,7 +58,8 @@ ROWS = {"spin": ["--no-dsl", "--noise", "none"], "npo": ["--no-dsl", "--noise", 
         "fixed": ["--no-dsl", "--noise", "fixed"], "dnpo": ["--dsl", "--noise", "trainable"]}
 ADAMW = ["--optimizer", "adamw", "--lr", "3e-6"]
 SGD = ["--optimizer", "sgd", "--lr", "2e-3"]
-GROUPS = ("optimizer", "saturation", "mechanism", "grid", "chain")
+NOCLIP = [*SGD, "--max-grad-norm", "0"]
+GROUPS = ("optimizer", "saturation", "mechanism", "clipping", "grid", "chain")
 PROBE_STEPS, KEEP, MIN_SHIFT = 8, 3, 0.02
 MECHANISM_SIGMA = 3.0  # σ² = 9: the σ² the live trainable noise of the grid puts on the answers' own tokens
 GRID = dict(noise_lr=(1e-3, 1e-2, 1e-1), noise_alpha=(0.0, 1.0), noise_init_variance=(1e-2, 1e-1))
@@ -93,6 +97,11 @@ def cells_of(groups):
         for opt, flags in (("adamw", ADAMW), ("sgd", SGD)):
             out[f"{opt}-fixed-s{MECHANISM_SIGMA:g}"] = dict(group="mechanism", row="fixed", flags=[*flags, *ROWS["fixed"]],
                                                           iters=[1], baseline=f"{opt}-spin", sigma=MECHANISM_SIGMA)
+    if "clipping" in groups:  # SGD with no clipping: a common factor on the weights reaches the update
+        for row in ("spin", "npo", "fixed"):
+            name = f"sgd-noclip-{row}" + (f"-s{MECHANISM_SIGMA:g}" if row == "fixed" else "")
+            out[name] = dict(group="clipping", row=row, flags=[*NOCLIP, *ROWS[row]], iters=[1],
+                             baseline="sgd-noclip-spin", **(dict(sigma=MECHANISM_SIGMA) if row == "fixed" else {}))
     if "grid" in groups:
         for name, flags in grid_cells().items():
             out[name] = dict(group="grid", row="npo", flags=flags, iters=[1], baseline="adamw-spin", probe=True)
