@@ -306,10 +306,19 @@ def _write(path, text):
 
 # ----------------------------------------------------------------------------- 9. Ctrl-C in every CLI
 def test_ctrl_c_during_eval_score_is_one_line(iter0_run, tmp_path):
+    """A real SIGINT to a real `eval.py score` process while it generates. The tiny model answers 200 prompts in
+    under a second, faster than a signal can be aimed, so generation waits at a gate (a wrapper that announces
+    itself and sleeps before the real call) and the signal arrives there."""
     run_dir = fresh_copy(iter0_run, tmp_path)
-    proc = cli("eval.py", "score", run_dir, "--max-prompts", "200")
+    code = ("import sys, time, eval, generate\n"
+            "real = generate.generate_answers\n"
+            "def gated(*a, **k):\n"
+            "    print('gate: generating', file=sys.stderr, flush=True); time.sleep(60); return real(*a, **k)\n"
+            "generate.generate_answers = gated\n"
+            f"eval.main(['score', {str(run_dir)!r}, '--max-prompts', '200'])\n")
+    proc = cli("-c", code)
     seen = ""
-    while "generating" not in seen:
+    while "gate: generating" not in seen:
         line = proc.stderr.readline()
         assert line, seen
         seen += line
