@@ -162,7 +162,7 @@ def build_parser(preset="demo", training=None):
     flag(g, "--warmup-ratio", type=NONNEGATIVE, default=0.1, trains=True,
          help="fraction of steps of linear warmup, then linear decay to 0 (default %(default)s)")
     flag(g, "--max-grad-norm", type=NONNEGATIVE, default=1.0, trains=True,
-         help="gradient clipping norm (0 = off; default %(default)s)")
+         help="gradient clipping norm (0 = off; the norm is logged either way; default %(default)s)")
     flag(g, "--precompute-ref", action=argparse.BooleanOptionalAction, default=True, trains=True,
          help="run the frozen reference once per iteration, not in every step (default %(default)s; step.py)")
     flag(g, "--ref-cache-gb", type=NONNEGATIVE, default=4.0,

@@ -138,8 +138,13 @@ def grad_sync(module, sync):
 
 def clip_grad_norm(params, max_norm):
     """clip_grad_norm_, returning a plain tensor: with FSDP the norm of sharded gradients is a DTensor
-    (its full_tensor() is the norm over all shards, the same on every rank)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    (its full_tensor() is the norm over all shards, the same on every rank). max_norm 0 (clipping off): the
+    norm only, the gradients untouched (metrics.jsonl logs the real norm either way)."""
+    params = list(params)
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 

@@ -287,12 +287,10 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
             sums = sums.to(device)
             dist.all_reduce(sums, op=dist.ReduceOp.AVG)
         m = dict(zip(keys, (sums.cpu() / len(step_micro)).tolist()))
-        if args.max_grad_norm > 0:
-            grad_norm = distributed.clip_grad_norm(policy.parameters(), args.max_grad_norm)  # FSDP: over all shards
-            if noise_params:
-                torch.nn.utils.clip_grad_norm_(noise_params, args.max_grad_norm)
-        else:
-            grad_norm = torch.zeros(())
+        # FSDP: over all shards; with clipping off (0) the norm is measured and logged, the gradients untouched
+        grad_norm = distributed.clip_grad_norm(policy.parameters(), args.max_grad_norm)
+        if noise_params and args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(noise_params, args.max_grad_norm)
         if not (math.isfinite(m["loss"]) and torch.isfinite(grad_norm)):
             kept = (f"last good checkpoint kept in {state_path.parent}" if state_path.is_file() else
                     "stopped before the first checkpoint, so none is kept and a rerun starts this iteration at step 0")

@@ -253,3 +253,20 @@ def test_rng_state_survives_json():
     expected = (random.random(), np.random.rand(), torch.rand(2))
     ckpt.set_rng_state(distributed._decode(state))
     assert (random.random(), np.random.rand()) == expected[:2] and torch.rand(2).equal(expected[2])
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1e-3, 1e6])
+def test_clip_grad_norm_returns_the_norm_and_clips_only_when_on(max_norm):
+    """The pre-clip norm against float64 by hand, whatever max_norm; 0 (clipping off) leaves the gradients as
+    they are (train.py logs the real norm with --max-grad-norm 0), a small max_norm scales them to it."""
+    layer = torch.nn.Linear(5, 3)
+    layer(torch.randn(4, 5, generator=torch.Generator().manual_seed(0))).square().sum().backward()
+    before = [p.grad.clone() for p in layer.parameters()]
+    by_hand = sum(float(g.double().square().sum()) for g in before) ** 0.5
+    norm = distributed.clip_grad_norm(layer.parameters(), max_norm)
+    assert float(norm) == pytest.approx(by_hand, rel=1e-6)
+    after = [p.grad for p in layer.parameters()]
+    if max_norm == 0.0 or max_norm > by_hand:
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+    else:
+        assert sum(float(g.double().square().sum()) for g in after) ** 0.5 == pytest.approx(max_norm, rel=1e-4)

@@ -95,6 +95,20 @@ def test_resume_after_kill_gives_the_same_weights(iter0_run, tmp_path):
     assert strip(read_jsonl(whole / "iter1" / "metrics.jsonl")) == strip(read_jsonl(killed / "iter1" / "metrics.jsonl"))
 
 
+def test_unclipped_run_logs_the_real_gradient_norm(iter0_run, tmp_path):
+    """--max-grad-norm 0 turns clipping off, not the measurement: steps 1-2 (same weights: the warmup's lr is 0 at
+    step 1) log the same pre-clip norm as a clipped run, and step 3 differs because step 2 was not clipped."""
+    clipped, unclipped = fresh_copy(iter0_run, tmp_path / "a"), fresh_copy(iter0_run, tmp_path / "b")
+    with pytest.raises(SystemExit, match="stopped after 3 steps"):
+        train.main(["--iter", "1", *tiny_flags(clipped, "unused"), "--max-grad-norm", "1e-3", "--stop-after-steps", "3"])
+    with pytest.raises(SystemExit, match="stopped after 3 steps"):
+        train.main(["--iter", "1", *tiny_flags(unclipped, "unused"), "--max-grad-norm", "0", "--stop-after-steps", "3"])
+    a, b = (read_jsonl(d / "iter1" / "metrics.jsonl") for d in (clipped, unclipped))
+    assert all(a[i]["grad_norm"] > 1e-3 and b[i]["grad_norm"] == pytest.approx(a[i]["grad_norm"], rel=1e-5)
+               for i in (0, 1))
+    assert abs(b[2]["grad_norm"] - a[2]["grad_norm"]) > 1e-5 * a[2]["grad_norm"]  # float noise here is ~1e-7
+
+
 def test_resume_refuses_changed_training_flags(iter0_run, tmp_path):
     """A checkpoint written with --lr x is not silently continued with another --lr."""
     run_dir = fresh_copy(iter0_run, tmp_path)
