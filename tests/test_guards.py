@@ -308,7 +308,9 @@ def _write(path, text):
 def test_ctrl_c_during_eval_score_is_one_line(iter0_run, tmp_path):
     """A real SIGINT to a real `eval.py score` process while it generates. The tiny model answers 200 prompts in
     under a second, faster than a signal can be aimed, so generation waits at a gate (a wrapper that announces
-    itself and sleeps before the real call) and the signal arrives there."""
+    itself and sleeps before the real call) and the signal arrives there. The child gets SIGINT's default
+    disposition, as under a terminal: a test run started in the background (`cmd &` in a script) inherits
+    SIGINT ignored, and Python then never raises KeyboardInterrupt at all."""
     run_dir = fresh_copy(iter0_run, tmp_path)
     code = ("import sys, time, eval, generate\n"
             "real = generate.generate_answers\n"
@@ -316,7 +318,7 @@ def test_ctrl_c_during_eval_score_is_one_line(iter0_run, tmp_path):
             "    print('gate: generating', file=sys.stderr, flush=True); time.sleep(60); return real(*a, **k)\n"
             "generate.generate_answers = gated\n"
             f"eval.main(['score', {str(run_dir)!r}, '--max-prompts', '200'])\n")
-    proc = cli("-c", code)
+    proc = cli("-c", code, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     while "gate: generating" not in seen:
         line = proc.stderr.readline()
