@@ -17,8 +17,9 @@ the npo cell's mean σ² over its training (matched), dnpo = DSL + noise. Groups
                 margin, which raises every DPO weight alike (loss.py departure 6): a normalising
                 optimizer should undo it, SGD should not
     clipping    the test of that prediction with nothing that normalises: plain SGD 2e-3 with
-                --max-grad-norm 0 (no clipping), rows spin, npo and fixed σ = MECHANISM_SIGMA, against their
-                own SPIN (clipping at norm 1, like AdamW, removes a common factor of the pairs' weights)
+                --max-grad-norm 0 (no clipping), rows spin, npo, fixed σ = MECHANISM_SIGMA and npo at
+                --noise-lr SGD_NOISE_LR, against their own SPIN (clipping at norm 1, like AdamW, removes a
+                common factor of the pairs' weights)
     grid        AdamW: --noise-lr × --noise-alpha × --noise-init-variance (3 × 2 × 2), each trained one epoch
                 (PROBE_STEPS), pruned by its diagnostics: only the KEEP with the largest weight shift (and
                 at least MIN_SHIFT) finish and are evaluated
@@ -61,6 +62,8 @@ SGD = ["--optimizer", "sgd", "--lr", "2e-3"]
 NOCLIP = [*SGD, "--max-grad-norm", "0"]
 GROUPS = ("optimizer", "saturation", "mechanism", "clipping", "grid", "chain")
 PROBE_STEPS, KEEP, MIN_SHIFT = 8, 3, 0.02
+SGD_NOISE_LR = 10.0  # plain SGD moves the generator by lr × its gradient, which Eq. 9's mean over V makes ~1/V
+# per weight: 1e-3 leaves σ² at its start; one-epoch probes (docs/noise.md) gave a live noise at 10, not at 1
 MECHANISM_SIGMA = 3.0  # σ² = 9: the σ² the live trainable noise of the grid puts on the answers' own tokens
 GRID = dict(noise_lr=(1e-3, 1e-2, 1e-1), noise_alpha=(0.0, 1.0), noise_init_variance=(1e-2, 1e-1))
 END_KEYS = ("margin", "noisy_margin", "margin_offset", "margin_offset_std", "dpo_weight", "dpo_weight_ratio",
@@ -102,6 +105,9 @@ def cells_of(groups):
             name = f"sgd-noclip-{row}" + (f"-s{MECHANISM_SIGMA:g}" if row == "fixed" else "")
             out[name] = dict(group="clipping", row=row, flags=[*NOCLIP, *ROWS[row]], iters=[1],
                              baseline="sgd-noclip-spin", **(dict(sigma=MECHANISM_SIGMA) if row == "fixed" else {}))
+        out[f"sgd-noclip-npo-nlr{SGD_NOISE_LR:g}"] = dict(group="clipping", row="npo", iters=[1],
+                                                         flags=[*NOCLIP, *ROWS["npo"], "--noise-lr", f"{SGD_NOISE_LR:g}"],
+                                                         baseline="sgd-noclip-spin")
     if "grid" in groups:
         for name, flags in grid_cells().items():
             out[name] = dict(group="grid", row="npo", flags=flags, iters=[1], baseline="adamw-spin", probe=True)

@@ -60,9 +60,9 @@ def test_fixed_cells_get_the_matched_or_their_own_sigma(tmp_path):
 
 
 def test_clipping_cells_train_sgd_unclipped_against_their_own_spin(tmp_path):
-    """The clipping group alone: its three cells, SGD with --max-grad-norm 0, compared with sgd-noclip-spin."""
+    """The clipping group alone: its four cells, SGD with --max-grad-norm 0, compared with sgd-noclip-spin."""
     opts = opts_for(tmp_path, "clipping")
-    assert list(opts.cells) == ["sgd-noclip-spin", "sgd-noclip-npo", "sgd-noclip-fixed-s3"]
+    assert list(opts.cells) == ["sgd-noclip-spin", "sgd-noclip-npo", "sgd-noclip-fixed-s3", "sgd-noclip-npo-nlr10"]
     assert {spec["baseline"] for spec in opts.cells.values()} == {"sgd-noclip-spin"}
     last = lambda cmd, name: cmd[len(cmd) - 1 - cmd[::-1].index(name) + 1]  # the value argparse keeps
     for cell in opts.cells:
@@ -70,6 +70,8 @@ def test_clipping_cells_train_sgd_unclipped_against_their_own_spin(tmp_path):
         assert last(cmd, "--optimizer") == "sgd" and last(cmd, "--max-grad-norm") == "0"
     cmd = ns.train_cmd(opts, "sgd-noclip-fixed-s3", 1)
     assert cmd[cmd.index("--noise") + 1] == "fixed" and cmd[cmd.index("--noise-sigma") + 1] == "3.0"
+    cmd = ns.train_cmd(opts, "sgd-noclip-npo-nlr10", 1)
+    assert last(cmd, "--noise") == "trainable" and last(cmd, "--noise-lr") == "10"
     labels = [s["label"] for s in ns.plan(opts)]
     assert labels[:3] == ["train start iter0 (SPIN)", "eval start (base, iter0)", "train sgd-noclip-spin iter1"]
     assert not any("adamw" in label for label in labels)  # it needs no other group's baseline
