@@ -56,7 +56,8 @@ Departures from, and gaps filled in, the paper:
    costs accuracy (−0.015 [−0.030, −0.002]), in a run whose SPIN falls 0.17 below the base model. No
    setting showed a gain, so nothing argues for other values (with clipping off under plain SGD, the one
    update that normalises nothing, a fixed σ = 3 changes 79 % of the answers, for the worse: −0.087
-   [−0.115, −0.060]); at lr 1e-3, α = 0 and α = 1 gave the same first-epoch diagnostics (weight shift
+   [−0.115, −0.060]; a trainable noise that plain SGD lets live, --noise-lr 10, does the same and leaves 62 %
+   of the answers empty); at lr 1e-3, α = 0 and α = 1 gave the same first-epoch diagnostics (weight shift
    0.004).
 """
 import math
