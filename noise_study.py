@@ -101,13 +101,12 @@ def cells_of(groups):
             out[f"{opt}-fixed-s{MECHANISM_SIGMA:g}"] = dict(group="mechanism", row="fixed", flags=[*flags, *ROWS["fixed"]],
                                                           iters=[1], baseline=f"{opt}-spin", sigma=MECHANISM_SIGMA)
     if "clipping" in groups:  # SGD with no clipping: a common factor on the weights reaches the update
-        for row in ("spin", "npo", "fixed"):
-            name = f"sgd-noclip-{row}" + (f"-s{MECHANISM_SIGMA:g}" if row == "fixed" else "")
-            out[name] = dict(group="clipping", row=row, flags=[*NOCLIP, *ROWS[row]], iters=[1],
-                             baseline="sgd-noclip-spin", **(dict(sigma=MECHANISM_SIGMA) if row == "fixed" else {}))
-        out[f"sgd-noclip-npo-nlr{SGD_NOISE_LR:g}"] = dict(group="clipping", row="npo", iters=[1],
-                                                         flags=[*NOCLIP, *ROWS["npo"], "--noise-lr", f"{SGD_NOISE_LR:g}"],
-                                                         baseline="sgd-noclip-spin")
+        for suffix, row, extra in (("spin", "spin", []), ("npo", "npo", []),
+                                   (f"fixed-s{MECHANISM_SIGMA:g}", "fixed", []),
+                                   (f"npo-nlr{SGD_NOISE_LR:g}", "npo", ["--noise-lr", f"{SGD_NOISE_LR:g}"])):
+            out[f"sgd-noclip-{suffix}"] = dict(group="clipping", row=row, flags=[*NOCLIP, *ROWS[row], *extra],
+                                               iters=[1], baseline="sgd-noclip-spin",
+                                               **(dict(sigma=MECHANISM_SIGMA) if row == "fixed" else {}))
     if "grid" in groups:
         for name, flags in grid_cells().items():
             out[name] = dict(group="grid", row="npo", flags=flags, iters=[1], baseline="adamw-spin", probe=True)
