@@ -20,6 +20,11 @@ Where this departs from, or fills a gap in, the paper:
 3. α-SPIN history (`history_pairs`): the paper trains α-SPIN on "a 50:50 mix" of the data of iterations
    t and t-1 (Sec. 5.3); we read that as a data set of one iteration's size, half drawn from each (seeded),
    and generalise it to h iterations in equal shares. `mix="concat"` keeps all pairs of all h iterations.
+4. Answers: a record's "answer" is what the rule judge and eval.py check responses against, so it must be
+   a non-empty string or a finite number (`answer_problem`). `"answer": null` (or "", a list, a boolean)
+   in a JSONL file is a data bug and is refused as "file:line: 'answer' is null"; a record without a
+   checkable answer leaves the key out. In parquet, where a column's missing value is null, a null
+   answer (family, flawed, flaw) is read as the key left out.
 """
 import contextlib
 import errno
@@ -216,6 +221,19 @@ def prompt_id(prompt: str) -> str:
 PASS_THROUGH = ("answer", "family", "flawed", "flaw")
 
 
+def answer_problem(value) -> str | None:
+    """Why `value` cannot be a record's checkable "answer" (departure 4), or None when it can: a non-empty
+    string or a finite number (int or float, not a bool)."""
+    if value is None:
+        return "is null (a record without a checkable answer leaves the key out)"
+    if isinstance(value, str):
+        return None if value.strip() else "is empty (every answer would match it)"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if math.isfinite(value) else f"is {value} (not a finite number)"
+    kind = {bool: "a boolean", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return f"is {kind}, not a string or a number"
+
+
 def _first_turns(messages):
     """(first user content, first assistant content after it) of a chat message list."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
@@ -246,6 +264,8 @@ def normalize_record(obj: dict) -> dict:
     for name, value in (("prompt", prompt), ("response", response)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"empty or non-string {name}")
+    if "answer" in obj and (why := answer_problem(obj["answer"])):
+        raise ValueError(f"'answer' {why}")
     record = {"id": str(rid) if rid is not None else prompt_id(prompt), "prompt": prompt, "response": response}
     record.update({k: obj[k] for k in PASS_THROUGH if k in obj})
     return record
@@ -258,7 +278,8 @@ def _raw_rows(path):
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        yield from enumerate(pq.read_table(path).to_pylist(), 1)
+        for row_number, row in enumerate(pq.read_table(path).to_pylist(), 1):  # a column's null: the key left out
+            yield row_number, {k: v for k, v in row.items() if not (v is None and k in PASS_THROUGH)}
         return
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):

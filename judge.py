@@ -9,7 +9,8 @@ The judges (higher is better; judge_base.py holds their interface, templates and
 * `rule` (here; demo records, offline, deterministic), graded by `demo.grade_answer(response,
   record["answer"], prompt)`: 10 if `demo.check_answer` finds the record's canonical answer in the
   response, 3 for an on-topic wrong attempt, 1 for an empty answer, a refusal or an off-topic one.
-  Records without "answer" are an error naming the record id.
+  Records without "answer", or with one that is null, empty or not a string or number
+  (data.answer_problem), are an error naming the record id.
 * `openai` (judge_http.py): any OpenAI-compatible chat-completions server, rating each answer on 1..10 or
   1..100 (`scale`), or comparing both answers in both orders (`mode="pairwise"`); cached on disk; retried;
   the key comes from an environment variable only.
@@ -48,7 +49,8 @@ import os
 from tqdm import tqdm
 
 import demo
-from data import append_jsonl, dsl_stats, iterations, open_append, read_jsonl, read_jsonl_tolerant, write_jsonl
+from data import (answer_problem, append_jsonl, dsl_stats, iterations, open_append, read_jsonl, read_jsonl_tolerant,
+                  write_jsonl)
 from judge_base import DEFAULT_SCALE, MODES, SCALES, Judge, JudgeFatalError
 from judge_hf import HFJudge
 from judge_http import MAX_RETRY_WAIT, OpenAIJudge
@@ -76,6 +78,9 @@ class RuleJudge(Judge):
             if "answer" not in record:
                 raise ValueError(f"record {record.get('id')}: no 'answer' field; the rule judge needs demo records "
                                  f"with a checkable answer (use --judge openai or hf for other data)")
+            if why := answer_problem(record["answer"]):  # never graded against str(None)
+                raise ValueError(f"record {record.get('id')}: 'answer' {why}; the rule judge needs a checkable "
+                                 f"answer (a non-empty string or a number)")
             self.stats["requests"] += 1
             out.append((RULE_GRADES[demo.grade_answer(item["answer"], str(record["answer"]), item["prompt"])], None))
         return out

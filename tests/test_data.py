@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -82,6 +83,32 @@ def test_bad_line_message_and_skip(tmp_path, line, reason):
         load_records(path)
     records, skipped = load_records(path, skip_bad=True, return_skipped=True)
     assert skipped == 1 and [r["id"] for r in records] == ["a", "c"]
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (None, "'answer' is null"), ("  ", "'answer' is empty"), ([5], "'answer' is a list"),
+    (True, "'answer' is a boolean"), ({"a": 1}, "'answer' is an object"),
+])
+def test_unusable_answer_is_refused_with_file_and_line(tmp_path, answer, reason):
+    """`"answer": null` (or empty, a list, a boolean) is a data bug: refused as file:line when the data loads,
+    never graded against str(None); a string or a number is an answer, a record without the key has none."""
+    path = _write(tmp_path / "d.jsonl", [{"id": "a", "prompt": "P0", "response": "R0", "answer": 7},
+                                         {"id": "b", "prompt": "P1", "response": "R1", "answer": answer},
+                                         {"id": "c", "prompt": "P2", "response": "R2"}])
+    with pytest.raises(ValueError, match=rf"^{path}:2: {re.escape(reason)}") as err:
+        load_records(path)
+    assert "\n" not in str(err.value)
+    assert [r.get("answer") for r in load_records(path, skip_bad=True)] == [7, None]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow not installed: parquet is optional")
+def test_parquet_null_answer_is_no_answer(tmp_path):
+    """In parquet a column's missing value is null: a row with a null answer has no answer (the key left out)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [{"id": "a", "prompt": "P", "response": "R", "answer": "5"}, {"id": "b", "prompt": "Q", "response": "S"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert load_records(str(tmp_path / "d.parquet")) == rows
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow not installed: parquet is optional")

@@ -47,6 +47,17 @@ def test_rule_judge_needs_answer(tmp_path):
         judge.judge_records(recs, judge.make_judge("rule"), tmp_path / "j.jsonl", progress=False)
 
 
+@pytest.mark.parametrize("answer", [None, "", ["5"]])
+def test_rule_judge_never_grades_against_a_null_answer(tmp_path, answer):
+    """"answer": null is not graded against the string "None" (nor "" against everything): one line naming
+    the record id."""
+    recs = [{"id": "null-answer-3", "prompt": "Is None a value?", "answer": answer, "human": "None",
+             "generated": "None"}]
+    with pytest.raises(ValueError, match="record null-answer-3: 'answer' is") as err:
+        judge.judge_records(recs, judge.make_judge("rule"), tmp_path / "j.jsonl", progress=False)
+    assert "\n" not in str(err.value)
+
+
 def test_records_missing_field_named(tmp_path):
     """A record without "generated" is a ValueError naming the record id and the field."""
     with pytest.raises(ValueError, match="rec-9.*generated"):
