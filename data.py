@@ -25,8 +25,15 @@ Where this departs from, or fills a gap in, the paper:
    in a JSONL file is a data bug and is refused as "file:line: 'answer' is null"; a record without a
    checkable answer leaves the key out. In parquet, where a column's missing value is null, a null
    answer (family, flawed, flaw) is read as the key left out.
+5. Chat templates: a model directory's chat template is Jinja code run on every prompt. Every render
+   (`render_chat`) is bounded: CHAT_TEMPLATE_SECONDS (a SIGALRM timer in the main thread, a helper thread
+   stopped by an asynchronous exception elsewhere) and CHAT_TEMPLATE_MAX_CHARS beyond 4 × the turn's text;
+   a template that calls raise_exception, uses {% include %} / {% import %} / {% extends %} (the sandbox
+   has no other template), fails or overruns is a one-line ValueError naming the tokenizer's directory.
+   model.load_tokenizer renders one sample turn when the tokenizer loads, so this stops before any work.
 """
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -35,8 +42,11 @@ import os
 import pathlib
 import random
 import re
+import signal
 import sys
 import tempfile
+import threading
+import time
 
 import torch
 
@@ -425,11 +435,114 @@ def history_pairs(run_dir, k, h, mix="same_size", seed=0) -> list[dict]:
 # --- tokenization and collation ------------------------------------------------------------------------
 
 
+# A chat template is code that comes with a model directory (tokenizer_config.json / chat_template.jinja): every
+# render is bounded (departure 5). A real template renders one user turn in about a millisecond.
+CHAT_TEMPLATE_SECONDS = 10.0
+CHAT_TEMPLATE_MAX_CHARS = 100_000  # what a template may add around the turn's own text
+SAMPLE_TURN = "What is 2 + 3?"  # the turn rendered once when a tokenizer loads (check_chat_template)
+
+
+class _TemplateTimeout(BaseException):
+    """Raised inside a render that overran CHAT_TEMPLATE_SECONDS (a BaseException: no `except Exception` in a
+    template's helpers or in transformers swallows it)."""
+
+
+def _run_limited(fn, seconds):
+    """fn() stopped after `seconds` by _TemplateTimeout. In the main thread a SIGALRM timer (setitimer)
+    interrupts it; in any other thread fn runs in a helper thread, and on timeout the exception is raised in
+    that thread (PyThreadState_SetAsyncExc) so the runaway render stops there too."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        def on_alarm(signum, frame):
+            raise _TemplateTimeout
+        old_handler = signal.signal(signal.SIGALRM, on_alarm)
+        old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+        t0 = time.monotonic()
+        try:
+            return fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_handler)
+            if old_delay:  # a timer someone else had set: re-armed with what is left of it
+                signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - t0), 1e-3), old_interval)
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+    worker = threading.Thread(target=target, name="chat-template", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(_TemplateTimeout))
+        raise _TemplateTimeout
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _template_reason(tokenizer, error) -> str:
+    """What went wrong in a chat template's render, in words (one line)."""
+    import jinja2
+
+    text = " ".join(str(error).split())[:200]
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    if isinstance(error, TypeError) and "no loader" in text and template:  # the sandbox has no template loader
+        try:
+            body = jinja2.Environment().parse(template)
+            tags = [tag for tag, node in (("include", jinja2.nodes.Include), ("import", jinja2.nodes.Import),
+                                          ("from ... import", jinja2.nodes.FromImport),
+                                          ("extends", jinja2.nodes.Extends)) if body.find(node) is not None]
+        except jinja2.TemplateError:
+            tags = []
+        return (f"it uses {' and '.join('{% ' + tag + ' %}' for tag in tags) or 'another template'}, which is not "
+                f"allowed: a chat template must be self-contained (no other template can be found)")
+    if type(error) is jinja2.TemplateError:  # what the template's raise_exception(message) raises
+        return f"it calls raise_exception: {text!r}"
+    if isinstance(error, jinja2.TemplateSyntaxError):
+        return f"syntax error at line {error.lineno}: {text}"
+    if isinstance(error, jinja2.exceptions.SecurityError):
+        return f"the sandbox refused it: {text}"
+    return f"{type(error).__name__}: {text}"
+
+
+def render_chat(tokenizer, messages, tokenize=False):
+    """tokenizer.apply_chat_template(messages, add_generation_prompt=True): the text, or with tokenize the token
+    ids; bounded (CHAT_TEMPLATE_SECONDS, CHAT_TEMPLATE_MAX_CHARS beyond 4 × the turns' text). A template that
+    fails, overruns or blows up is a one-line ValueError naming the tokenizer's directory (departure 5)."""
+    source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    fix = "fix the chat template (chat_template.jinja or tokenizer_config.json) or use another model"
+    try:
+        out = _run_limited(lambda: tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                 tokenize=tokenize, return_dict=tokenize),
+                           CHAT_TEMPLATE_SECONDS)
+    except _TemplateTimeout:
+        raise ValueError(f"{source}: rendering one chat turn through the chat template took over "
+                         f"{CHAT_TEMPLATE_SECONDS:g} s (a runaway loop?); {fix}") from None
+    except Exception as e:  # anything the template's code raised
+        raise ValueError(f"{source}: the chat template cannot be rendered: {_template_reason(tokenizer, e)}; "
+                         f"{fix}") from None
+    size = len(out["input_ids"]) if tokenize else len(out)
+    limit = 4 * sum(len(str(m.get("content", ""))) for m in messages) + CHAT_TEMPLATE_MAX_CHARS
+    if size > limit:
+        unit = "tokens" if tokenize else "characters"
+        raise ValueError(f"{source}: the chat template turns one chat turn into {size} {unit} (at most {limit}: "
+                         f"4 × the turn's text + {CHAT_TEMPLATE_MAX_CHARS}); {fix}")
+    return list(out["input_ids"]) if tokenize else out
+
+
+def check_chat_template(tokenizer) -> None:
+    """Render one short user turn (SAMPLE_TURN) through the tokenizer's chat template, as every prompt will
+    be: a template that raises, includes another template, loops away or blows up stops here, in one line
+    naming the model directory, when the tokenizer loads (model.load_tokenizer), not mid-generation."""
+    render_chat(tokenizer, [{"role": "user", "content": SAMPLE_TURN}])
+
+
 def chat_prompt_ids(tokenizer, prompt) -> list[int]:
     """Token ids of one user turn through the chat template, ending with the assistant header: the same
     ids whether the model is answering (generate.py) or being trained on an answer (tokenize_pair)."""
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=True)["input_ids"])
+    return render_chat(tokenizer, [{"role": "user", "content": prompt}], tokenize=True)
 
 
 def truncate_prompt(prompt_ids, max_prompt_length) -> list[int]:

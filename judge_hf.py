@@ -14,12 +14,14 @@ Where this departs from, or fills a gap in, the paper:
    probabilities instead of a generated reply, so it never fails to parse.
 2. Rating ends: "i ends here" also holds continuations that are not ratings ("1.5", "11" on scale 10), and
    a rating with no longer rating above it in the tree is taken to end: both approximations.
+3. The judge model's chat template renders every grading prompt through data.render_chat: bounded in time
+   and size, a failing template is one line naming the judge model's directory (data.py departure 5).
 """
 import copy
 
 import torch
 
-from data import pad_rows
+from data import pad_rows, render_chat
 from judge_base import DEFAULT_SCALE, RATING_PREFIX, Judge, build_prompt, check_scale_and_mode, judge_name
 from model import load_model
 
@@ -46,8 +48,8 @@ class HFJudge(Judge):
 
     def prompt_text(self, question, answer) -> str:
         messages = [{"role": "user", "content": build_prompt(question, answer, self.scale)}]
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if self.tokenizer.chat_template:  # bounded, one-line errors naming the judge model's directory
+            text = render_chat(self.tokenizer, messages)
         else:
             text = messages[0]["content"] + "\n\n"
         return text + RATING_PREFIX

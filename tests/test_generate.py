@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -176,6 +177,18 @@ def test_cli_demo_and_bad_file(tmp_path, tiny_model_dir, capsys):
     bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p2"}\n')
     with pytest.raises(SystemExit, match=rf"{bad}:2: missing field 'response'"):
         main(["--model", tiny_model_dir, "--data", str(bad), "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_cli_chat_template_that_raises_is_one_line(tmp_path, tiny_model_dir):
+    """generate.py on a model whose chat template calls raise_exception: one line naming the model directory,
+    before any answer is generated (no Jinja traceback)."""
+    from test_model import model_with_template
+    path = model_with_template(tiny_model_dir, tmp_path, "{{ raise_exception('System role not supported') }}")
+    out = tmp_path / "g.jsonl"
+    with pytest.raises(SystemExit, match=rf"^{path}: the chat template cannot be rendered: it calls raise_exception: "
+                                         r"'System role not supported'") as err:
+        main(["--model", str(path), "--data", "demo", "--out", str(out), "--max-prompts", "2", "--device", "cpu"])
+    assert "\n" not in str(err.value) and not out.exists() and not pathlib.Path(f"{out}.partial").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")

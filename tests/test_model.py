@@ -1,9 +1,13 @@
 import importlib.util
 import pathlib
+import shutil
+import threading
 
 import pytest
 import torch
 
+import conftest
+import data
 import model
 from conftest import make_tiny_model, make_tiny_tokenizer
 from model import cache_dir, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, save_model
@@ -117,3 +121,64 @@ def test_broken_model_directory_is_one_line(tmp_path):
     with pytest.raises(ValueError, match=rf"^{tmp_path}: cannot load the model from this directory") as err:
         load_model(str(tmp_path))
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- a chat template is code from the model directory
+RUNAWAY = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"  # 10^10 steps
+
+
+def model_with_template(tiny_model_dir, tmp_path, template):
+    """A copy of the tiny model whose tokenizer carries `template` (as chat_template.jinja, as save_pretrained
+    writes it)."""
+    path = tmp_path / "templated-model"
+    shutil.copytree(tiny_model_dir, path)
+    tok = make_tiny_tokenizer()
+    tok.chat_template = template
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("template, reason", [
+    ("{{ raise_exception('Only user and assistant roles are supported!') }}",
+     "it calls raise_exception: 'Only user and assistant roles are supported!'"),
+    ("{% include 'system.jinja' %}{{ messages[0]['content'] }}", "it uses {% include %}, which is not allowed"),
+    ("{% import 'macros.jinja' as m %}{{ m.turn(messages) }}", "it uses {% import %}, which is not allowed"),
+    ("{% extends 'base.jinja' %}", "it uses {% extends %}, which is not allowed"),
+    ("{{ messages[0]['content'] + 1 }}", 'TypeError: can only concatenate str (not "int") to str'),
+    ("{% for %}", "syntax error at line 1"),
+    (RUNAWAY, "took over 0.5 s (a runaway loop?)"),
+    ("{{ 'x' * 200000 }}", "into 200000 characters (at most 100056"),
+])
+def test_bad_chat_template_is_one_line_at_load(tiny_model_dir, tmp_path, monkeypatch, template, reason):
+    """A template that raises, includes another, fails, loops away or blows up stops when the model loads, in one
+    line naming the model directory and the reason: no Jinja traceback, no hang in generation."""
+    monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 0.5)
+    path = model_with_template(tiny_model_dir, tmp_path, template)
+    for load in (load_tokenizer, load_model):
+        with pytest.raises(ValueError) as err:
+            load(str(path))
+        message = str(err.value)
+        assert message.startswith(f"{path}: ") and reason in message and "\n" not in message, message
+
+
+def test_chat_template_failing_on_one_prompt_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    """A template that passes the load-time sample but fails or loops on one prompt: one line when that prompt is
+    rendered (generation, training, the hf judge), also off the main thread, where the runaway render is stopped."""
+    monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 0.5)
+    template = ("{% if 'boom' in messages[0]['content'] %}{{ raise_exception('no boom') }}{% endif %}"
+                "{% if 'loop' in messages[0]['content'] %}" + RUNAWAY + "{% endif %}" + conftest.CHATML)
+    tok = load_tokenizer(str(model_with_template(tiny_model_dir, tmp_path, template)))
+    assert data.chat_prompt_ids(tok, "fine") == data.chat_prompt_ids(make_tiny_tokenizer(), "fine")
+    with pytest.raises(ValueError, match="cannot be rendered: it calls raise_exception: 'no boom'"):
+        data.chat_prompt_ids(tok, "boom")
+    with pytest.raises(ValueError, match=r"took over 0.5 s"):
+        data.render_chat(tok, [{"role": "user", "content": "loop"}])
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(pytest.raises(ValueError, data.chat_prompt_ids, tok, "loop")))
+    thread.start()
+    thread.join()
+    assert "took over 0.5 s" in str(errors[0].value)
+    for helper in [t for t in threading.enumerate() if t.name == "chat-template"]:
+        helper.join(30)  # stopped by the asynchronous exception, not left spinning
+        assert not helper.is_alive()
+    assert data.chat_prompt_ids(tok, "fine again")  # the timer is gone: a later render is unaffected
