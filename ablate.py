@@ -29,6 +29,11 @@ a call whose outputs exist: rerun the same command to continue. Outputs: OUT/abl
 DNPO-vs-SPIN check, wall times), ablation.json, ablation.png (Fig. 8's analogue), plots/stagnation.png
 (Fig. 2 / 10, spin and dnpo), plots/scores.png, {spin,dnpo}-seed{s}/plots/losses.png (Fig. 9).
 OUT/ablate_config.json keeps the settings: other train/eval flags, --chain or --noise-sigma are refused.
+Before anything is written (and in a dry run) every flag is checked: the train flags after `--` by train.py's
+own checks on each row's command (config.parse_args, config.check_judge), the eval flags by eval.py's parser,
+--seeds ≥ 0; a run directory OUT/{row}-seed{s} that another process holds (train.py on it) stops the study in
+one line naming the holder, and ablate.py writes into run directories (plots, α-SPIN's link) only while it
+holds their locks itself (`row_locks`).
 
 Where this departs from, or fills a gap in, the paper:
 1. The paper's ablation reports benchmark averages of one run each; here the held-out accuracy of
@@ -43,6 +48,8 @@ Where this departs from, or fills a gap in, the paper:
 """
 import argparse
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import shlex
@@ -53,8 +60,10 @@ from pathlib import Path
 
 import numpy as np
 
+import config
 import data
 import eval as ev
+import judge as judges
 import plots
 import runlock
 from demo import check_answer
@@ -291,22 +300,94 @@ def figure(opts, result, path):
 
 
 def report(opts):
-    result = collect(opts)
     out = Path(opts.out)
     figs = [run_dir(opts, r, opts.seeds[0]) for r in ("spin", "dnpo") if r in opts.rows]
-    plots.make_plots(figs, out / "plots")  # Fig. 9 per run, Fig. 2 / 10 (stagnation.png) and scores for both
-    figure(opts, result, out / "ablation.png")
-    data.write_json(out / "ablation.json", result)
-    with data.atomic_open(out / "ablation.md") as fh:
-        fh.write(markdown(opts, result))
+    with row_locks(run_dirs(opts), "ablate.py"):  # plots go into run directories: none may be another's
+        result = collect(opts)
+        plots.make_plots(figs, out / "plots")  # Fig. 9 per run, Fig. 2 / 10 (stagnation.png) and scores for both
+        figure(opts, result, out / "ablation.png")
+        data.write_json(out / "ablation.json", result)
+        with data.atomic_open(out / "ablation.md") as fh:
+            fh.write(markdown(opts, result))
     return result
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors naming the script (`prog`), no usage block (ablate.py, noise_study.py)."""
+def run_dirs(opts):
+    """Every run directory of the study, OUT/{row}-seed{s}."""
+    return [run_dir(opts, row, seed) for row in opts.rows for seed in row_seeds(opts, row)]
 
-    def error(self, message):
-        raise SystemExit(f"{self.prog}: {message} (see --help)")
+
+@contextlib.contextmanager
+def row_locks(dirs, prog):
+    """Hold, for the block, the lock (runlock.py, `.lock`) of each directory in `dirs` that has one: a study
+    writes into its run directories only while no other process holds them (train.py holds its --run-dir
+    while it runs). Another holder is a one-line ValueError naming it, before anything is written. The locks
+    are released at the end of the block, so the train.py and eval.py commands the study runs next can take
+    them; a directory without a `.lock` was never run by anyone, and one this process holds (runlock.hold,
+    train.main called in-process) is skipped."""
+    fds = []
+    try:
+        for directory in map(Path, dirs):
+            path = directory / runlock.LOCK_NAME
+            if os.path.realpath(directory) in runlock._held:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                why = "it is a symbolic link" if e.errno == errno.ELOOP else (e.strerror or str(e))
+                raise ValueError(f"cannot open the lock file {path} ({why})") from None
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ValueError(f"cannot lock {path} ({e.strerror or e})") from None
+                raise ValueError(f"{directory} is in use by {runlock._holder(fd)} (lock {path}); {prog} writes "
+                                 f"into its run directories: wait for that process to finish, or use another "
+                                 f"--out") from None
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def check_commands(prog, train_argvs, eval_argvs=(), eval_judge=None):
+    """train.py's and eval.py's own flag checks (config.parse_args and config.check_judge; eval.parse_args) on
+    the argument lists of the commands a study will run, before the study writes anything: a bad flag after
+    `--` (or an eval flag) is one line naming `prog`, not the failure of its first step after the study's
+    settings, table and figure are written. The data file is read once, with the first train command; the
+    others are checked with --data demo (the same file, already read). eval_judge: (kind, model, base_url)
+    of an openai eval judge, built once without its cache (its URL and API key)."""
+    def refused(what, e, command):
+        if e.code in (None, 0):  # --help after --: train.py's help was printed
+            raise e
+        message = str(e.code).removeprefix("train.py: ").removeprefix(f"eval.py {command[0]}: ")
+        message = message.removeprefix("eval.py: ").removesuffix(" (see --help)")
+        return SystemExit(f"{prog}: {what}: {message} (see python {' '.join(command)} --help)")
+    for i, argv in enumerate(train_argvs):
+        try:
+            args = config.parse_args([*argv, *(["--data", "demo"] if i else [])])
+            if i == 0:
+                config.check_judge(args)
+        except SystemExit as e:
+            raise refused("a train flag after -- is refused by train.py", e, ["train.py"]) from None
+    for argv in eval_argvs:
+        try:
+            ev.parse_args(argv)
+        except SystemExit as e:
+            raise refused(f"eval.py {argv[0]} refuses an eval flag", e, ["eval.py", argv[0]]) from None
+    if eval_judge and eval_judge[0] == "openai":
+        try:
+            judges.make_judge("openai", model=eval_judge[1], base_url=eval_judge[2])
+        except ValueError as e:  # JudgeFatalError is a ValueError
+            raise SystemExit(f"{prog}: --eval-judge openai: {' '.join(str(e).split())}") from None
+
+
+class Parser(config.Parser):
+    """argparse with one-line errors naming the script (`prog`), no usage block (ablate.py, noise_study.py);
+    "argument --x: must be …" reads "--x must be …" (config.Parser)."""
 
 
 def split_argv(argv=None):
@@ -323,19 +404,22 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/ablate", help="one run directory per (row, seed) under it")
     p.add_argument("--preset", default="demo", help="train.py --preset for every row (demo | paper)")
     p.add_argument("--iters", type=int, default=3, help="train iterations 0..N (0: shared SPIN; 1..N: ablation)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default 0 1)")
+    p.add_argument("--seeds", type=config.COUNT, nargs="+", default=[0, 1], help="training seeds ≥ 0 (default 0 1)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
     p.add_argument("--seeds-rows", default="spin,dnpo", help="rows run with every seed (others: the first seed)")
     p.add_argument("--chain", choices=["spin", "own"], default="spin",
                    help="spin: iteration k of every row starts from SPIN's iter{k-1} (paper); own: each row chains")
-    p.add_argument("--noise-sigma", type=float, help="σ of the fixed row (default: train.py's)")
+    p.add_argument("--noise-sigma", type=config.POSITIVE, help="σ of the fixed row (default: train.py's)")
     p.add_argument("--eval-judge", default="rule", choices=["rule", "openai", "hf"], help="eval.py score --judge")
     p.add_argument("--eval-judge-model", help="eval.py score --judge-model")
     p.add_argument("--eval-judge-base-url", help="eval.py score --judge-base-url")
     p.add_argument("--eval-data", help="eval.py score --data (held-out prompts; default: the demo eval split)")
-    p.add_argument("--eval-max-prompts", type=int, help="eval.py score --max-prompts (default: all 200)")
-    p.add_argument("--eval-batch-size", type=int, help="eval.py score --batch-size (prompts per generation batch)")
-    p.add_argument("--logps-n", type=int, default=64, help="eval.py logps --n for the spin and dnpo rows")
+    p.add_argument("--eval-max-prompts", type=config.POSITIVE_INT,
+                   help="eval.py score --max-prompts (default: all 200)")
+    p.add_argument("--eval-batch-size", type=config.POSITIVE_INT,
+                   help="eval.py score --batch-size (prompts per generation batch)")
+    p.add_argument("--logps-n", type=config.POSITIVE_INT, default=64,
+                   help="eval.py logps --n for the spin and dnpo rows")
     p.add_argument("--dry-run", action="store_true", help="print the commands (# done: finished) and exit")
     args = p.parse_args(own)
     args.train_flags = train_flags
@@ -350,6 +434,10 @@ def parse_args(argv=None):
     owned = [f for f in args.train_flags if f.split("=")[0] in OWNED]
     if owned:
         raise SystemExit(f"ablate.py: {owned[0]} is set by ablate.py (see --help); remove it from the train flags")
+    first = run_dir(args, "spin", args.seeds[0])  # every flag checked before anything is written (or a dry run)
+    check_commands("ablate.py", [train_command(args, row, args.seeds[0], 1)[2:] for row in args.rows],
+                   [["score", str(first), *eval_flags(args)], ["logps", str(first), "--n", str(args.logps_n)]],
+                   (args.eval_judge, args.eval_judge_model, args.eval_judge_base_url))
     return args
 
 
@@ -470,7 +558,8 @@ def execute(opts, steps):
         if "link" in step:
             target, link = step["link"]
             link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(target, link, target_is_directory=True)
+            with row_locks([link.parent], "ablate.py"):  # the α-SPIN run directory: not while another holds it
+                os.symlink(target, link, target_is_directory=True)
         else:
             print(f"[{i}/{len(steps)}] {shlex.join(step['cmd'])}", flush=True)
             rc = run_command(step["cmd"])
@@ -482,17 +571,20 @@ def execute(opts, steps):
     return times
 
 
-def run_study(prog, opts, steps, check_settings, execute, report, describe, table):
+def run_study(prog, opts, steps, check_settings, execute, report, describe, table, run_dirs=()):
     """The driver of both study scripts (ablate.py, noise_study.py). --dry-run: print each step (`describe`),
-    "# done: " before the finished ones, and write nothing. Otherwise hold the lock on --out (one writer,
-    runlock.py), check or write its settings file, run the steps not done, and write the table with
-    `report`, also after a failed or interrupted step (the table so far; the step's error is what is
-    raised), then print OUT/`table`. Returns the steps (dry run) or report's result."""
+    "# done: " before the finished ones, and write nothing. Otherwise stop (one line) if another process
+    holds one of the study's `run_dirs` (row_locks), hold the lock on --out (one writer, runlock.py), check
+    or write its settings file, run the steps not done, and write the table with `report`, also after a
+    failed or interrupted step (the table so far; the step's error is what is raised), then print
+    OUT/`table`. Returns the steps (dry run) or report's result. The flags were checked by parse_args."""
     if opts.dry_run:
         check_settings(opts, write=False)
         for step in steps:
             print(("# done: " if step["done"]() else "") + describe(step))
         return steps
+    with row_locks(run_dirs, prog):  # a run directory another process holds: one line before anything is written
+        pass
     runlock.hold(opts.out, prog)
     check_settings(opts, write=True)
     Path(opts.out).mkdir(parents=True, exist_ok=True)
@@ -511,7 +603,7 @@ def main(argv=None):
     opts = parse_args(argv)
     return run_study("ablate.py", opts, plan(opts), check_settings, execute, report, table="ablation.md",
                      describe=lambda step: f"ln -s {step['link'][0]} {step['link'][1]}" if "link" in step
-                     else shlex.join(step["cmd"]))
+                     else shlex.join(step["cmd"]), run_dirs=run_dirs(opts))
 
 
 def cli(prog, main):

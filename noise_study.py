@@ -29,7 +29,9 @@ the npo cell's mean σ² over its training (matched), dnpo = DSL + noise. Groups
 Every cell is scored by `eval.py score` on the same held-out prompts (OUT/start is scored with the base
 model). Outputs: OUT/noise_study.md and .json (the sweep table, the iteration table), OUT/{cell}/plots/noise.png
 (noise.py departure 9). train.py and eval.py resume; a finished call is skipped: rerun the same command to
-continue. OUT/study_config.json keeps the settings; others are refused.
+continue. OUT/study_config.json keeps the settings; others are refused. Every flag is checked before anything
+is written (train.py's own checks on the start's and each cell's command, eval.py's on the eval command), and
+a run directory another process holds stops the study in one line (ablate.py's driver, `row_locks`).
 
 Where this departs from, or fills a gap in, the paper:
 1. The paper gives no noise learning rate, α or initial variance and no sweep of them; the grid, the
@@ -49,10 +51,11 @@ from pathlib import Path
 
 import numpy as np
 
+import config
 import data
 import eval as ev
 import plots
-from ablate import Parser, cli, keep_settings, run_study, split_argv
+from ablate import Parser, check_commands, cli, keep_settings, row_locks, run_study, split_argv
 
 HERE = Path(__file__).resolve().parent
 ROWS = {"spin": ["--no-dsl", "--noise", "none"], "npo": ["--no-dsl", "--noise", "trainable"],
@@ -119,8 +122,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/noise_study", help="OUT: start/ and one run directory per cell")
     p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated of " + ", ".join(GROUPS)
                    + " (run in that order within each iteration)")
-    p.add_argument("--eval-max-prompts", type=int, default=400, help="held-out prompts per evaluation")
-    p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per evaluation generation batch")
+    p.add_argument("--eval-max-prompts", type=config.POSITIVE_INT, default=400, help="held-out prompts per evaluation")
+    p.add_argument("--eval-batch-size", type=config.POSITIVE_INT, default=32,
+                   help="prompts per evaluation generation batch")
     p.add_argument("--dry-run", action="store_true", help="print the plan (# done: finished) and exit")
     opts = p.parse_args(own)
     opts.train_flags = train_flags or ["--max-prompts", "64", "--epochs", "3", "--max-new-tokens", "32", *ADAMW]
@@ -135,7 +139,25 @@ def parse_args(argv=None):
     if owned:
         raise SystemExit(f"noise_study.py: {owned[0]} is set per cell; remove it from the train flags")
     opts.cells = cells_of(opts.groups)
+    check_flags(opts)
     return opts
+
+
+def check_flags(opts):
+    """train.py's checks on the start's and every cell's train command, eval.py's on the eval command, before
+    anything is written (ablate.check_commands); a fixed cell whose σ is matched later is checked with σ 1."""
+    out = Path(opts.out)
+    argvs = [["--iter", "0", "--run-dir", str(out / "start"), *opts.train_flags]]
+    for cell, spec in opts.cells.items():
+        sigma = ["--noise-sigma", str(spec.get("sigma") or 1.0)] if spec["row"] == "fixed" else []
+        argvs.append(["--iter", "1", "--run-dir", str(out / cell), *opts.train_flags, *spec["flags"], *sigma,
+                      "--start-model", str(out / "start" / "iter0" / "model")])
+    check_commands("noise_study.py", argvs, [eval_cmd(opts, out / "start", skip_base=False)[2:]])
+
+
+def run_dirs(opts):
+    """Every run directory of the study: OUT/start and one per cell."""
+    return [Path(opts.out) / "start"] + [Path(opts.out) / cell for cell in opts.cells]
 
 
 # ----------------------------------------------------------------------------- reading a cell's files
@@ -258,7 +280,9 @@ def execute(opts, steps):
         if step["done"]() or (step.get("when") and not step["when"]()):
             continue
         if step.get("seed"):
-            seed_generation(opts, step["seed"], step["label"].split()[1])
+            cell = step["label"].split()[1]
+            with row_locks([Path(opts.out) / cell], "noise_study.py"):  # not into a run another process holds
+                seed_generation(opts, step["seed"], cell)
         cmd = step["cmd"]()
         print(f"[{i}/{len(steps)}] {shlex.join(cmd)}", flush=True)
         t0 = time.time()
@@ -374,20 +398,21 @@ def markdown(result):
 
 
 def report(opts):
-    result = collect(opts)
-    data.write_json(Path(opts.out) / "noise_study.json", result)
-    with data.atomic_open(Path(opts.out) / "noise_study.md") as fh:
-        fh.write(markdown(result))
-    for cell in opts.cells:
-        if (Path(opts.out) / cell).is_dir():
-            plots.plot_noise(Path(opts.out) / cell, Path(opts.out) / cell / "plots")
+    with row_locks(run_dirs(opts), "noise_study.py"):  # plots go into the cells' run directories: none another's
+        result = collect(opts)
+        data.write_json(Path(opts.out) / "noise_study.json", result)
+        with data.atomic_open(Path(opts.out) / "noise_study.md") as fh:
+            fh.write(markdown(result))
+        for cell in opts.cells:
+            if (Path(opts.out) / cell).is_dir():
+                plots.plot_noise(Path(opts.out) / cell, Path(opts.out) / cell / "plots")
     return result
 
 
 def main(argv=None):
     opts = parse_args(argv)
     return run_study("noise_study.py", opts, plan(opts), check_settings, execute, report,
-                     describe=lambda step: step["label"], table="noise_study.md")
+                     describe=lambda step: step["label"], table="noise_study.md", run_dirs=run_dirs(opts))
 
 
 if __name__ == "__main__":

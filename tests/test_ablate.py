@@ -4,6 +4,8 @@ import json
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -74,6 +76,58 @@ def test_bad_flags_are_one_line_errors(argv, message):
     with pytest.raises(SystemExit, match=message) as err:
         ablate.parse_args(argv)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "-1"], "ablate.py: --seeds must be ≥ 0, got -1"),
+    (["--eval-max-prompts", "0"], "ablate.py: --eval-max-prompts must be > 0, got 0"),
+    (["--", "--lr", "-1"], "ablate.py: a train flag after -- is refused by train.py: --lr must be > 0, got -1"),
+    (["--", "--top-p", "2"], "refused by train.py: --top-p must be in (0, 1], got 2.0"),
+    (["--", "--bogus"], "refused by train.py: unrecognized arguments: --bogus"),
+    (["--rows", "fixed", "--", "--noise-sigma", "0"], "refused by train.py: --noise-sigma must be > 0, got 0"),
+    (["--", "--data", "no/such.jsonl"], "refused by train.py: --data no/such.jsonl: no such file"),
+])
+def test_bad_flag_stops_before_anything_is_written(tmp_path, argv, message):
+    """A bad seed or a train flag train.py would reject (checked by train.py's own parser on each row's command)
+    is one line before ablate.py writes its config, table or figure: OUT is not even created."""
+    out = tmp_path / "abl"
+    with pytest.raises(SystemExit) as err:
+        ablate.main(["--out", str(out), "--iters", "1", *argv])
+    assert message in str(err.value) and "\n" not in str(err.value), err.value
+    assert not out.exists()
+
+
+def hold_elsewhere(directory):
+    """Another process holding `directory` as train.py does (runlock.hold), until its stdin closes."""
+    child = subprocess.Popen([sys.executable, "-c", "import runlock, sys; runlock.hold(sys.argv[1], 'train.py'); "
+                              "print('held', flush=True); sys.stdin.read()", str(directory)],
+                             cwd=pathlib.Path(ablate.__file__).parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline() == "held\n"
+    return child
+
+
+def test_run_directory_held_by_another_process_is_never_written(tmp_path):
+    """train.py holding OUT/spin-seed0: ablate.py stops in one line naming the holder before it writes anything
+    (no config, table, figure or plots in the held directory); its report refuses too; once released, it may."""
+    out = tmp_path / "abl"
+    held = out / "spin-seed0"
+    child = hold_elsewhere(held)
+    argv = ["--out", str(out), "--iters", "1", "--seeds", "0", "--rows", "spin,dnpo", "--", "--max-prompts", "2"]
+    try:
+        with pytest.raises(ValueError, match=rf"^{held} is in use by pid {child.pid} on .*ablate.py writes into its "
+                                             rf"run directories") as err:
+            ablate.main(argv)
+        assert "\n" not in str(err.value)
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["spin-seed0", "spin-seed0/.lock"]
+        with pytest.raises(ValueError, match=f"{held} is in use by pid {child.pid}"):
+            ablate.report(ablate.parse_args(argv))
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["spin-seed0", "spin-seed0/.lock"]
+    finally:
+        child.stdin.close()
+        child.wait()
+    with ablate.row_locks([held, out / "dnpo-seed0"], "ablate.py"):  # free now (dnpo-seed0: never run, no lock)
+        pass
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
