@@ -53,8 +53,9 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(f"{self.prog}: {message} (see --help)")
 
 
-def number(kind, low=None, strict=False):
-    """An argparse type: a finite int/float, > low (strict) or ≥ low; the error reads "must be > 0, got -1"."""
+def number(kind, low=None, strict=False, high=None):
+    """An argparse type: a finite int/float, > low (strict) or ≥ low, and ≤ high; the error reads "must be > 0,
+    got -1"."""
     def parse(text):
         try:
             value = kind(text)
@@ -64,6 +65,9 @@ def number(kind, low=None, strict=False):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if low is not None and (value <= low if strict else value < low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '≥'} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be ≤ {high:.4g} (the float32 range of the tensors it scales), "
+                                             f"got {text}")
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -71,6 +75,10 @@ def number(kind, low=None, strict=False):
 
 POSITIVE_INT, POSITIVE, COUNT, NONNEGATIVE, FINITE = (number(int, 0, True), number(float, 0, True), number(int, 0),
                                                      number(float, 0), number(float))
+# Flags that multiply float32 tensors (learning rates, β, σ, weight decay): beyond float32's range they would
+# overflow in the first step, after generation and judging; refused when parsed instead.
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+POSITIVE32, NONNEGATIVE32 = number(float, 0, True, FLOAT32_MAX), number(float, 0, False, FLOAT32_MAX)
 
 
 def build_parser(preset="demo", training=None):
@@ -134,18 +142,18 @@ def build_parser(preset="demo", training=None):
     flag(g, "--dsl", action=argparse.BooleanOptionalAction, trains=True,
          help="dynamic sample labeling (default on for k ≥ 1; --no-dsl: human = chosen)")
     g = p.add_argument_group("DNPO")
-    flag(g, "--beta", type=POSITIVE, default=0.1, trains=True, help="β of the margin (default %(default)s)")
+    flag(g, "--beta", type=POSITIVE32, default=0.1, trains=True, help="β of the margin (default %(default)s)")
     flag(g, "--loss-type", choices=LOSS_TYPES, default="sigmoid", trains=True,
          help="ℓ(m): sigmoid (paper) or hinge (SPIN repo; default %(default)s)")
     flag(g, "--noise", choices=["trainable", "fixed", "none"], trains=True,
          help="noise on reference logits of rejected answers (default trainable for k ≥ 1; none = SPIN)")
-    flag(g, "--noise-alpha", type=NONNEGATIVE, default=noises.DEFAULT_ALPHA, trains=True,
+    flag(g, "--noise-alpha", type=NONNEGATIVE32, default=noises.DEFAULT_ALPHA, trains=True,
          help="α weight of mean σ² in the loss (0 = no bound; default %(default)s, see noise.py)")
-    flag(g, "--noise-sigma", type=POSITIVE, default=noises.DEFAULT_SIGMA, trains=True,
+    flag(g, "--noise-sigma", type=POSITIVE32, default=noises.DEFAULT_SIGMA, trains=True,
          help="σ of --noise fixed, in logits (default %(default).3g)")
-    flag(g, "--noise-lr", type=POSITIVE, default=1e-3, trains=True,
+    flag(g, "--noise-lr", type=POSITIVE32, default=1e-3, trains=True,
          help="learning rate of the noise network (default %(default)s)")
-    flag(g, "--noise-init-variance", type=POSITIVE, default=noises.DEFAULT_INIT_VARIANCE, trains=True,
+    flag(g, "--noise-init-variance", type=POSITIVE32, default=noises.DEFAULT_INIT_VARIANCE, trains=True,
          help="σ² of the trainable noise at the start of each iteration (Eq. 5 bias init; default %(default)s)")
     flag(g, "--noise-chunk-size", type=POSITIVE_INT, default=256,
          help="answer tokens per chunk of lm_head + log-softmax (memory; default %(default)s)")
@@ -155,10 +163,10 @@ def build_parser(preset="demo", training=None):
          help="pairs per micro-batch per process (default %(default)s)")
     flag(g, "--grad-accum", type=POSITIVE_INT, default=1, trains=True,
          help="micro-batches per optimizer step (1 = off; default %(default)s)")
-    flag(g, "--lr", type=POSITIVE, trains=True, help="peak policy learning rate (default %(default)s)")
+    flag(g, "--lr", type=POSITIVE32, trains=True, help="peak policy learning rate (default %(default)s)")
     flag(g, "--optimizer", choices=["rmsprop", "adamw", "sgd"], trains=True,
          help="optimizer (paper: rmsprop; sgd: plain, no momentum, for the noise study; default %(default)s)")
-    flag(g, "--weight-decay", type=NONNEGATIVE, default=0.0, trains=True, help="weight decay (default %(default)s)")
+    flag(g, "--weight-decay", type=NONNEGATIVE32, default=0.0, trains=True, help="weight decay (default %(default)s)")
     flag(g, "--warmup-ratio", type=NONNEGATIVE, default=0.1, trains=True,
          help="fraction of steps of linear warmup, then linear decay to 0 (default %(default)s)")
     flag(g, "--max-grad-norm", type=NONNEGATIVE, default=1.0, trains=True,
@@ -215,6 +223,8 @@ def check_args(args):
         if not ok:
             raise SystemExit(f"train.py: {message}")
     need(args.iter >= 0, f"--iter must be ≥ 0, got {args.iter}")  # each flag's own range: its type (number)
+    need(str(args.run_dir).strip() != "", "--run-dir must name a directory, got an empty string")
+    check_device(args.device)
     need(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
     need(0 <= args.judge_max_missing <= 1, f"--judge-max-missing must be in [0, 1], got {args.judge_max_missing}")
     need(0 <= args.flaw_rate <= 1, f"--flaw-rate must be in [0, 1], got {args.flaw_rate}")
@@ -243,6 +253,29 @@ def check_args(args):
     need(args.noise != "fixed" or args.noise_sigma > 0, "--noise fixed needs --noise-sigma > 0")
     tracking.require(args.report_to)  # a missing tracker library stops here, before any model loads
     return args
+
+
+def check_device(name):
+    """One line, before anything is written, for a --device this machine cannot run: not a device name (tpu),
+    or a CUDA device on a CPU-only build or machine, or an index beyond the GPUs present."""
+    if name is None:
+        return
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"train.py: --device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise SystemExit(f"train.py: --device {name}: only cpu and cuda (cuda:N) are supported")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise SystemExit(f"train.py: --device {name}: no CUDA GPU is available (PyTorch {torch.__version__}, {build}); "
+                         f"use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"train.py: --device {name}: this machine has {torch.cuda.device_count()} GPU(s) "
+                         f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
 
 
 def check_judge(args):

@@ -148,6 +148,37 @@ def clip_grad_norm(params, max_norm):
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def all_finite(tensors, collective=True) -> bool:
+    """True when every entry of every tensor is finite on every rank. One fused max-|x| over all of them
+    (torch's foreach norm with ord ∞, grouped by device and dtype: no Python loop over entries, and ∞-norm
+    cannot overflow, so a large finite weight is never called non-finite; a NaN or ±inf makes it NaN or
+    inf), on each rank's local shards (DTensor.to_local), then one MAX all-reduce of the verdict under
+    torchrun: a collective, so every rank calls it (collective=False: this rank's tensors only)."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors if torch.is_tensor(t)]
+    local = [t.detach() for t in local if t.numel() and (t.is_floating_point() or t.is_complex())]
+    bad = torch.zeros((), dtype=torch.float32, device=local[0].device if local else "cpu")
+    if local:
+        norm = torch.nn.utils.get_total_norm(local, norm_type=float("inf"), foreach=True)
+        bad = (~torch.isfinite(norm)).to(torch.float32).to(bad.device)
+    if collective and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl" and bad.device.type != "cuda":
+            bad = bad.cuda()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
+def state_tensors(obj):
+    """Every tensor inside a (nested) state dict: an optimizer's or a model's, for all_finite."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from state_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from state_tensors(v)
+
+
 def save_full_model(policy, tokenizer, out_dir, dtype):
     """Gather the sharded policy on rank 0 (CPU) and save_pretrained() it there: a collective."""
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -42,11 +42,48 @@ PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # kind -> the modul
 
 
 def require(kind):
-    """One-line SystemExit when the library of `kind` is not installed (call before any model loads)."""
+    """One-line SystemExit when the library of `kind` is not installed, or (wandb) when it has neither a key nor
+    a local mode (wandb_credentials): called before any model loads, not at the train stage after generation."""
     package = PACKAGES.get(kind)
     if package is not None and importlib.util.find_spec(package) is None:
         raise SystemExit(f"train.py: --report-to {kind} needs the {package} package: pip install {package} "
                          f"(or pip install -r requirements-track.txt)")
+    if kind == "wandb" and wandb_credentials() is None:
+        raise SystemExit("train.py: --report-to wandb has no W&B API key (no WANDB_API_KEY, no `wandb login` entry "
+                         "in ~/.netrc) and no local mode; export WANDB_API_KEY, run `wandb login`, or set "
+                         "WANDB_MODE=offline (then `wandb sync` uploads later)")
+
+
+def wandb_credentials(environ=None):
+    """How wandb.init will authenticate, read the documented ways without importing wandb: "mode" (WANDB_MODE
+    offline/disabled/dryrun, or `wandb offline`'s settings file), "env" (WANDB_API_KEY or
+    WANDB_IDENTITY_TOKEN_FILE), "netrc" (`wandb login`'s entry for the host of WANDB_BASE_URL), else None.
+    The key itself is never read into a value we keep."""
+    import configparser
+    import netrc
+    import urllib.parse
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return "mode"
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return "env"
+    config_dir = pathlib.Path(environ.get("WANDB_CONFIG_DIR") or pathlib.Path.home() / ".config" / "wandb")
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(config_dir / "settings")
+        if settings.get("default", "mode", fallback="").lower() in ("offline", "disabled", "dryrun"):
+            return "mode"
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        pass
+    host = urllib.parse.urlparse(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    for name in filter(None, (environ.get("NETRC"), str(pathlib.Path.home() / ".netrc"),
+                              str(pathlib.Path.home() / "_netrc"))):
+        try:
+            if netrc.netrc(name).authenticators(host):
+                return "netrc"
+        except (FileNotFoundError, netrc.NetrcParseError, OSError):
+            continue
+    return None
 
 
 def run_name(it_dir):

@@ -65,7 +65,7 @@ import stages
 import step as steps
 import tracking
 from loss import sequence_logps
-from config import TRAINING_KEYS, check_judge, parse_args
+from config import TRAINING_KEYS, build_parser, check_judge, parse_args
 
 
 @dataclasses.dataclass
@@ -83,11 +83,29 @@ class RunState:
         return argparse.Namespace(**{**vars(args), **dataclasses.asdict(self)})
 
 # ----------------------------------------------------------------------------- helpers
-def generate_stage(args, model, tokenizer, it_dir, rank, flags, inputs):
+def training_prompts(args):
+    """The training prompts of this run (--data, --max-prompts, --seed, --flaw-rate)."""
+    return data.load_prompts(args.data, split="train", max_prompts=args.max_prompts or None, seed=args.seed,
+                             flaw_rate=args.flaw_rate)
+
+
+def lone_warmup_step(n_pairs, world, args):
+    """The one-line refusal when training on n_pairs would be one optimizer step taken at lr 0, else None.
+    The linear warmup gives its first step lr 0 (transformers' schedule: lr · step / warmup_steps); with one
+    step in all, the iteration would save the start model unchanged under its own name. Refused rather than
+    warned: a warning scrolls past, and the iteration's numbers would then be the start model's."""
+    total = ckpt.steps_per_epoch(n_pairs, world, args.batch_size, args.grad_accum) * args.epochs
+    if total == 1 and math.ceil(args.warmup_ratio * total) >= 1:
+        return (f"train.py: iter {args.iter}: {n_pairs} pair(s) make one optimizer step (--batch-size "
+                f"{args.batch_size} × {world} process(es) × --grad-accum {args.grad_accum}, --epochs {args.epochs}), "
+                f"and the linear warmup (--warmup-ratio {args.warmup_ratio:g}) takes it at lr 0, so the model would "
+                f"not change; pass --warmup-ratio 0, a smaller --batch-size, more --epochs or more prompts")
+    return None
+
+
+def generate_stage(args, model, tokenizer, it_dir, rank, flags, inputs, records):
     """Stage 1: the start model answers every training prompt (generate.py shards them across ranks)."""
     out = it_dir / "generated.jsonl"
-    records = data.load_prompts(args.data, split="train", max_prompts=args.max_prompts or None, seed=args.seed,
-                                flaw_rate=args.flaw_rate)
     if rank == 0:  # record what the answers are made from before the first one is written
         stages.begin(it_dir, "generate", flags["generate"], inputs["generate"])
     distributed.barrier()
@@ -128,9 +146,63 @@ def label_stage(args, it_dir, run_dir, rank, flags):
         stats["flip_rate"] = judges.dsl_flip_rate(judged)
     distributed.barrier()
     pairs = data.history_pairs(run_dir, args.iter, args.history, seed=args.seed)  # α-SPIN 50:50 mix; h = 1: this iteration
-    if not pairs:
-        raise SystemExit(f"train.py: {it_dir / 'pairs.jsonl'} holds no pairs (every judge score missing?)")
+    if not pairs:  # DSL keeps every pair but identical ones (a missing score keeps the human answer chosen)
+        raise SystemExit(f"train.py: {it_dir / 'pairs.jsonl'} holds no pairs: every generated answer equals its "
+                         f"human answer ({stats.get('identical', '?')} of {stats.get('n', '?')}), so there is nothing "
+                         f"to prefer; the start model already gives the data's answers (sample with --temperature "
+                         f"or use other prompts)")
     return pairs, stats
+
+
+# ----------------------------------------------------------------------------- divergence
+# The flags that can make each part non-finite, most suspect first when none stands out: "loss" = the loss or
+# gradient norm before the optimizer step (the weights were finite), "policy" / "noise" = that network's
+# weights after the step, "optimizer" = the optimizer's state (moments) at a checkpoint.
+SUSPECTS = {"loss": ("beta", "noise_sigma", "noise_init_variance", "noise_lr", "lr"),
+            "policy": ("lr", "beta", "max_grad_norm"),
+            "noise": ("noise_lr", "noise_init_variance", "beta"),
+            "optimizer": ("lr", "beta", "max_grad_norm")}
+
+
+def divergence_cause(args, part) -> str:
+    """The flags most likely behind a non-finite `part` (SUSPECTS), as 'FLAG VALUE (why)' phrases: a weight
+    decay with lr · wd ≥ 1 first (every step scales the weights by 1 − lr · wd, so their size grows
+    geometrically), then each suspect raised ≥ 10× above its preset default, most raised first, then clipping
+    turned off under plain SGD; with none of these, the part's first suspect (lower it)."""
+    defaults = build_parser(args.preset).parse_args(["--iter", str(args.iter)])
+    found = []
+    peak = args.noise_lr if part == "noise" else args.lr
+    if args.weight_decay * peak >= 1:
+        found.append(f"--weight-decay {args.weight_decay:g} (× lr {peak:g} ≥ 1: each step multiplies the weights by "
+                     f"1 − lr·wd)")
+    raised = []
+    for key in SUSPECTS[part]:
+        if key == "max_grad_norm":
+            if args.max_grad_norm == 0 and args.optimizer == "sgd":  # the update is lr · the raw gradient
+                raised.append((1.0, "--max-grad-norm 0 (plain SGD without clipping: the step is lr × the "
+                                             "raw gradient)"))
+            continue
+        if not {"noise_sigma": args.noise == "fixed", "noise_lr": args.noise == "trainable",
+                "noise_init_variance": args.noise == "trainable"}.get(key, True):  # a flag this run does not use
+            continue
+        value, default = getattr(args, key), getattr(defaults, key)
+        if default and value >= 10 * default:
+            raised.append((value / default, f"--{key.replace('_', '-')} {value:g} ({value / default:.3g}× the "
+                                             f"default {default:g})"))
+    found += [text for _, text in sorted(raised, key=lambda r: -r[0])]
+    if not found:
+        key = SUSPECTS[part][0] if part != "loss" else "lr"
+        found.append(f"--{key.replace('_', '-')} {getattr(args, key):g} (lower it)")
+    return "; ".join(found)
+
+
+def diverged(args, step, what, part, state_path):
+    """Stop in one line: the step, what went non-finite, that nothing of it is saved, which checkpoint is kept
+    (every written checkpoint passed these checks), and the likely cause."""
+    kept = (f"the last checkpoint ({state_path.parent}, finite) is kept" if state_path.exists() else
+            "no checkpoint was written yet, so a rerun starts this iteration at step 0")
+    raise SystemExit(f"train.py: iter {args.iter} step {step}: {what}; stopped, nothing of this step saved, {kept}; "
+                     f"likely cause: {divergence_cause(args, part)}")
 
 
 # ----------------------------------------------------------------------------- logps.jsonl (Fig. 2/10 histograms)
@@ -175,6 +247,8 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     metrics_path, logps_path, state_path = it_dir / "metrics.jsonl", it_dir / "logps.jsonl", it_dir / "checkpoint" / "state.pt"
     examples = [data.tokenize_pair(tokenizer, p, args.max_length, args.max_prompt_length)
                 for p in tqdm(pairs, desc="tokenize", disable=not main_proc, leave=False)]
+    if refusal := lone_warmup_step(len(examples), world, args):  # the pairs are known only now (DSL drops some)
+        raise SystemExit(refusal)
     spe = ckpt.steps_per_epoch(len(examples), world, args.batch_size, args.grad_accum)
     total_steps = spe * args.epochs
     compute_dtype = models.pick_dtype(device, args.dtype)  # bf16 autocast on CUDA; fp32 on CPU unless --dtype bf16
@@ -225,6 +299,10 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         else:
             step = ckpt.restore(state, state_path, args, TRAINING_KEYS, rank, policy, noise_net, optimizer, scheduler,
                                 noise_rng)
+        if not distributed.all_finite([*policy.parameters(), *noise_params,
+                                       *distributed.state_tensors(optimizer.state)]):  # one written before this check
+            raise SystemExit(f"train.py: {state_path} holds non-finite weights or optimizer state (saved by a diverged "
+                             f"run); delete {state_path.parent} to restart iteration {args.iter} at step 0")
         if main_proc:
             print(f"[4/5] train: resuming {state['dir'] if fsdp else state_path} at step {step}/{total_steps}")
             rows = ckpt.read_metrics(metrics_path)
@@ -241,6 +319,8 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     lengths = [packing.row_length(e, pack) for e in examples]
 
     def save(step):
+        if not distributed.all_finite(distributed.state_tensors(optimizer.state)):  # the weights: checked each step
+            diverged(args, step, "the optimizer state is non-finite", "optimizer", state_path)
         noise_rng_states = distributed.gather(noise_rng.get_state(), world)  # collective: every rank
         if fsdp:  # collective: every rank writes its shards
             return distributed.save_sharded(state_path, module, noise_net, optimizer, dict(
@@ -292,12 +372,14 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
         if noise_params and args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(noise_params, args.max_grad_norm)
         if not (math.isfinite(m["loss"]) and torch.isfinite(grad_norm)):
-            kept = (f"last good checkpoint kept in {state_path.parent}" if state_path.is_file() else
-                    "stopped before the first checkpoint, so none is kept and a rerun starts this iteration at step 0")
-            raise SystemExit(f"train.py: iter {args.iter} step {step + 1}: non-finite loss {m['loss']} or gradient "
-                             f"norm {float(grad_norm)}; stopped, {kept} (try a lower --lr or --noise-lr)")
+            diverged(args, step + 1, f"non-finite loss {m['loss']} or gradient norm {float(grad_norm)}", "loss",
+                     state_path)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
+        if not distributed.all_finite([*policy.parameters(), *noise_params]):  # before anything of it is saved
+            part = "noise" if distributed.all_finite(policy.parameters()) else "policy"
+            diverged(args, step + 1, f"the {'noise network' if part == 'noise' else 'policy'} weights are non-finite "
+                     "after the optimizer step", part, state_path)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step, done = step + 1, done + 1
@@ -345,6 +427,9 @@ def main(argv=None):
     if (it_dir / "model" / "config.json").is_file():
         say(f"iter {args.iter}: {it_dir / 'model'} exists, nothing to do")
         return ckpt.print_summary(it_dir) if rank == 0 else None
+    records = training_prompts(args)  # at most one pair each (α-SPIN too): a run without a real step stops here
+    if refusal := lone_warmup_step(len(records), world, args):
+        raise SystemExit(refusal)
     ckpt.prepare_iteration_dir(it_dir, rank)  # writable; leftovers of a killed write removed
     if rank == 0:  # the flags and how the run was started; no API key, no URL credentials
         data.write_json(it_dir / "config.json", stages.public_args(vars(run.over(args))))
@@ -355,9 +440,12 @@ def main(argv=None):
     # start model: the policy in fp32 (master weights), the reference a frozen copy in the compute dtype
     policy, tokenizer = models.load_model(run.start_model, device=device, dtype="fp32",
                                           trust_remote_code=args.trust_remote_code)
+    if not distributed.all_finite(policy.parameters()):  # e.g. the model of a diverged run saved before this check
+        raise SystemExit(f"train.py: the start model {run.start_model} holds non-finite weights (saved by a diverged "
+                         f"run); retrain it, or pass another --start-model")
     reference = copy.deepcopy(policy).to(models.pick_dtype(device, args.dtype)).eval().requires_grad_(False)
 
-    generate_stage(args, reference, tokenizer, it_dir, rank, flags, inputs)  # 1 generate (the start model)
+    generate_stage(args, reference, tokenizer, it_dir, rank, flags, inputs, records)  # 1 generate (the start model)
     pairs, stats = label_stage(args, it_dir, run_dir, rank, flags)          # 2 judge, 3 label
     run.pairs_sha256 = stages.sha256_json(pairs)  # in TRAINING_KEYS: a checkpoint never resumes on other pairs
     if rank == 0:
@@ -370,7 +458,10 @@ def main(argv=None):
         distributed.save_full_model(policy, tokenizer, it_dir / "model", save_dtype)
     if rank == 0:  # 5 save
         if run.dist != "fsdp":
-            models.save_model(policy.to(save_dtype), tokenizer, it_dir / "model")
+            if not distributed.all_finite(policy.to(save_dtype).parameters(), collective=False):  # as saved
+                raise SystemExit(f"train.py: iter {args.iter}: the trained weights overflow {save_dtype} when cast "
+                                 f"for saving; nothing saved")
+            models.save_model(policy, tokenizer, it_dir / "model")
         data.write_json(it_dir / "summary.json", ckpt.summarize(run.over(args), pairs, stats, rows,
                                                                 time.time() - t_train, time.time() - t_start))
         if not args.keep_checkpoint:

@@ -34,6 +34,7 @@ import torch
 
 import checkpoint as ckpt
 import demo
+import distributed
 import generate
 import model as models
 import noise as noises
@@ -230,6 +231,39 @@ def bench_noise_diagnostics(device, spec=None):
           f"{w.spec['batch_size']}: dnpo step with diagnostics {on * 1e3:8.0f} ms, without {off * 1e3:8.0f} ms | "
           f"their CPU time {statistics.median(extra) * 1e3:6.1f} ms per step, {statistics.median(share):.2%} of a step")
     return {"time_ratio_with_over_without": on / off, "cpu_time_ratio_with_over_without": 1 + statistics.median(share)}
+
+
+# ----------------------------------------------------------------------------- finite_check
+def bench_finite_check(device, spec=None):
+    """The cost of train.py's finiteness check after every optimizer step (distributed.all_finite over the
+    policy's and the noise network's weights: one fused max-|x|): its time against a DNPO step's on the demo
+    workload, measured alternately on each micro-batch in one process; the goal is ≤ 1 % of a step (issue 26).
+    Also the check over the optimizer's state, which train.py runs only before writing a checkpoint."""
+    w = workload(device, spec)
+    run = OurRun(w, noise="trainable")
+    weights = [*run.policy.parameters(), *run.noise_net.parameters()]
+    step_s, check_s, state_s = [], [], []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for r in range(w.spec["rounds"]):
+        for idx in run.micro_batches(r):
+            sync()
+            t0 = time.perf_counter()
+            run.step(idx)
+            sync()
+            t1 = time.perf_counter()
+            assert distributed.all_finite(weights)
+            t2 = time.perf_counter()
+            assert distributed.all_finite(distributed.state_tensors(run.optimizer.state))
+            step_s.append(t1 - t0)
+            check_s.append(t2 - t1)
+            state_s.append(time.perf_counter() - t2)
+    step, check, state = (statistics.median(x) for x in (step_s, check_s, state_s))
+    n = sum(p.numel() for p in weights)
+    print(f"finite_check | {device.type} | {w.spec['model']} | {n / 1e6:.0f} M weights: dnpo step {step * 1e3:8.0f} ms, "
+          f"check after it {check * 1e3:6.1f} ms ({check / step:.2%}); optimizer state at a checkpoint "
+          f"{state * 1e3:6.1f} ms")
+    return {"time_ratio_step_with_check_over_without": 1 + check / step,
+            "checkpoint_state_check_over_step": state / step}
 
 
 # ----------------------------------------------------------------------------- flop_utilization

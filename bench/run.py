@@ -26,7 +26,8 @@ Notation as in loss.py: B sequences, T tokens, V vocabulary, d hidden size, N an
   the latency-bound ideal (concurrency / (2 requests × latency) records/s).
 
 * train_step_vs_trl, iteration_speedup, memory_and_noise, flop_utilization, generation, cpu_bf16, profile,
-  noise_diagnostics (a DNPO step with the per-step noise diagnostics against one without):
+  noise_diagnostics (a DNPO step with the per-step noise diagnostics against one without), finite_check
+  (train.py's finiteness check of the weights after each optimizer step, against the step):
   on the demo workload (SmolLM2-135M, 32 demo pairs, as `train.py --preset demo`); described in
   bench/perf.py, the shared harness (train.py's step, the TRL adapter, peak-RSS child processes) in
   bench/training.py. --rounds sets their interleaved rounds (default 3). train_step_vs_trl needs
@@ -273,9 +274,10 @@ BENCHMARKS = {"noisy_logps": bench_noisy_logps, "dnpo_step": bench_dnpo_step,
               "generation": perf.bench_generation,
               "cpu_bf16": perf.bench_cpu_bf16,
               "profile": perf.bench_profile,
-              "noise_diagnostics": perf.bench_noise_diagnostics}
+              "noise_diagnostics": perf.bench_noise_diagnostics,
+              "finite_check": perf.bench_finite_check}
 WORKLOAD_BENCHMARKS = ("train_step_vs_trl", "iteration_speedup", "memory_and_noise", "flop_utilization", "generation",
-                       "cpu_bf16", "profile", "noise_diagnostics")  # these take spec= (training.WORKLOAD overrides)
+                       "cpu_bf16", "profile", "noise_diagnostics", "finite_check")  # these take spec= (training.WORKLOAD overrides)
 
 
 def main(argv=None):

@@ -186,3 +186,10 @@ def test_child_peak_is_not_the_parents_size(w):
     peaks = training.child_peaks(("ours",), w)
     del ballast
     assert peaks["ours"]["peak"] < peaks["ours"]["base"] + 2 ** 29  # the tiny model's epoch needs far less
+
+
+def test_finite_check_bench_returns_its_ratios(w):
+    """bench finite_check times train.py's per-step check (distributed.all_finite) against a step: ratios ≥ 1 / > 0."""
+    out = perf.bench_finite_check(CPU, w.spec)
+    assert set(out) == {"time_ratio_step_with_check_over_without", "checkpoint_state_check_over_step"}
+    assert out["time_ratio_step_with_check_over_without"] >= 1 and out["checkpoint_state_check_over_step"] > 0

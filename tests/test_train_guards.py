@@ -155,8 +155,8 @@ def test_nonfinite_loss_before_any_checkpoint_claims_none(iter0_run, tmp_path, m
         out = real(*a, **kw)
         return {**out, "loss": out["loss"] * float("nan")}
     monkeypatch.setattr(train.steps, "dnpo_loss", poisoned)
-    message = refused(["--iter", "1", *tiny_flags(run_dir, "unused")], "step 1: non-finite loss", "none is kept")
-    assert "last good checkpoint" not in message and not (run_dir / "iter1" / "checkpoint" / "state.pt").exists()
+    message = refused(["--iter", "1", *tiny_flags(run_dir, "unused")], "step 1: non-finite loss", "no checkpoint was written yet")
+    assert "last checkpoint" not in message and not (run_dir / "iter1" / "checkpoint" / "state.pt").exists()
 
 
 def test_generation_gets_the_prompt_limit_and_judging_the_missing_limit(iter0_run, tmp_path, monkeypatch):
