@@ -152,7 +152,7 @@ def model_with_template(tiny_model_dir, tmp_path, template):
 def test_bad_chat_template_is_one_line_at_load(tiny_model_dir, tmp_path, monkeypatch, template, reason):
     """A template that raises, includes another, fails, loops away or blows up stops when the model loads, in one
     line naming the model directory and the reason: no Jinja traceback, no hang in generation."""
-    monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 0.5)
+    monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 0.5, raising=False)
     path = model_with_template(tiny_model_dir, tmp_path, template)
     for load in (load_tokenizer, load_model):
         with pytest.raises(ValueError) as err:
@@ -164,7 +164,7 @@ def test_bad_chat_template_is_one_line_at_load(tiny_model_dir, tmp_path, monkeyp
 def test_chat_template_failing_on_one_prompt_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
     """A template that passes the load-time sample but fails or loops on one prompt: one line when that prompt is
     rendered (generation, training, the hf judge), also off the main thread, where the runaway render is stopped."""
-    monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 0.5)
+    monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 0.5, raising=False)
     template = ("{% if 'boom' in messages[0]['content'] %}{{ raise_exception('no boom') }}{% endif %}"
                 "{% if 'loop' in messages[0]['content'] %}" + RUNAWAY + "{% endif %}" + conftest.CHATML)
     tok = load_tokenizer(str(model_with_template(tiny_model_dir, tmp_path, template)))
