@@ -194,6 +194,16 @@ def unwrap_model(model):
             return model
 
 
+def readable(directory):
+    """Give every file under `directory` the mode a plain open() would (0666 less the umask): safetensors writes
+    model.safetensors 0600, so another user of a shared run directory could not read the model."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in pathlib.Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~mask)
+
+
 def save_model(model, tokenizer, out_dir):
     """save_pretrained (model + tokenizer) into a tmp dir beside out_dir, then rename it into place."""
     out_dir = pathlib.Path(out_dir)
@@ -209,6 +219,7 @@ def save_model(model, tokenizer, out_dir):
         with diskspace.translate(out_dir, nbytes, " (the weights and the tokenizer)"):
             unwrap_model(model).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        readable(tmp)
         if out_dir.exists():              # replace an older save: move it aside, swap, then delete it
             old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "model")

