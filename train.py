@@ -427,6 +427,7 @@ def main(argv=None):
     if (it_dir / "model" / "config.json").is_file():
         say(f"iter {args.iter}: {it_dir / 'model'} exists, nothing to do")
         return ckpt.print_summary(it_dir) if rank == 0 else None
+    models.load_tokenizer(run.start_model, args.trust_remote_code)  # its chat template renders (one line if not)
     records = training_prompts(args)  # at most one pair each (α-SPIN too): a run without a real step stops here
     if refusal := lone_warmup_step(len(records), world, args):
         raise SystemExit(refusal)
