@@ -54,6 +54,7 @@ from transformers import get_linear_schedule_with_warmup
 import checkpoint as ckpt
 import data
 import distributed
+import errors
 import generate
 import judge as judges
 import memplan
@@ -409,6 +410,16 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
+    """`python train.py --iter k ...`: one iteration; a refusal of any module (ValueError, errors.Refusal, OSError)
+    ends the process in one line (errors.one_line), the one exit point of this command."""
+    try:
+        return run_iteration(argv)
+    except (ValueError, OSError) as e:  # user input rejected by a library function (bad record, file, judge setting)
+        raise SystemExit(errors.one_line("train.py", e)) from None
+
+
+def run_iteration(argv=None):
+    """The five stages of iteration k (module docstring), each skipping work already done."""
     args = parse_args(argv)  # every flag is checked before anything is written; never written into
     check_judge(args)  # the judge's URL and API key, before the model loads
     t_start = time.time()
@@ -479,5 +490,3 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:
         raise SystemExit("train.py: interrupted; rerun the same command to resume from the last checkpoint")
-    except (ValueError, OSError) as e:  # user input rejected by a library function (bad record, file, judge setting)
-        raise SystemExit("train.py: " + " ".join(str(e).split())) from None

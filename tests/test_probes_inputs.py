@@ -30,13 +30,13 @@ def test_null_answer_stops_train_before_anything_is_written(tmp_path, tiny_model
     (RUNAWAY, "took over 0.5 s (a runaway loop?)"),
 ])
 def test_bad_chat_template_stops_train_before_generation(tmp_path, tiny_model_dir, monkeypatch, template, reason):
-    """train.py on a start model whose chat template raises, includes another template or loops away: a ValueError
-    naming the model directory when the model loads (train.py's __main__ prints it as one line), no answer
+    """train.py on a start model whose chat template raises, includes another template or loops away: one line
+    naming the model directory when the tokenizer loads (train.main turns the ValueError into it), no answer
     generated, nothing of the iteration written, no hang."""
     monkeypatch.setattr(data, "CHAT_TEMPLATE_SECONDS", 0.5, raising=False)
     model_dir = model_with_template(tiny_model_dir, tmp_path, template)
     run = tmp_path / "run"
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(SystemExit) as err:
         train.main(["--iter", "0", *tiny_flags(run, str(model_dir))])
-    assert str(err.value).startswith(f"{model_dir}: ") and reason in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"train.py: {model_dir}: ") and reason in str(err.value) and "\n" not in str(err.value)
     assert not (run / "iter0").exists()  # checked before config.json is written (train.main loads the tokenizer first)
