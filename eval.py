@@ -13,7 +13,19 @@
     report      RUN_DIR/report.md: flags, per-iteration table, DSL flip rates, similarity, plots
 
 Files: RUN_DIR/eval/{base,iter{k}}_generated.jsonl and _judged.jsonl (resumable), scores.json, similarity.json,
-logps_iter{k}.jsonl and logps_settings.json (`logps`), benchmarks/{base,iter{k}}/ and benchmarks.json (`benchmarks RUN_DIR`).
+logps_iter{k}.jsonl, logps_settings.json and logps_models.json (`logps`), benchmarks/{base,iter{k}}/ and
+benchmarks.json (`benchmarks RUN_DIR`).
+
+No number without what made it: each model's row in scores.json carries its key, {"model": model_identity,
+"prompts_sha256", "settings"}; a row, or resumable answers, whose key differs from this call's (the iteration was
+retrained, the prompt file rewritten, ...) is re-scored after its old files are deleted, with one line saying why,
+and a cached row of a model that no longer exists (or is skipped and changed) is dropped. `logps` keys each
+iteration the same way (logps_models.json), `benchmarks` each lm_eval column (harness.py). `compare` refuses,
+in one line, one id holding two different questions and two sides scored with different settings, and checks
+a run's held-out answers against the weights now in iter{k}/model. Every flag is checked by argparse before a
+model loads or a file is written, and each subcommand that writes holds runlock's lock on the directory it
+writes (score: the --out-dir, default RUN_DIR/eval; similarity and logps: RUN_DIR/eval; plots and report: the
+plots directories; benchmarks: its results directory), so a second process stops with one line.
 
 Where this departs from, or fills a gap in, the paper:
 1. The paper scores with GPT-4o-mini on its own test prompts; the default here is the judge named by
@@ -30,10 +42,17 @@ Where this departs from, or fills a gap in, the paper:
    with iter{t-1}/pairs.jsonl chosen answers, by id; row 0 pairs the base model's answers with the
    human answers (the paper's "SFT" column).
 5. Benchmarks (harness.py): see that file's docstring.
+6. The paper describes no caching. A model's identity is the sha256 of its directory's files (stages.sha256_dir,
+   streamed: about 1.5 s per GB, once per model and call), the embedded model's name and its GGUF file's sha256,
+   or a hub id's name and its locally cached snapshot (the Hub itself is not asked). compare pairs two sides
+   only on identical prompt, reference answer and human answer, and when both sides sit beside a scores.json
+   only under equal settings except max_prompts (it only chooses how many ids the sides share).
 """
 import argparse
+import glob
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -42,6 +61,9 @@ import torch
 
 import generate
 import model as model_lib
+import runlock
+import stages
+from config import Parser, number
 from data import iterations, load_prompts, read_jsonl, write_json
 from data import read_json as data_read_json
 from demo import check_answer
@@ -91,43 +113,139 @@ def score_extras(scores, out_dir):
     return extra
 
 
-def run_score(args):
-    """`eval.py score`: evaluate a run's base + iter models (or one model); cache in eval/scores.json."""
-    target = Path(args.target)
+# ----------------------------------------------------------------------------- what made a cached result
+
+def hub_revision(name):
+    """The commit of hub model `name` in the local Hugging Face cache (the snapshot a load would use), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(name, "config.json")
+    except (ImportError, ValueError):  # no huggingface_hub, or not a valid repository id
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def model_identity(name_or_path) -> dict:
+    """What a model's answers are made from, cheap to recompute: a directory is the sha256 of its files (names and
+    bytes, streamed: stages.sha256_dir, the start model's identity in stages.json); the embedded model its name
+    and the sha256 of its GGUF file; a hub id its name and the commit of its local snapshot (None if not cached)."""
+    name = str(name_or_path)
+    if name in model_lib.EMBEDDED:
+        return {"embedded": name, "sha256": stages.sha256_file(model_lib.embedded_gguf(name))}
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return {"directory": True, "sha256": stages.sha256_dir(path)}
+    if name.startswith(("/", ".", "~")) or path.exists():  # a path, not a hub id (model.resolve_model's rule)
+        raise ValueError(f"{name}: no such model directory (expected a save_pretrained() directory)")
+    return {"hub": name, "revision": hub_revision(name)}
+
+
+def prompts_sha256(records):
+    """sha256 of the prompt records an evaluation used (ids, prompts, human answers, reference answers)."""
+    return stages.sha256_json(records)
+
+
+def stale_reason(cached, key):
+    """Why a cached evaluation's key differs from `key` ({"model", "prompts_sha256", "settings"}), or None."""
+    if not isinstance(cached, dict):
+        return "no model identity recorded (cached by an older eval.py)"
+    was, now = cached.get("model") or {}, key["model"]
+    if was != now:
+        same_kind = set(was) == set(now) and all(was[k] == now[k] for k in now if k not in ("sha256", "revision"))
+        return "weights changed since cached" if same_kind else "another model than the cached one"
+    if cached.get("prompts_sha256") != key["prompts_sha256"]:
+        return "prompts changed since cached"
+    if cached.get("settings") != key["settings"]:
+        return "settings changed since cached"
+    return None
+
+
+def answer_files(out_dir, name):
+    """`eval.py score`'s resumable files of model `name` that exist: its answers and their scores, partial too."""
+    stem = Path(out_dir) / name
+    paths = [Path(f"{stem}{suffix}") for suffix in ("_generated.jsonl", "_judged.jsonl", "_judged.jsonl.partial")]
+    paths += Path(out_dir).glob(f"{glob.escape(name)}_generated.jsonl.partial*")
+    return [p for p in paths if p.is_file() or p.is_symlink()]
+
+
+def score_models(target, args):
+    """(models to score [(name, path)], every model of the target [(name, path)], max_new_tokens, out_dir)."""
     if is_run_dir(target):
         config_path = target / f"iter{iterations(target)[0]}" / "config.json"
         config = data_read_json(config_path)  # an object, or a one-line ValueError naming the file
         if not isinstance(config.get("base_model"), str) or not config["base_model"]:
             raise ValueError(f"{config_path}: field 'base_model' must be a model name or directory, got "
                              f"{config.get('base_model')!r}")
-        models = [("base", config["base_model"])]
-        models += [(f"iter{k}", str(target / f"iter{k}" / "model")) for k in iterations(target)
-                   if (target / f"iter{k}" / "model" / "config.json").is_file()]
-        models = [(name, path) for name, path in models if name not in args.skip]
+        found = [("base", config["base_model"])]
+        found += [(f"iter{k}", str(target / f"iter{k}" / "model")) for k in iterations(target)
+                  if (target / f"iter{k}" / "model" / "config.json").is_file()]
         trained_on = config.get("data")
         if args.data is None and trained_on not in (None, "demo"):
             raise ValueError(f"{target} was trained on {trained_on}; pass --data HELD_OUT_FILE")
         max_new_tokens = args.max_new_tokens or config.get("max_new_tokens") or 256
         out_dir = Path(args.out_dir or target / "eval")
     else:
-        models = [("model", args.target)]
+        found = [("model", args.target)]
         max_new_tokens = args.max_new_tokens or 256
         out_dir = Path(args.out_dir or f"eval-{target.name or 'model'}")
+    return [(n, p) for n, p in found if n not in args.skip], found, max_new_tokens, out_dir
+
+
+def run_score(args):
+    """`eval.py score`: evaluate a run's base + iter models (or one model); cache in eval/scores.json, each model's
+    result keyed by its weights' identity, the prompts' sha256 and the settings (a mismatch re-scores it)."""
+    target = Path(args.target)
+    models, found, max_new_tokens, out_dir = score_models(target, args)
     judge_obj = make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
-                                 cache_path=str(out_dir / "judge_cache.jsonl"), device=args.device)
+                           cache_path=str(out_dir / "judge_cache.jsonl"), device=args.device)
     settings = {"data": args.data or "demo", "split": "eval", "max_prompts": args.max_prompts,
                 "max_new_tokens": max_new_tokens, "judge": judge_obj.name, "seed": args.seed}
+    records = load_prompts(None if settings["data"] == "demo" else settings["data"], split="eval",
+                           max_prompts=args.max_prompts, seed=args.seed)
+    prompts_key = prompts_sha256(records)
+    def key_of(path):
+        return {"model": model_identity(path), "prompts_sha256": prompts_key, "settings": settings}
+    keys = {name: key_of(path) for name, path in models}
+    runlock.hold(out_dir, "eval.py score")  # one writer per directory, before anything is written
     scores = read_json(out_dir / "scores.json") if (out_dir / "scores.json").is_file() else None
-    if scores and scores["settings"] != settings:
-        raise ValueError(f"{out_dir}/scores.json holds results for other settings {scores['settings']}; "
+    if scores and scores.get("settings") != settings:
+        raise ValueError(f"{out_dir}/scores.json holds results for other settings {scores.get('settings')}; "
                          f"pass --out-dir or delete that directory")
     scores = scores or {"settings": settings, "models": {}, "human": None}
-    records = load_prompts(None if settings["data"] == "demo" else settings["data"], split="eval",
-                                max_prompts=args.max_prompts, seed=args.seed)
+    started = scores.setdefault("started", {})  # name -> key of an evaluation whose files may be partial
+    if scores.get("prompts_sha256") != prompts_key:  # the human answers' reference row is the prompts'
+        scores["human"], scores["prompts_sha256"] = None, prompts_key
+    every = dict(found)
+    for name in list(scores["models"]):  # cached rows of models not scored now: gone, or skipped and stale
+        if name in keys:
+            continue
+        reason = "its model no longer exists" if name not in every else (
+            stale_reason(scores["models"][name].get("key"), key_of(every[name])))
+        if reason:
+            print(f"{name}: {reason}; its cached scores are dropped", file=sys.stderr)
+            del scores["models"][name]
+            started.pop(name, None)
+            for stale in answer_files(out_dir, name):
+                stale.unlink()
+            write_json(out_dir / "scores.json", scores)
     for name, path in models:
-        if name in scores["models"] and scores["models"][name]["path"] == str(path):
+        key, cached = keys[name], scores["models"].get(name)
+        reason = stale_reason(cached.get("key"), key) if cached else None
+        if cached and reason is None:
+            if cached["path"] != str(path):  # the same weights, moved
+                cached["path"] = str(path)
+                write_json(out_dir / "scores.json", scores)
             print(f"{name}: cached in {out_dir}/scores.json", file=sys.stderr)
             continue
+        if cached is None and answer_files(out_dir, name) and started.get(name) != key:
+            reason = stale_reason(started.get(name), key)  # answers of an unfinished evaluation of something else
+        if reason:
+            print(f"{name}: {reason}; re-scoring", file=sys.stderr)
+            scores["models"].pop(name, None)
+            for stale in answer_files(out_dir, name):  # the resume logic must never mix another model's answers in
+                stale.unlink()
+        started[name] = key
+        write_json(out_dir / "scores.json", scores)
         print(f"{name}: generating {len(records)} answers with {path}", file=sys.stderr)
         policy, tokenizer = model_lib.load_model(path, device=args.device)
         rows = generate.generate_answers(policy, tokenizer, records, str(out_dir / f"{name}_generated.jsonl"),
@@ -135,7 +253,8 @@ def run_score(args):
                                          batch_size=args.batch_size)
         del policy
         judged, _ = judge_records(rows, judge_obj, str(out_dir / f"{name}_judged.jsonl"))
-        scores["models"][name] = {"path": str(path), **score_row(judged)}
+        scores["models"][name] = {"path": str(path), **score_row(judged), "key": key}
+        started.pop(name)
         if scores["human"] is None:  # the eval prompts' human answers: a fixed reference line
             scores["human"] = score_row(judged, "human", "human_score")
         write_json(out_dir / "scores.json", scores)
@@ -164,8 +283,24 @@ def bootstrap_intervals(win, tie, loss, draws=2000, seed=0, level=0.95):
     return {k: tuple(float(x) for x in np.percentile(v, q)) for k, v in stats.items()}
 
 
+def check_scored_model(run, k, judged):
+    """ValueError unless run/eval/iter{k}_judged.jsonl was made by the weights now in run/iter{k}/model (the key
+    `eval.py score` recorded for it in eval/scores.json): an iteration retrained since it was scored is refused."""
+    model_dir, scores_path = run / f"iter{k}" / "model", run / "eval" / "scores.json"
+    row = (read_json(scores_path).get("models") or {}).get(f"iter{k}") if scores_path.is_file() else None
+    rescore = f"rerun `python eval.py score {run}`"
+    if not isinstance(row, dict):
+        raise ValueError(f"{judged} has no finished result in {scores_path}; {rescore}")
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{judged} was made by {model_dir}, which no longer exists; {rescore} once it is retrained")
+    key = row.get("key") if isinstance(row.get("key"), dict) else None
+    if reason := stale_reason(key, {**(key or {}), "model": model_identity(model_dir)}):
+        raise ValueError(f"{judged} was not made by the weights now in {model_dir} ({reason}); {rescore}")
+
+
 def judged_source(spec, k, source):
-    """A judged file, or the judged file of run dir `spec` at iteration k (eval split or training data)."""
+    """A judged file, or the judged file of run dir `spec` at iteration k (eval split or training data); a
+    held-out file is checked against the weights now in iter{k}/model (check_scored_model)."""
     path = Path(spec)
     if path.is_file():
         return path
@@ -177,15 +312,58 @@ def judged_source(spec, k, source):
     if not found.is_file():
         hint = f"run `python eval.py score {spec}` first" if source == "eval" else f"iteration {k} has not been judged"
         raise ValueError(f"{found} is missing: {hint}")
+    if source == "eval":
+        check_scored_model(path, k, found)
     return found
 
 
+SAME_QUESTION = ("prompt", "answer", "human")  # fields two rows with one id must agree on to be paired
+PAIRING_FREE = ("max_prompts",)  # score settings that only choose how many prompts: pairing is by shared id
+
+
+def check_same_questions(path_a, rows_a, path_b, rows_b):
+    """ValueError naming both files and the first id whose prompt (or reference / human answer) differs: the
+    same id on two different questions is not a pair."""
+    by_id_b = {r.get("id"): r for r in rows_b}
+    for row in rows_a:
+        other = by_id_b.get(row.get("id"))
+        for field in SAME_QUESTION if other is not None else ():
+            if field in row and field in other and row[field] != other[field]:
+                raise ValueError(f"{path_a} and {path_b} hold different {field}s under id {row['id']!r} "
+                                 f"({str(row[field])[:40]!r} vs {str(other[field])[:40]!r}): they answer different "
+                                 f"questions; compare answers to the same prompt file")
+
+
+def score_settings(judged_path):
+    """(scores.json path, its settings) of `eval.py score` beside a judged file, or (None, None)."""
+    path = Path(judged_path).parent / "scores.json"
+    if not path.is_file():
+        return None, None
+    settings = read_json(path).get("settings")
+    return (path, settings) if isinstance(settings, dict) else (None, None)
+
+
+def check_same_settings(path_a, path_b):
+    """ValueError naming both files and the first differing setting when both judged files sit beside an
+    `eval.py score` scores.json (max_new_tokens, judge, data, seed, ...; not max_prompts)."""
+    (sa, a), (sb, b) = score_settings(path_a), score_settings(path_b)
+    if a is None or b is None:
+        return
+    for key in sorted(set(a) | set(b)):
+        if key not in PAIRING_FREE and a.get(key) != b.get(key):
+            raise ValueError(f"{path_a} and {path_b} were scored with different settings: {key} {a.get(key)!r} "
+                             f"({sa}) vs {b.get(key)!r} ({sb}); score both with the same flags")
+
+
 def compare(path_a, path_b, draws=2000, seed=0):
-    """Win/tie/loss of A's generated answers vs B's on the prompt ids both have, with 95% CIs."""
+    """Win/tie/loss of A's generated answers vs B's on the prompt ids both have, with 95% CIs; refused when one
+    id holds two different questions or the two sides were scored with different settings."""
     rows_a, rows_b = read_jsonl(path_a), read_jsonl(path_b)
     judges = {r.get("judge") for r in rows_a + rows_b}
     if len(judges) > 1:
         raise ValueError(f"{path_a} and {path_b} were scored by different judges {sorted(map(str, judges))}")
+    check_same_settings(path_a, path_b)
+    check_same_questions(path_a, rows_a, path_b, rows_b)
     by_id_b = {r["id"]: r for r in rows_b}
     common = [r["id"] for r in rows_a if r["id"] in by_id_b]
     if not common:
@@ -209,10 +387,14 @@ def compare(path_a, path_b, draws=2000, seed=0):
 
 def accuracy_vs(path_a, path_b, draws=2000, seed=0):
     """Paired accuracy difference A − B (demo.check_answer) on the prompt ids both have: per prompt A right
-    and B wrong is a win, the reverse a loss, so the difference is win − loss with its paired-bootstrap 95% CI."""
+    and B wrong is a win, the reverse a loss, so the difference is win − loss with its paired-bootstrap 95% CI.
+    Refused, as compare, for one id on two different questions or sides scored with different settings."""
     right = lambda rows: {r["id"]: check_answer(r["generated"], r["answer"], r["prompt"])  # noqa: E731
                           for r in rows if r.get("answer") is not None}
-    a, b = right(read_jsonl(path_a)), right(read_jsonl(path_b))
+    rows_a, rows_b = read_jsonl(path_a), read_jsonl(path_b)
+    check_same_settings(path_a, path_b)
+    check_same_questions(path_a, rows_a, path_b, rows_b)
+    a, b = right(rows_a), right(rows_b)
     common = [i for i in a if i in b]
     if not common:
         raise ValueError(f"{path_a} and {path_b} share no prompt id with a checkable answer")
@@ -323,17 +505,48 @@ def similarity(run_dir):
     return rows
 
 
+# ----------------------------------------------------------------------------- logps, report, plots, CLI
+
+def run_dir_arg(path):
+    """`path` as a run directory, or a one-line ValueError (checked before anything is locked or written)."""
+    if not is_run_dir(path):
+        raise ValueError(f"{path}: no iter*/ directory (is this a run directory?)")
+    return Path(path)
+
+
 def run_similarity(args):
-    rows = similarity(args.run_dir)
-    write_json(Path(args.run_dir) / "eval" / "similarity.json", rows)
+    run_dir = run_dir_arg(args.run_dir)
+    rows = similarity(run_dir)
+    runlock.hold(run_dir / "eval", "eval.py similarity")
+    write_json(run_dir / "eval" / "similarity.json", rows)
     print(similarity_table(rows))
     return rows
 
 
-# ----------------------------------------------------------------------------- logps, report, plots, CLI
+def forget_stale_logps(run_dir):
+    """Before `eval.py logps` (stagnation.py skips an iteration whose eval/logps_iter{k}.jsonl exists): remove the
+    log-probs and fresh answers of every iter{k}/model whose weights differ from those recorded in
+    eval/logps_models.json (or that were made before it was kept), then record the current weights' identity."""
+    out_dir, path = run_dir / "eval", run_dir / "eval" / "logps_models.json"
+    recorded = read_json(path) if path.is_file() else {}
+    now = {str(k): model_identity(run_dir / f"iter{k}" / "model") for k in iterations(run_dir)
+           if (run_dir / f"iter{k}" / "model" / "config.json").is_file()}
+    for k, identity in now.items():
+        files = [out_dir / f"logps_iter{k}.jsonl", *out_dir.glob(f"logps_generated_iter{k}.jsonl*")]
+        if recorded.get(k) != identity and any(f.exists() for f in files):
+            reason = stale_reason({"model": recorded[k]} if k in recorded else None, {"model": identity})
+            print(f"iter{k}: {reason}; recomputing its log-probs", file=sys.stderr)
+            for f in files:
+                if f.exists():
+                    f.unlink()
+    write_json(path, now)
+
 
 def run_logps(args):
-    summaries = compute_logps(args.run_dir, n=args.n, device=args.device, batch_size=args.batch_size)
+    run_dir = run_dir_arg(args.run_dir)
+    runlock.hold(run_dir / "eval", "eval.py logps")
+    forget_stale_logps(run_dir)
+    summaries = compute_logps(run_dir, n=args.n, device=args.device, batch_size=args.batch_size)
     print(markdown_table(["model", "n", "mean log-prob human", "mean log-prob generated", "margin", "95% CI"],
                          [[f"iter{k}", s["n"], s["human_mean"], s["generated_mean"], s["margin"],
                            "—" if s["margin_95"] is None else "[{:.3f}, {:.3f}]".format(*s["margin_95"])]
@@ -342,25 +555,64 @@ def run_logps(args):
 
 
 def run_plots(args):
+    for run_dir in args.run_dirs:
+        if not Path(run_dir).is_dir():
+            raise ValueError(f"{run_dir}: no such run directory")
+    for directory in [Path(d) / "plots" for d in args.run_dirs if is_run_dir(d)] + [
+            Path(args.out_dir) if args.out_dir else Path(args.run_dirs[0]) / "plots"]:
+        runlock.hold(directory, "eval.py plots")  # every directory a figure goes to
     written = make_plots(args.run_dirs, args.out_dir)
     print("\n".join(map(str, written)) if written else "no plottable data (metrics.jsonl, logps.jsonl, eval/scores.json) found")
     return written
 
 
 def run_harness(args):
-    """`eval.py benchmarks` (harness.py): an embedded base model is passed to lm_eval as its converted directory."""
+    """`eval.py benchmarks` (harness.py): an embedded base model is passed to lm_eval as its converted directory;
+    each model's results are keyed by its identity (model_identity), so a changed model is evaluated again."""
     args.batch_size = args.batch_size or ("auto" if torch.cuda.is_available() else "8")
-    return run_benchmarks(args, resolve=model_lib.resolve_model)
+    return run_benchmarks(args, resolve=model_lib.resolve_model, identify=model_identity)
 
 
 def run_report(args):
-    path = write_report(args.run_dir)
+    run_dir = run_dir_arg(args.run_dir)
+    runlock.hold(run_dir / "plots", "eval.py report")  # the figures it remakes; report.md is written atomically
+    path = write_report(run_dir)
     print(f"wrote {path}")
     return path
 
 
+# flag types: each checked by argparse, before a model loads or a file is written (one line, see config.Parser)
+POSITIVE_INT, COUNT = number(int, 0, strict=True), number(int, 0)
+
+
+def device_name(text):
+    """cpu | cuda | cuda:N | mps, and only one this machine has."""
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N or mps, got {text!r}")
+    if text.startswith("cuda") and not (torch.cuda.is_available() and int(text[5:] or 0) < torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text} is not available here (torch {torch.__version__} sees "
+                                         f"{torch.cuda.device_count()} CUDA device(s)); use cpu")
+    if text == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError("mps is not available here; use cpu")
+    return text
+
+
+def lm_eval_batch_size(text):
+    if re.fullmatch(r"auto|auto:[1-9]\d*|[1-9]\d*", text):
+        return text
+    raise argparse.ArgumentTypeError(f"must be a positive integer, 'auto' or 'auto:N', got {text!r}")
+
+
+def model_name(text):
+    """A --skip entry: base, model or iter{k}."""
+    if re.fullmatch(r"base|model|iter\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"must be base, iter{{k}} or model, got {text!r}")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="eval.py", description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="held-out mean score / accuracy per iteration (Fig. 6)")
     p.add_argument("target", help="a run directory (base model + every iter*/model) or one model dir / hub id")
@@ -368,29 +620,31 @@ def parse_args(argv=None):
     p.add_argument("--judge-model", default=None, help="judge model name (openai) or dir/id (hf); unused by rule")
     p.add_argument("--judge-base-url", default=None, help="OpenAI-compatible server URL (openai judge)")
     p.add_argument("--data", default=None, help="held-out prompts: 'demo' (the demo eval split, default) or a JSONL file")
-    p.add_argument("--max-prompts", type=int, default=None, help="first N held-out prompts (default: all)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length in tokens (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
-    p.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0, help="seed for prompt sampling and generation")
+    p.add_argument("--max-prompts", type=POSITIVE_INT, default=None, help="first N held-out prompts (default: all)")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None,
+                   help="generation length in tokens (default: the run's)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="prompts per generation batch")
+    p.add_argument("--device", type=device_name, default=None, help="cpu|cuda (default: cuda if available)")
+    p.add_argument("--seed", type=COUNT, default=0, help="seed for prompt sampling and generation")
     p.add_argument("--out-dir", default=None, help="where to write (default: RUN_DIR/eval, or ./eval-NAME for a model)")
-    p.add_argument("--skip", nargs="*", default=[], help="models not to score, e.g. base (scored in another run)")
+    p.add_argument("--skip", nargs="*", type=model_name, default=[],
+                   help="models not to score, e.g. base (scored in another run)")
     p.set_defaults(func=run_score)
     p = sub.add_parser("logps", help="log-probs of human answers vs each model's own fresh answers (Fig. 2/10)")
     p.add_argument("run_dir")
-    p.add_argument("--n", type=int, default=64, help="first N training prompts of the run (default 64)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (generation and scoring)")
-    p.add_argument("--device", default=None, help="cpu|cuda (default: cuda if available)")
+    p.add_argument("--n", type=POSITIVE_INT, default=64, help="first N training prompts of the run (default 64)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="prompts per batch (generation and scoring)")
+    p.add_argument("--device", type=device_name, default=None, help="cpu|cuda (default: cuda if available)")
     p.set_defaults(func=run_logps)
     p = sub.add_parser("compare", help="win / tie / loss of A vs B with 95%% CIs (Fig. 7)")
     p.add_argument("a", help="run directory or judged .jsonl file (A)")
     p.add_argument("b", help="run directory or judged .jsonl file (B)")
-    p.add_argument("--iter", type=int, default=None, help="iteration k (needed for run directories)")
+    p.add_argument("--iter", type=COUNT, default=None, help="iteration k (needed for run directories)")
     p.add_argument("--source", default="eval", choices=["eval", "train"],
                    help="eval: held-out answers of iter{k}/model (eval/iter{k}_judged.jsonl, from `score`); "
                         "train: training-prompt answers iter{k}/judged.jsonl")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--bootstrap", type=POSITIVE_INT, default=2000, help="bootstrap resamples (≥ 1)")
+    p.add_argument("--seed", type=COUNT, default=0, help="bootstrap seed")
     p.add_argument("--out", default=None, help="also write the result as JSON here (default: off)")
     p.set_defaults(func=run_compare)
     p = sub.add_parser("similarity", help="BLEU / ROUGE-L / embedding cosine vs the previous chosen answers (App. F)")
@@ -408,17 +662,25 @@ def parse_args(argv=None):
                    help="the offline local task (the demo's held-out questions, exact match) instead of Table 1")
     p.add_argument("--out-dir", default=None, help="results directory (default: RUN_DIR/eval/benchmarks/NAME for a "
                                                    "run directory, else next to the model dir: .../benchmarks)")
-    p.add_argument("--skip", nargs="*", default=[], help="run directory: models not to evaluate, e.g. base")
-    p.add_argument("--batch-size", default=None, help="lm_eval --batch_size (a number or 'auto'; default: auto on "
-                                                      "CUDA, 8 on CPU)")
-    p.add_argument("--device", default=None, help="lm_eval --device (default: lm_eval's choice)")
-    p.add_argument("--limit", type=int, default=None, help="examples per task, for a smoke test (default: all)")
+    p.add_argument("--skip", nargs="*", type=model_name, default=[],
+                   help="run directory: models not to evaluate, e.g. base")
+    p.add_argument("--batch-size", type=lm_eval_batch_size, default=None,
+                   help="lm_eval --batch_size (a number, 'auto' or 'auto:N'; default: auto on CUDA, 8 on CPU)")
+    p.add_argument("--device", type=device_name, default=None, help="lm_eval --device (default: lm_eval's choice)")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None,
+                   help="examples per task, for a smoke test (default: all)")
     p.add_argument("--dry-run", action="store_true", help="print the lm_eval commands and exit")
     p.set_defaults(func=run_harness)
     p = sub.add_parser("report", help="RUN_DIR/report.md with flags, tables and figures")
     p.add_argument("run_dir")
     p.set_defaults(func=run_report)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "score" and args.judge == "hf" and not args.judge_model:
+        raise SystemExit("eval.py score: --judge hf needs --judge-model (a Hugging Face id, a directory or "
+                         "smollm2-135m) (see --help)")
+    if args.command == "compare" and args.out and Path(args.out).is_dir():
+        raise SystemExit(f"eval.py compare: --out {args.out} is a directory; name a file (see --help)")
+    return args
 
 
 def main(argv=None):

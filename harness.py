@@ -5,9 +5,12 @@ One `python -m lm_eval` run per Table 1 column with the paper's few-shot setting
 LLM Leaderboard v1): ARC 25-shot, TruthfulQA 0-shot, Winogrande 5-shot, GSM8K 5-shot, HellaSwag 10-shot,
 MMLU 5-shot. As App. C says, ARC is the average of arc_easy and arc_challenge and TruthfulQA the average of
 mc1 and mc2 (the leaderboard used arc_challenge and mc2 alone). Each column's results land in OUT/<column>/
-(lm_eval nests them under the model name); a column with results already there is skipped, so a rerun
-resumes. The table is written to OUT/benchmarks.json. lm_eval is optional (requirements-harness.txt) and
-downloads the Table 1 datasets from the Hugging Face Hub, so they need network access.
+(lm_eval nests them under the model name); a column with results already there, made from the same model
+(OUT/<column>/dnpo_key.json: the weights' identity, the tasks, shots and --limit, the local task's files), is
+skipped, so a rerun resumes; results made from anything else are deleted and lm_eval runs again, with one line
+saying why. The directory written is held with runlock (one writer). The table is written to
+OUT/benchmarks.json. lm_eval is optional (requirements-harness.txt) and downloads the Table 1 datasets from the
+Hugging Face Hub, so they need network access.
 
 The local task `dnpo_demo_eval` needs none: the demo's held-out split (data.load_prompts, eval split, seed 0)
 written as OUT/task/demo_eval.jsonl beside its lm-eval task file OUT/task/dnpo_demo_eval.yaml (JSON, which
@@ -28,15 +31,18 @@ Where this departs from, or fills a gap in, the paper:
    demo.check_answer (`eval.py score`'s accuracy): "No, 248 is smaller than 892." is right there and wrong
    under both filters here; it shows what lm-eval's own scoring makes of the same held-out questions.
 """
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+import runlock
 from data import atomic_open, iterations, load_prompts, write_json, write_jsonl
 from plots import markdown_table, read_json
 
@@ -158,8 +164,34 @@ def targets(model, resolve):
     return [(name, m, path / "eval" / "benchmarks" / name) for name, m in found]
 
 
-def run_benchmarks(args, resolve=str):
-    """`eval.py benchmarks`: Table 1 (or --local-task) on one model or on every model of a run directory."""
+KEY_FILE = "dnpo_key.json"  # beside lm_eval's results in OUT/<column>/: what they were made from
+
+
+def column_key(identity, cmd, task_dir):
+    """What one column's results depend on: the model's identity (eval.model_identity: its files' sha256), the
+    lm_eval tasks, shots and --limit of its command, and the local task's files (their sha256)."""
+    flag = lambda name: cmd[cmd.index(name) + 1] if name in cmd else None  # noqa: E731
+    key = {"model": identity, "tasks": flag("--tasks"), "num_fewshot": flag("--num_fewshot"), "limit": flag("--limit")}
+    if task_dir is not None:
+        key["task_files"] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                             for f in sorted(Path(task_dir).iterdir()) if f.is_file() and not f.name.startswith(".")}
+    return key
+
+
+def key_reason(cached, key):
+    """Why results keyed `cached` are not those `key` asks for, or None."""
+    if not isinstance(cached, dict):
+        return "no model identity recorded (made by an older eval.py)"
+    if cached.get("model") != key["model"]:
+        return "weights changed since cached"
+    return None if cached == key else "task, shots or --limit changed since cached"
+
+
+def run_benchmarks(args, resolve=str, identify=None):
+    """`eval.py benchmarks`: Table 1 (or --local-task) on one model or on every model of a run directory. Each
+    column's results are keyed by `identify(model)` (the weights' identity), the command's tasks and --limit and
+    the local task's files (OUT/<column>/dnpo_key.json): results made from anything else are deleted and made
+    again, never reported."""
     found = targets(args.model, resolve)
     run_dir = Path(args.model) if found[0][0] == "base" else None
     if args.out_dir:  # a run directory's models in OUT/{base,iter{k}}, one model in OUT
@@ -178,6 +210,13 @@ def run_benchmarks(args, resolve=str):
                          "requirements-harness.txt)"
                          + ("" if args.local_task else " (and network access to the Hugging Face Hub for the "
                                                        "benchmark datasets)"))
+    identify = identify or (lambda model: {"name": str(model)})
+    identities = {name: identify(model) for name, model, _ in found}  # before anything is written
+    roots = {found[0][2].parent if run_dir else out for _, _, out in found}  # every directory results go to
+    if run_dir is not None:
+        roots.add(run_dir / "eval" / "benchmarks")  # also guards RUN_DIR/eval/benchmarks.json
+    for root in sorted(roots):
+        runlock.hold(root, "eval.py benchmarks")
     env = dict(os.environ)
     if task_dir is not None:  # the local task reads only local files: never the Hub
         write_local_task(task_dir)
@@ -185,9 +224,15 @@ def run_benchmarks(args, resolve=str):
     table = {}
     for name, model, out_dir in found:
         for column, cmd in commands[name]:
+            key, key_path = column_key(identities[name], cmd, task_dir), out_dir / column / KEY_FILE
             if latest_results(out_dir / column) is not None:
-                print(f"{name} {column}: results already in {out_dir / column}", file=sys.stderr)
-                continue
+                reason = key_reason(read_json(key_path) if key_path.is_file() else None, key)
+                if reason is None:
+                    print(f"{name} {column}: results already in {out_dir / column}", file=sys.stderr)
+                    continue
+                print(f"{name} {column}: {reason}; re-running lm_eval", file=sys.stderr)
+                shutil.rmtree(out_dir / column)  # never mixed with, or reported as, the new model's results
+            write_json(key_path, key)
             print("+ " + " ".join(cmd), file=sys.stderr)
             if subprocess.run(cmd, env=env).returncode != 0:
                 raise SystemExit(f"lm_eval failed on {name} {column}" + (
@@ -195,8 +240,9 @@ def run_benchmarks(args, resolve=str):
                     "Hub, so it needs network access (see the lm_eval output above)"))
         row = {**benchmark_table(out_dir), **local_table(out_dir)}
         write_json(out_dir / "benchmarks.json", row)
-        table[name] = {"model": str(model), **row}
-    columns = [c for c in next(iter(table.values())) if c != "model" and any(r[c] is not None for r in table.values())]
+        table[name] = {"model": str(model), **row, "identity": identities[name]}
+    columns = [c for c in next(iter(table.values())) if c not in ("model", "identity")
+               and any(r[c] is not None for r in table.values())]
     if run_dir is not None:  # all models of the run, for `eval.py report`
         path = run_dir / "eval" / "benchmarks.json"
         old = read_json(path)["models"] if path.is_file() else {}

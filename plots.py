@@ -18,7 +18,8 @@ and RUN_DIR/report.md. The computations behind the numbers live in eval.py; this
 Inputs (written by train.py / `eval.py score` / `eval.py logps`): iter{k}/metrics.jsonl, iter{k}/logps.jsonl,
 eval/scores.json, eval/logps_iter{k}.jsonl (and, for report.md, eval/similarity.json and the lm-evaluation-harness
 scores in eval/benchmarks.json from `eval.py benchmarks RUN_DIR`). Used by `python eval.py plots RUN_DIR [RUN_DIR ...]`, `python
-eval.py report RUN_DIR` (write_report) and ablate.py.
+eval.py report RUN_DIR` (write_report) and ablate.py. report.md embeds only the figures write_report has just
+made from the current data (whole PNGs); a figure whose data is gone (eval/ deleted, ...) is deleted, not shown.
 
 Where this departs from, or fills a gap in, the paper:
 1. Fig. 2 / 10's "generated data" is the updated model's own answers (stagnation.png, from `eval.py
@@ -401,14 +402,38 @@ def iteration_rows(run_dir, scores=None):
     return rows
 
 
+RUN_FIGURES = {"losses.png", "margins.png", "noise.png", "logps.png", "logps_per_token.png", "scores.png",
+               "stagnation.png", "stagnation_per_token.png"}  # what make_plots([run_dir]) can write into plots/
+PNG_SIGNATURE, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+
+
+def is_png(path) -> bool:
+    """A whole PNG file: its signature first and its IEND chunk last (a truncated or foreign file is not)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            fh.seek(0, 2)
+            if fh.tell() < 8 + len(PNG_END):
+                return False
+            fh.seek(-len(PNG_END), 2)
+            return head == PNG_SIGNATURE and fh.read() == PNG_END
+    except OSError:
+        return False
+
+
 def write_report(run_dir) -> Path:
-    """RUN_DIR/report.md: flags, per-iteration table, DSL flip rates, scores, similarity, figures."""
+    """RUN_DIR/report.md: flags, per-iteration table, DSL flip rates, scores, similarity, figures. The figures are
+    remade from the current data first; only those made in this call (and whole PNGs) are embedded, and a
+    figure of RUN_DIR/plots/ whose data no longer exists is deleted."""
     run_dir = Path(run_dir)
     ks = iterations(run_dir)
     if not ks:
         raise ValueError(f"{run_dir}: no iter*/ directory (is this a run directory?)")
     plots_dir = run_dir / "plots"
-    make_plots([run_dir])  # cheap (a few seconds); keeps the figures in step with the data
+    made = {p.name for p in make_plots([run_dir])}  # cheap (a few seconds): every figure from the current data
+    for name in RUN_FIGURES - made:  # a figure whose data is gone (eval/ deleted, ...) is stale: removed, not shown
+        if (plots_dir / name).is_file():
+            (plots_dir / name).unlink()
     scores = read_scores(run_dir)
     configs = {k: read_json(p) for k in ks if (p := run_dir / f"iter{k}" / "config.json").is_file()}
     out = [f"# DNPO run report: `{run_dir.name}`", "",
@@ -444,7 +469,7 @@ def write_report(run_dir) -> Path:
         out += ["", "## Similarity to the previous chosen answers (`eval.py similarity`, App. F)", "", similarity_table(read_json(sim))]
     if (bench := run_dir / "eval" / "benchmarks.json").is_file():
         models = read_json(bench)["models"]
-        columns = [c for c in next(iter(models.values()), {}) if c != "model"
+        columns = [c for c in next(iter(models.values()), {}) if c not in ("model", "identity")
                    and any(m.get(c) is not None for m in models.values())]
         out += ["", "## lm-evaluation-harness (`eval.py benchmarks`)", "",
                 "Table 1 columns where run (harness.py); `Demo first-line` / `Demo last-word`: exact match of the "
@@ -457,7 +482,7 @@ def write_report(run_dir) -> Path:
                ("logps_per_token.png", "The same per answer token"),
                ("stagnation.png", "Human answers vs the model's own answers, per iteration (Fig. 2 / 10)"),
                ("scores.png", "Held-out score per iteration (Fig. 6)")]
-    present = [(f, caption) for f, caption in figures if (plots_dir / f).is_file()]
+    present = [(f, caption) for f, caption in figures if f in made and is_png(plots_dir / f)]
     if present:
         out += ["", "## Figures"]
         out += [line for f, caption in present for line in ("", f"### {caption}", "", f"![{caption}](plots/{f})")]
