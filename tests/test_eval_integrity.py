@@ -160,6 +160,26 @@ def test_compare_refuses_held_out_answers_of_a_retrained_iteration(tmp_path, tin
     assert "\n" not in str(e.value)
 
 
+def test_logps_recomputed_for_a_retrained_iteration(tmp_path, tiny_model_dir, other_model_dir, capsys):
+    """`eval.py logps` skips an iteration whose log-probs exist only while its model's weights are those they
+    were computed with (before: "exists, skipped" after iter0 was retrained)."""
+    run = tmp_path / "run"
+    config = {"iter": 0, "base_model": tiny_model_dir, "data": None, "max_prompts": 4, "max_new_tokens": 4,
+              "seed": 0, "max_length": 160, "max_prompt_length": 96}
+    write_json(run / "iter0" / "config.json", config)
+    shutil.copytree(tiny_model_dir, run / "iter0" / "model")
+    ev.main(["logps", str(run), "--n", "2"])
+    assert [r["generated"] for r in read_jsonl(run / "eval" / "logps_iter0.jsonl")] == [""] * 2
+    ev.main(["logps", str(run), "--n", "2"])
+    assert "logps_iter0.jsonl exists, skipped" in capsys.readouterr().err  # the same weights: kept
+    shutil.rmtree(run / "iter0")
+    write_json(run / "iter0" / "config.json", config)
+    shutil.copytree(other_model_dir, run / "iter0" / "model")
+    ev.main(["logps", str(run), "--n", "2"])
+    assert "iter0: weights changed since cached; recomputing its log-probs" in capsys.readouterr().err
+    assert [r["generated"] for r in read_jsonl(run / "eval" / "logps_iter0.jsonl")] == ["!!!!"] * 2
+
+
 def fake_lm_eval(monkeypatch, calls):
     """lm_eval "installed" and run by a stand-in that writes a results file where lm_eval would."""
     real = importlib.util.find_spec
