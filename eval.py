@@ -69,6 +69,7 @@ from data import read_json as data_read_json
 from demo import check_answer
 from harness import run_benchmarks
 from judge import judge_records, make_judge, win_tie_loss
+from judge_base import judge_name
 from plots import make_plots, markdown_table, model_order, read_json, score_table, similarity_table, write_report
 from stagnation import compute_logps
 
@@ -196,10 +197,16 @@ def run_score(args):
     result keyed by its weights' identity, the prompts' sha256 and the settings (a mismatch re-scores it)."""
     target = Path(args.target)
     models, found, max_new_tokens, out_dir = score_models(target, args)
-    judge_obj = make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
-                           cache_path=str(out_dir / "judge_cache.jsonl"), device=args.device)
+    def build_judge():
+        return make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
+                          cache_path=str(out_dir / "judge_cache.jsonl"), device=args.device)
+    if args.judge == "hf":  # HFJudge loads its model when built: only once a model is to be judged
+        judge_obj, judge_label = None, judge_name(f"hf:{args.judge_model}")
+    else:  # built now: its checks (an API key, the base URL) come before anything is written
+        judge_obj = build_judge()
+        judge_label = judge_obj.name
     settings = {"data": args.data or "demo", "split": "eval", "max_prompts": args.max_prompts,
-                "max_new_tokens": max_new_tokens, "judge": judge_obj.name, "seed": args.seed}
+                "max_new_tokens": max_new_tokens, "judge": judge_label, "seed": args.seed}
     records = load_prompts(None if settings["data"] == "demo" else settings["data"], split="eval",
                            max_prompts=args.max_prompts, seed=args.seed)
     prompts_key = prompts_sha256(records)
@@ -252,6 +259,7 @@ def run_score(args):
                                          max_new_tokens=max_new_tokens, temperature=0.0, seed=args.seed,
                                          batch_size=args.batch_size)
         del policy
+        judge_obj = judge_obj or build_judge()
         judged, _ = judge_records(rows, judge_obj, str(out_dir / f"{name}_judged.jsonl"))
         scores["models"][name] = {"path": str(path), **score_row(judged), "key": key}
         started.pop(name)

@@ -353,6 +353,24 @@ def test_a_directory_in_use_is_refused_before_anything_is_written(command, held,
         proc.wait()
 
 
+def test_the_hf_judge_model_loads_only_after_the_lock_and_only_when_needed(tmp_path, tiny_model_dir, monkeypatch):
+    """`score --judge hf` builds its judge (which loads a model) after the directory is locked and only when a
+    model is to be judged: a held directory is refused without loading it."""
+    import judge
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the hf judge's model was loaded")
+    monkeypatch.setattr(judge, "HFJudge", no_load)
+    run = tiny_run(tmp_path, tiny_model_dir, {1: tiny_model_dir})
+    proc = holder(run / "eval")
+    try:
+        with pytest.raises(SystemExit, match=f"{run / 'eval'} is in use by pid {proc.pid}"):
+            ev.main(["score", str(run), "--judge", "hf", "--judge-model", tiny_model_dir, *SCORE])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # ----------------------------------------------------------------------------- 5. report.md shows current figures
 
 def test_report_embeds_only_figures_made_from_the_current_data(tmp_path):
