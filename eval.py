@@ -524,8 +524,8 @@ def run_dir_arg(path):
 
 def run_similarity(args):
     run_dir = run_dir_arg(args.run_dir)
+    runlock.hold(run_dir / "eval", "eval.py similarity")  # before the embedding model loads
     rows = similarity(run_dir)
-    runlock.hold(run_dir / "eval", "eval.py similarity")
     write_json(run_dir / "eval" / "similarity.json", rows)
     print(similarity_table(rows))
     return rows
