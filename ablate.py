@@ -62,6 +62,7 @@ import numpy as np
 
 import config
 import data
+import errors
 import eval as ev
 import judge as judges
 import plots
@@ -360,10 +361,11 @@ def check_commands(prog, train_argvs, eval_argvs=(), eval_judge=None):
     settings, table and figure are written. The data file is read once, with the first train command; the
     others are checked with --data demo (the same file, already read). eval_judge: (kind, model, base_url)
     of an openai eval judge, built once without its cache (its URL and API key)."""
-    def refused(what, e, command):
-        if e.code in (None, 0):  # --help after --: train.py's help was printed
+    def refused(what, e, command):  # e: a parser's SystemExit, or the errors.Refusal / ValueError of a check
+        if isinstance(e, SystemExit) and e.code in (None, 0):  # --help after --: train.py's help was printed
             raise e
-        message = str(e.code).removeprefix("train.py: ").removeprefix(f"eval.py {command[0]}: ")
+        message = " ".join(str(e.code if isinstance(e, SystemExit) else e).split())
+        message = message.removeprefix("train.py: ").removeprefix(f"eval.py {command[0]}: ")
         message = message.removeprefix("eval.py: ").removesuffix(" (see --help)")
         return SystemExit(f"{prog}: {what}: {message} (see python {' '.join(command)} --help)")
     for i, argv in enumerate(train_argvs):
@@ -371,7 +373,7 @@ def check_commands(prog, train_argvs, eval_argvs=(), eval_judge=None):
             args = config.parse_args([*argv, *(["--data", "demo"] if i else [])])
             if i == 0:
                 config.check_judge(args)
-        except SystemExit as e:
+        except (SystemExit, ValueError) as e:  # the parser exits; config.check_args and check_judge raise
             raise refused("a train flag after -- is refused by train.py", e, ["train.py"]) from None
     for argv in eval_argvs:
         try:
@@ -612,8 +614,8 @@ def cli(prog, main):
         main()
     except KeyboardInterrupt:
         raise SystemExit(f"{prog}: interrupted; rerun the same command to continue") from None
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"{prog}: {' '.join(str(e).split())}") from None
+    except (ValueError, OSError) as e:  # errors.Refusal too (runlock, checks of the modules it calls)
+        raise SystemExit(errors.one_line(prog, e)) from None
 
 
 if __name__ == "__main__":

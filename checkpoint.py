@@ -27,6 +27,7 @@ import torch
 
 import data
 import diskspace
+import errors
 import stages
 
 
@@ -34,13 +35,13 @@ import stages
 def start_model_of(run_dir, k, base_model, rerun_hint=""):
     """The model iteration k starts from; a one-line error naming the command to run first."""
     if pathlib.Path(run_dir).exists() and not pathlib.Path(run_dir).is_dir():
-        raise SystemExit(f"train.py: --run-dir {run_dir} is a file, not a directory")
+        raise errors.Refusal(f"--run-dir {run_dir} is a file, not a directory")
     if k == 0:
         return base_model
     prev = pathlib.Path(run_dir) / f"iter{k - 1}" / "model"
     if not (prev / "config.json").is_file():
-        raise SystemExit(f"train.py: {prev} does not exist; run `python train.py --iter {k - 1} "
-                         f"--run-dir {run_dir}{rerun_hint}` first")
+        raise errors.Refusal(f"{prev} does not exist; run `python train.py --iter {k - 1} "
+                             f"--run-dir {run_dir}{rerun_hint}` first")
     return str(prev)
 
 
@@ -63,21 +64,18 @@ def remove_leftovers(it_dir):
 
 
 def prepare_iteration_dir(it_dir, rank):
-    """Create it_dir (one-line SystemExit when it cannot be created or written to); on rank 0 remove the
+    """Create it_dir (errors.Refusal when it cannot be created or written to); on rank 0 remove the
     leftovers of a killed write and cut a torn last line off metrics.jsonl (a kill mid-append)."""
     it_dir = pathlib.Path(it_dir)
     try:
         it_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"train.py: cannot create {it_dir} ({e.strerror or e}); choose another --run-dir") from None
+        raise errors.Refusal(f"cannot create {it_dir} ({e.strerror or e}); choose another --run-dir") from None
     if not os.access(it_dir, os.W_OK | os.X_OK):
-        raise SystemExit(f"train.py: {it_dir} is not writable; choose another --run-dir")
+        raise errors.Refusal(f"{it_dir} is not writable; choose another --run-dir")
     if rank == 0:
         for path in [it_dir / name for name in WRITTEN] + [it_dir.parent / "judge_cache.jsonl"]:
-            try:
-                data.refuse_symlink(path)
-            except ValueError as e:
-                raise SystemExit(f"train.py: {e}") from None
+            data.refuse_symlink(path)  # a ValueError naming the link
         remove_leftovers(it_dir)
         data.drop_torn_line(it_dir / "metrics.jsonl")
         read_metrics(it_dir / "metrics.jsonl")  # checked now, not after the model has loaded
@@ -90,7 +88,7 @@ WRITTEN = ("config.json", "stages.json", "generated.jsonl", "generated.jsonl.par
 
 
 def read_metrics(path):
-    """The rows of a metrics.jsonl ([] when there is none); SystemExit (one line, file:row and field) for a
+    """The rows of a metrics.jsonl ([] when there is none); errors.Refusal (one line, file:row and field) for a
     row whose step is not a positive integer or whose epoch is not an integer >= 0."""
     path = pathlib.Path(path)
     if not path.is_file():
@@ -98,13 +96,13 @@ def read_metrics(path):
     try:
         rows = data.read_jsonl(path)
     except ValueError as e:
-        raise SystemExit(f"train.py: {e}; delete {path.parent} to redo the iteration") from None
+        raise errors.Refusal(f"{e}; delete {path.parent} to redo the iteration") from None
     for i, row in enumerate(rows, 1):
         for key, low in (("step", 1), ("epoch", 0)):
             value = row.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise SystemExit(f"train.py: {path} row {i}: field {key!r} must be an integer >= {low}, got "
-                                 f"{value!r}; restore the file or delete {path.parent} to redo the iteration")
+                raise errors.Refusal(f"{path} row {i}: field {key!r} must be an integer >= {low}, got "
+                                     f"{value!r}; restore the file or delete {path.parent} to redo the iteration")
     return rows
 
 
@@ -116,7 +114,7 @@ def print_summary(it_dir):
     try:
         s = data.read_json(path)
     except ValueError as e:
-        raise SystemExit(f"train.py: {e}; delete {path} and rerun to write it again") from None
+        raise errors.Refusal(f"{e}; delete {path} and rerun to write it again") from None
     s = collections.defaultdict(lambda: None, s)  # a missing field prints as None
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     print(f"\n=== iteration {s['iter']} done: {pathlib.Path(it_dir) / 'model'} ===")
@@ -135,12 +133,12 @@ def given_start_model(start_model, k):
     if start_model is None:
         return None
     if k == 0:
-        raise SystemExit("train.py: --start-model is for k ≥ 1 (iteration 0 starts from --base-model)")
+        raise errors.Refusal("--start-model is for k ≥ 1 (iteration 0 starts from --base-model)")
     path = pathlib.Path(start_model).expanduser()
     local = path.exists() or start_model.startswith(("/", ".", "~")) or start_model.count("/") > 1
     if local and not (path / "config.json").is_file():  # a hub id is "name" or "org/name"
-        raise SystemExit(f"train.py: --start-model {start_model} has no config.json "
-                         f"(expected a save_pretrained() directory or a hub id)")
+        raise errors.Refusal(f"--start-model {start_model} has no config.json "
+                             f"(expected a save_pretrained() directory or a hub id)")
     return start_model
 
 
@@ -244,7 +242,7 @@ def tensor_bytes(obj) -> int:
 def load_checkpoint(path):
     """The checkpoint dict at path, or None when there is none. Loaded with weights_only=True: a file that
     holds anything but tensors and plain containers is refused without running it (run directories get
-    shared). Any unreadable file is a one-line SystemExit naming it and the way out."""
+    shared). Any unreadable file is an errors.Refusal (one line) naming it and the way out."""
     path = pathlib.Path(path)
     if not path.is_file():
         return None
@@ -255,13 +253,13 @@ def load_checkpoint(path):
         unsafe = "Unsupported global" in str(e) or "GLOBAL" in str(e)
         reason = ("it holds Python objects other than tensors and plain containers; refused without loading them"
                   if unsafe else "truncated or corrupt")
-        raise SystemExit(f"train.py: {path} is not a usable checkpoint ({reason}); {way_out}") from None
+        raise errors.Refusal(f"{path} is not a usable checkpoint ({reason}); {way_out}") from None
     except Exception as e:  # a truncated zip, a short read, a tensor whose storage is cut off
         reason = " ".join(str(e).split()).split(". ")[0][:120]
-        raise SystemExit(f"train.py: {path} is not a usable checkpoint (truncated or corrupt: {reason}); "
-                         f"{way_out}") from None
+        raise errors.Refusal(f"{path} is not a usable checkpoint (truncated or corrupt: {reason}); "
+                             f"{way_out}") from None
     if not isinstance(state, dict) or not set(CHECKPOINT_KEYS) <= set(state):
-        raise SystemExit(f"train.py: {path} is not a checkpoint written by train.py (keys missing); {way_out}")
+        raise errors.Refusal(f"{path} is not a checkpoint written by train.py (keys missing); {way_out}")
     return state
 
 
@@ -271,11 +269,11 @@ def restore(state, path, args, keys, rank, policy, noise_net, optimizer, schedul
     changed = [k for k in keys if state["args"].get(k) != getattr(args, k, None)]
     if "pairs_sha256" in changed:
         was, now = str(state["args"].get("pairs_sha256"))[:12], str(getattr(args, "pairs_sha256", None))[:12]
-        raise SystemExit(f"train.py: {path} trained on other pairs (sha256 {was}, now {now}); restore those pairs "
-                         f"or delete {path.parent} to restart training on the new ones")
+        raise errors.Refusal(f"{path} trained on other pairs (sha256 {was}, now {now}); restore those pairs "
+                             f"or delete {path.parent} to restart training on the new ones")
     if changed:
         was = ", ".join(f"{k}={state['args'].get(k)}" for k in changed)
-        raise SystemExit(f"train.py: {path} was written with {was}; rerun with those flags or delete {path.parent}")
+        raise errors.Refusal(f"{path} was written with {was}; rerun with those flags or delete {path.parent}")
     policy.load_state_dict(state["policy"])
     if noise_net is not None:
         noise_net.load_state_dict(state["noise_net"])

@@ -19,6 +19,7 @@ import math
 import sys
 
 import data
+import errors
 import judge as judges
 import noise as noises
 import tracking
@@ -217,11 +218,11 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """One-line errors for combinations no run can use (each flag's own range is checked by its type);
-    resolves the iteration-dependent DSL/noise defaults."""
+    """errors.Refusal (one line; train.py prefixes its name) for combinations no run can use (each flag's own
+    range is checked by its type); resolves the iteration-dependent DSL/noise defaults."""
     def need(ok, message):
         if not ok:
-            raise SystemExit(f"train.py: {message}")
+            raise errors.Refusal(message)
     need(args.iter >= 0, f"--iter must be ≥ 0, got {args.iter}")  # each flag's own range: its type (number)
     need(str(args.run_dir).strip() != "", "--run-dir must name a directory, got an empty string")
     check_device(args.device)
@@ -239,7 +240,7 @@ def check_args(args):
         try:
             records = data.load_prompts(args.data, max_prompts=args.max_prompts or None)
         except ValueError as e:
-            raise SystemExit(f"train.py: --data {e}") from None
+            raise errors.Refusal(f"--data {e}") from None
         no_answer = next((i for i, r in enumerate(records, 1) if "answer" not in r), None)
         need(args.judge != "rule" or no_answer is None,
              f"--judge rule needs an 'answer' field in every record; {args.data} record {no_answer} (id "
@@ -256,31 +257,32 @@ def check_args(args):
 
 
 def check_device(name):
-    """One line, before anything is written, for a --device this machine cannot run: not a device name (tpu),
-    or a CUDA device on a CPU-only build or machine, or an index beyond the GPUs present."""
+    """errors.Refusal (one line), before anything is written, for a --device this machine cannot run: not a
+    device name (tpu), or a CUDA device on a CPU-only build or machine, or an index beyond the GPUs present."""
     if name is None:
         return
     import torch
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise SystemExit(f"train.py: --device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+        raise errors.Refusal(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
     if device.type == "cpu":
         return
     if device.type != "cuda":
-        raise SystemExit(f"train.py: --device {name}: only cpu and cuda (cuda:N) are supported")
+        raise errors.Refusal(f"--device {name}: only cpu and cuda (cuda:N) are supported")
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise SystemExit(f"train.py: --device {name}: no CUDA GPU is available (PyTorch {torch.__version__}, {build}); "
-                         f"use --device cpu")
+        raise errors.Refusal(f"--device {name}: no CUDA GPU is available (PyTorch {torch.__version__}, {build}); "
+                             f"use --device cpu")
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise SystemExit(f"train.py: --device {name}: this machine has {torch.cuda.device_count()} GPU(s) "
-                         f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+        raise errors.Refusal(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) "
+                             f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})")
 
 
 def check_judge(args):
     """The judge's own checks (base URL, API key in the environment), run before the model loads by building
-    it once without its cache (the hf judge is not built: that would load its model)."""
+    it once without its cache (the hf judge is not built: that would load its model); errors.Refusal (one line)
+    with the judge's message."""
     if args.judge == "hf":
         return
     try:
@@ -288,4 +290,4 @@ def check_judge(args):
                           concurrency=args.judge_concurrency, api_key_env=args.judge_api_key_env,
                           scale=args.judge_scale, mode=args.judge_mode)
     except ValueError as e:  # JudgeFatalError is a ValueError
-        raise SystemExit(f"train.py: {e}") from None
+        raise errors.Refusal(str(e)) from None

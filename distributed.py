@@ -56,6 +56,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 import checkpoint as ckpt
+import errors
 import model as models
 import step as steps
 
@@ -207,7 +208,7 @@ def check_format(state_path, mode):
     other = pathlib.Path(state_path) if mode == "fsdp" else sharded_dir(state_path)
     if other.exists():
         was = "--dist ddp or a single process" if mode == "fsdp" else "--dist fsdp"
-        raise SystemExit(f"train.py: {other} was written with {was}; rerun with it or delete {other}")
+        raise errors.Refusal(f"{other} was written with {was}; rerun with it or delete {other}")
 
 
 def _holder(module, noise_net):
@@ -282,14 +283,14 @@ def restore_sharded(meta, args, keys, rank, module, noise_net, optimizer, schedu
     changed = [k for k in keys if meta["args"].get(k) != getattr(args, k, None)]
     if changed:
         was = ", ".join(f"{k}={meta['args'].get(k)}" for k in changed)
-        raise SystemExit(f"train.py: {meta['dir']} was written with {was}; rerun with those flags or delete it")
+        raise errors.Refusal(f"{meta['dir']} was written with {was}; rerun with those flags or delete it")
     holder = _holder(module, noise_net)
     model_sd, optim_sd = get_state_dict(holder, optimizer)  # the live shapes and shardings to read into
     state = {"model": model_sd, "optimizer": optim_sd["state"]}
     try:
         dcp.load(state, storage_reader=SafeReader(meta["dir"]))
     except CheckpointException as e:  # a BaseException, with every rank's traceback: its last line says why
-        raise SystemExit(f"train.py: cannot load {meta['dir']}: {str(e).strip().splitlines()[-1]}") from None
+        raise errors.Refusal(f"cannot load {meta['dir']}: {str(e).strip().splitlines()[-1]}") from None
     set_state_dict(holder, optimizer, model_state_dict=state["model"],
                    optim_state_dict={"state": state["optimizer"], "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])

@@ -36,6 +36,7 @@ import dataclasses
 
 import torch
 
+import errors
 import model as models
 
 GIB = 2 ** 30
@@ -195,11 +196,11 @@ def cache_bound(args, shape, device):
 
 
 def check(shape, kw, device_bytes, where="the GPU"):
-    """A one-line SystemExit naming the flags that would make the plan fit, when it does not."""
+    """An errors.Refusal (one line) naming the flags that would make the plan fit, when it does not."""
     _, total, load = plan(shape, **kw)
     if fits(total, load, device_bytes):
         return
     hint = suggest(shape, device_bytes, **kw)
     hint = f"try {hint}" if hint else "no batch size or GPU count tried fits: use a smaller model"
-    raise SystemExit(f"train.py: the memory plan needs {max(total, load) / GIB:.1f} GiB per rank but {where} has "
-                     f"{device_bytes / GIB:.1f} GiB ({HEADROOM:.0%} usable); {hint} (or --no-memory-check)")
+    raise errors.Refusal(f"the memory plan needs {max(total, load) / GIB:.1f} GiB per rank but {where} has "
+                         f"{device_bytes / GIB:.1f} GiB ({HEADROOM:.0%} usable); {hint} (or --no-memory-check)")

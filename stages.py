@@ -27,6 +27,7 @@ import pathlib
 import urllib.parse
 
 import data
+import errors
 
 RECORD = "stages.json"
 ORDER = ("generate", "judge", "label", "train")
@@ -134,7 +135,7 @@ def load(it_dir):
         records = data.read_json(path)
     except ValueError as e:  # invalid JSON, not UTF-8, a directory, not an object
         reason = str(e).removeprefix(f"{path}: ").splitlines()[0][:120]
-        raise SystemExit(f"train.py: {path} is corrupt ({reason}); {way_out}") from None
+        raise errors.Refusal(f"{path} is corrupt ({reason}); {way_out}") from None
     for stage, rec in records.items():  # every field a later check reads, of the type it reads
         problem = None
         if not isinstance(rec, dict):
@@ -149,7 +150,7 @@ def load(it_dir):
                 if bad:
                     problem = f"field {stage}.output.{bad[0]} must be a sha256 string"
         if problem:
-            raise SystemExit(f"train.py: {path} is corrupt ({problem}); {way_out}")
+            raise errors.Refusal(f"{path} is corrupt ({problem}); {way_out}")
     return records
 
 
@@ -163,7 +164,7 @@ def _fmt(d):
 
 
 def check(it_dir, stage, flags, inputs=None, records=None):
-    """SystemExit (one line) unless this stage's outputs in it_dir may be reused by a run with these flags and
+    """errors.Refusal (one line) unless this stage's outputs in it_dir may be reused by a run with these flags and
     inputs (only the inputs given are compared). Returns the stage's record, or None when it needs a new one."""
     it_dir = pathlib.Path(it_dir)
     records = load(it_dir) if records is None else records
@@ -172,25 +173,27 @@ def check(it_dir, stage, flags, inputs=None, records=None):
     produced = [p for s in later for p in _produced(it_dir, s)]
     if rec is None:
         if _produced(it_dir, stage):
-            raise SystemExit(f"train.py: {_produced(it_dir, stage)[0]} exists but {it_dir / RECORD} does not record "
-                             f"what it was made from (an older version, or a copied file); {way_out}")
+            raise errors.Refusal(f"{_produced(it_dir, stage)[0]} exists but {it_dir / RECORD} does not record "
+                                 f"what it was made from (an older version, or a copied file); {way_out}")
         return None
     if not produced:
         return None  # nothing on disk depends on the old record: it is replaced
     old, new = with_legacy(rec.get("flags", {}), flags), flags
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
-        raise SystemExit(f"train.py: {it_dir} holds {stage} outputs made with {_fmt({k: old.get(k) for k in diff})}; "
-                         f"rerun with those flags (this run has {_fmt({k: new.get(k) for k in diff})}), or {way_out}")
+        raise errors.Refusal(f"{it_dir} holds {stage} outputs made with {_fmt({k: old.get(k) for k in diff})}; "
+                             f"rerun with those flags (this run has {_fmt({k: new.get(k) for k in diff})}), "
+                             f"or {way_out}")
     for name, sha in (inputs or {}).items():
         if rec.get("inputs", {}).get(name) != sha:
-            raise SystemExit(f"train.py: {it_dir} holds {stage} outputs made from another {name} (sha256 "
-                             f"{str(rec.get('inputs', {}).get(name))[:12]}, now {str(sha)[:12]}); restore it, or {way_out}")
+            raise errors.Refusal(f"{it_dir} holds {stage} outputs made from another {name} (sha256 "
+                                 f"{str(rec.get('inputs', {}).get(name))[:12]}, now {str(sha)[:12]}); restore it, "
+                                 f"or {way_out}")
     for name, sha in rec.get("output", {}).items():
         now = sha256_file(it_dir / name)
         if now is not None and now != sha:
-            raise SystemExit(f"train.py: {it_dir / name} changed since the {stage} stage wrote it (sha256 {sha[:12]}, "
-                             f"now {now[:12]}); restore it, or {way_out}")
+            raise errors.Refusal(f"{it_dir / name} changed since the {stage} stage wrote it (sha256 {sha[:12]}, "
+                                 f"now {now[:12]}); restore it, or {way_out}")
     return rec
 
 
@@ -208,21 +211,21 @@ def check_all(it_dir, flags, inputs):
 
 def check_history(run_dir, k, h):
     """The iterations k-h+1 .. k-1 whose pairs.jsonl --history h trains on, checked as the current one is:
-    each must exist with a label record whose output sha256 is the file's now (one-line SystemExit)."""
+    each must exist with a label record whose output sha256 is the file's now (errors.Refusal, one line)."""
     for j in range(max(0, k - h + 1), k):
         it_dir = pathlib.Path(run_dir) / f"iter{j}"
         pairs, rec = it_dir / "pairs.jsonl", load(it_dir).get("label")
         if not pairs.is_file():
-            raise SystemExit(f"train.py: {pairs} is missing (--history {h} trains on iterations {max(0, k - h + 1)}.."
-                             f"{k}); run iteration {j} first, or lower --history")
+            raise errors.Refusal(f"{pairs} is missing (--history {h} trains on iterations {max(0, k - h + 1)}.."
+                                 f"{k}); run iteration {j} first, or lower --history")
         recorded = (rec or {}).get("output", {}).get("pairs.jsonl")
         if recorded is None:
-            raise SystemExit(f"train.py: {pairs} exists but {it_dir / RECORD} does not record what it was made from "
-                             f"(--history {h} reads it); redo iteration {j}, or lower --history")
+            raise errors.Refusal(f"{pairs} exists but {it_dir / RECORD} does not record what it was made from "
+                                 f"(--history {h} reads it); redo iteration {j}, or lower --history")
         now = sha256_file(pairs)
         if now != recorded:
-            raise SystemExit(f"train.py: {pairs} changed since the label stage wrote it (sha256 {recorded[:12]}, now "
-                             f"{now[:12]}; --history {h} reads it); restore it, or redo iteration {j}")
+            raise errors.Refusal(f"{pairs} changed since the label stage wrote it (sha256 {recorded[:12]}, now "
+                                 f"{now[:12]}; --history {h} reads it); restore it, or redo iteration {j}")
 
 
 def begin(it_dir, stage, flags, inputs):

@@ -8,7 +8,7 @@ One tracker run per (run directory, iteration), named "<run-dir name>/iter<k>"; 
 public flags (stages.public_args, applied here, so no credential reaches a tracker). Every number of a
 row is logged under its metrics.jsonl key, at the row's optimizer step; other values (None, strings) are
 left out. Both libraries are optional: `require(kind)` (config.check_args, before any model loads) turns a
-missing one into a one-line SystemExit naming the pip command.
+missing one into a one-line errors.Refusal naming the pip command.
 
 TensorBoard (torch.utils.tensorboard.SummaryWriter): event files go into the iteration directory itself,
 so `tensorboard --logdir <the folder holding the run directories>` lists the runs as "<run dir>/iter<k>";
@@ -35,6 +35,7 @@ import json
 import os
 import pathlib
 
+import errors
 import stages
 
 KINDS = ("none", "tensorboard", "wandb")
@@ -42,16 +43,16 @@ PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # kind -> the modul
 
 
 def require(kind):
-    """One-line SystemExit when the library of `kind` is not installed, or (wandb) when it has neither a key nor
+    """errors.Refusal (one line) when the library of `kind` is not installed, or (wandb) when it has neither a key nor
     a local mode (wandb_credentials): called before any model loads, not at the train stage after generation."""
     package = PACKAGES.get(kind)
     if package is not None and importlib.util.find_spec(package) is None:
-        raise SystemExit(f"train.py: --report-to {kind} needs the {package} package: pip install {package} "
-                         f"(or pip install -r requirements-track.txt)")
+        raise errors.Refusal(f"--report-to {kind} needs the {package} package: pip install {package} "
+                             f"(or pip install -r requirements-track.txt)")
     if kind == "wandb" and wandb_credentials() is None:
-        raise SystemExit("train.py: --report-to wandb has no W&B API key (no WANDB_API_KEY, no `wandb login` entry "
-                         "in ~/.netrc) and no local mode; export WANDB_API_KEY, run `wandb login`, or set "
-                         "WANDB_MODE=offline (then `wandb sync` uploads later)")
+        raise errors.Refusal("--report-to wandb has no W&B API key (no WANDB_API_KEY, no `wandb login` entry "
+                             "in ~/.netrc) and no local mode; export WANDB_API_KEY, run `wandb login`, or set "
+                             "WANDB_MODE=offline (then `wandb sync` uploads later)")
 
 
 def wandb_credentials(environ=None):
@@ -135,8 +136,8 @@ class WandbTracker(NullTracker):
                                   config=config, dir=os.environ.get("WANDB_DIR") or str(it_dir),
                                   mode=os.environ.get("WANDB_MODE") or None)
         except wandb.errors.Error as e:  # no account / key, a server refusing: one line (a rerun resumes)
-            raise SystemExit(f"train.py: --report-to wandb: {' '.join(str(e).split())} (without an account: "
-                             f"WANDB_MODE=offline, then `wandb sync` later)") from None
+            raise errors.Refusal(f"--report-to wandb: {' '.join(str(e).split())} (without an account: "
+                                 f"WANDB_MODE=offline, then `wandb sync` later)") from None
 
     def log(self, row, step):
         self.run.log({k: v for k, v in numbers(row).items() if k != "step"}, step=step)

