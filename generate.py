@@ -32,6 +32,8 @@ import time
 import torch
 from tqdm import tqdm
 
+import errors
+
 from data import (append_jsonl, chat_prompt_ids, load_prompts, open_append, pad_rows, read_jsonl,
                   read_jsonl_tolerant, truncate_prompt, write_jsonl)
 from model import load_model, pick_device, resolve_model
@@ -109,12 +111,16 @@ def _generate_hf(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_
     return texts, counts
 
 
+VLLM_MISSING = ("the vllm backend needs vLLM installed: pip install vllm, or use the hf backend (generate.py "
+                "--backend hf, train.py --gen-backend hf)")
+
+
 @functools.lru_cache(maxsize=1)
 def _vllm_engine(model_name, seed):
     try:
         from vllm import LLM
     except ImportError:
-        raise SystemExit("--backend vllm needs vLLM installed (pip install vllm); use --backend hf") from None
+        raise errors.Refusal(VLLM_MISSING) from None
     return LLM(model=model_name, seed=seed)
 
 
@@ -143,7 +149,7 @@ def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256,
     if backend not in ("hf", "vllm"):
         raise ValueError(f"unknown backend {backend!r} (hf|vllm)")
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise SystemExit("--backend vllm needs vLLM installed (pip install vllm); use --backend hf")
+        raise errors.Refusal(VLLM_MISSING)
     rank, world = _dist()
     if os.path.exists(out_path):
         final = {row.get("id"): row for row in read_jsonl(out_path)}
@@ -220,10 +226,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_prompt_length < 1:
-        raise SystemExit("--max-new-tokens, --max-prompt-length and --batch-size must be >= 1")
+        raise SystemExit("generate.py: --max-new-tokens, --max-prompt-length and --batch-size must be >= 1")
     if not (math.isfinite(args.temperature) and args.temperature >= 0 and 0 < args.top_p <= 1):
-        raise SystemExit(f"--temperature must be finite and >= 0 and --top-p in (0, 1], got {args.temperature}, "
-                         f"{args.top_p}")
+        raise SystemExit(f"generate.py: --temperature must be finite and >= 0 and --top-p in (0, 1], got "
+                         f"{args.temperature}, {args.top_p}")
     try:
         records = load_prompts(args.data, split=args.split, max_prompts=args.max_prompts, seed=args.seed,
                                flaw_rate=args.flaw_rate, skip_bad=args.skip_bad)
@@ -243,8 +249,8 @@ def main(argv=None):
                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                 batch_size=args.batch_size, backend=args.backend, stats=stats,
                                 max_prompt_length=args.max_prompt_length)
-    except (ValueError, OSError) as e:
-        raise SystemExit(" ".join(str(e).split())) from None
+    except (ValueError, OSError) as e:  # bad input rejected by a library function (errors.Refusal too): one line
+        raise SystemExit(errors.one_line("generate.py", e)) from None
     except KeyboardInterrupt:
         raise SystemExit(f"generate.py: interrupted; rerun the same command to resume from {args.out}.partial") from None
     if _dist()[0] == 0:

@@ -51,6 +51,7 @@ from tqdm import tqdm
 import demo
 from data import (answer_problem, append_jsonl, dsl_stats, iterations, open_append, read_jsonl, read_jsonl_tolerant,
                   write_jsonl)
+from errors import one_line
 from judge_base import DEFAULT_SCALE, MODES, SCALES, Judge, JudgeFatalError
 from judge_hf import HFJudge
 from judge_http import MAX_RETRY_WAIT, OpenAIJudge
@@ -289,8 +290,8 @@ def main(argv=None) -> None:
         _, summary = judge_records(records, judge, args.out, default_cache=args.cache != "off",
                                    max_missing=args.max_missing)
         print(format_summary(summary))
-    except (ValueError, OSError) as e:  # JudgeFatalError is a ValueError
-        raise SystemExit(f"judge.py: {e}") from None
+    except (ValueError, OSError) as e:  # JudgeFatalError and errors.Refusal are ValueErrors
+        raise SystemExit(one_line("judge.py", e)) from None
     except KeyboardInterrupt:
         raise SystemExit("judge.py: interrupted; rerun the same command to resume") from None
 

@@ -51,6 +51,7 @@ import time
 
 import torch
 
+import errors
 from bench import perf, training
 from loss import dnpo_loss, sequence_logps, spin_loss
 from noise import NoiseGenerator, noisy_sequence_logps
@@ -296,12 +297,15 @@ def main(argv=None):
         print(json.dumps(peak_extra_memory(args.child, device)))
         return
     ratios = {}
-    for name in args.only or BENCHMARKS:
-        kwargs = {"spec": dict(rounds=args.rounds)} if args.rounds and name in WORKLOAD_BENCHMARKS else {}
-        if name == "cpu_bf16" and args.no_compile:
-            kwargs["compile"] = False
-        for key, value in BENCHMARKS[name](device, **kwargs).items():
-            ratios[f"{name}.{key}"] = round(value, 4)
+    try:
+        for name in args.only or BENCHMARKS:
+            kwargs = {"spec": dict(rounds=args.rounds)} if args.rounds and name in WORKLOAD_BENCHMARKS else {}
+            if name == "cpu_bf16" and args.no_compile:
+                kwargs["compile"] = False
+            for key, value in BENCHMARKS[name](device, **kwargs).items():
+                ratios[f"{name}.{key}"] = round(value, 4)
+    except errors.Refusal as e:  # a module's refusal (the embedded model's package missing, ...); a bug: traceback
+        raise SystemExit(errors.one_line("bench", e)) from None
     print("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     if args.json:
         print(json.dumps(ratios))

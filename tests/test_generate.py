@@ -6,6 +6,7 @@ import pathlib
 import pytest
 import torch
 
+import errors
 import generate
 from conftest import make_tiny_model
 from data import chat_prompt_ids, read_jsonl, read_jsonl_tolerant, write_jsonl
@@ -175,7 +176,7 @@ def test_cli_demo_and_bad_file(tmp_path, tiny_model_dir, capsys):
     assert "3 answers" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p2"}\n')
-    with pytest.raises(SystemExit, match=rf"{bad}:2: missing field 'response'"):
+    with pytest.raises(SystemExit, match=rf"^generate.py: {bad}:2: missing field 'response'"):
         main(["--model", tiny_model_dir, "--data", str(bad), "--out", str(tmp_path / "x.jsonl")])
 
 
@@ -185,7 +186,7 @@ def test_cli_chat_template_that_raises_is_one_line(tmp_path, tiny_model_dir):
     from test_model import model_with_template
     path = model_with_template(tiny_model_dir, tmp_path, "{{ raise_exception('System role not supported') }}")
     out = tmp_path / "g.jsonl"
-    with pytest.raises(SystemExit, match=rf"^{path}: the chat template cannot be rendered: it calls raise_exception: "
+    with pytest.raises(SystemExit, match=rf"^generate.py: {path}: the chat template cannot be rendered: it calls raise_exception: "
                                          r"'System role not supported'") as err:
         main(["--model", str(path), "--data", "demo", "--out", str(out), "--max-prompts", "2", "--device", "cpu"])
     assert "\n" not in str(err.value) and not out.exists() and not pathlib.Path(f"{out}.partial").exists()
@@ -193,8 +194,8 @@ def test_cli_chat_template_that_raises_is_one_line(tmp_path, tiny_model_dir):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
 def test_vllm_backend_missing_is_one_line_error(tmp_path):
-    """--backend vllm without vLLM installed exits with a one-line message."""
-    with pytest.raises(SystemExit, match="needs vLLM installed"):
+    """--backend vllm without vLLM installed is a one-line refusal (generate.py and train.py prefix their names)."""
+    with pytest.raises(errors.Refusal, match="needs vLLM installed: pip install vllm, or use the hf backend"):
         generate_answers("some-model", None, _records(1), tmp_path / "g.jsonl", backend="vllm")
 
 
