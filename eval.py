@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import errors
 import generate
 import model as model_lib
 import runlock
@@ -624,7 +625,7 @@ def parse_args(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="held-out mean score / accuracy per iteration (Fig. 6)")
     p.add_argument("target", help="a run directory (base model + every iter*/model) or one model dir / hub id")
-    p.add_argument("--judge", default="rule", choices=["rule", "openai", "hf"], help="who scores the answers")
+    p.add_argument("--judge", default="rule", choices=["rule", "openai", "hf", "rm"], help="who scores the answers")
     p.add_argument("--judge-model", default=None, help="judge model name (openai) or dir/id (hf); unused by rule")
     p.add_argument("--judge-base-url", default=None, help="OpenAI-compatible server URL (openai judge)")
     p.add_argument("--data", default=None, help="held-out prompts: 'demo' (the demo eval split, default) or a JSONL file")
@@ -695,8 +696,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:  # bad input, a full disk (diskspace.DiskFull): one line
-        raise SystemExit(f"eval.py {args.command}: {' '.join(str(e).split())}") from None
+    except (ValueError, OSError) as e:  # bad input, any module's errors.Refusal, a full disk (DiskFull): one line
+        raise SystemExit(errors.one_line(f"eval.py {args.command}", e)) from None
     except KeyboardInterrupt:
         raise SystemExit(f"eval.py {args.command}: interrupted; rerun the same command to continue (what is "
                          f"finished is kept)") from None

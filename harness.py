@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+import errors
 import runlock
 from data import atomic_open, iterations, load_prompts, write_json, write_jsonl
 from plots import markdown_table, read_json
@@ -206,10 +207,10 @@ def run_benchmarks(args, resolve=str, identify=None):
         print("\n".join(" ".join(cmd) for cmds in commands.values() for _, cmd in cmds))
         return commands
     if importlib.util.find_spec("lm_eval") is None:
-        raise SystemExit("benchmarks need EleutherAI's lm-evaluation-harness: pip install lm-eval (or pip install -r "
-                         "requirements-harness.txt)"
-                         + ("" if args.local_task else " (and network access to the Hugging Face Hub for the "
-                                                       "benchmark datasets)"))
+        raise errors.Refusal("EleutherAI's lm-evaluation-harness is not installed: pip install lm-eval (or pip install "
+                             "-r requirements-harness.txt)"
+                             + ("" if args.local_task else " (and network access to the Hugging Face Hub for the "
+                                                           "benchmark datasets)"))
     identify = identify or (lambda model: {"name": str(model)})
     identities = {name: identify(model) for name, model, _ in found}  # before anything is written
     roots = {found[0][2].parent if run_dir else out for _, _, out in found}  # every directory results go to
@@ -235,7 +236,7 @@ def run_benchmarks(args, resolve=str, identify=None):
             write_json(key_path, key)
             print("+ " + " ".join(cmd), file=sys.stderr)
             if subprocess.run(cmd, env=env).returncode != 0:
-                raise SystemExit(f"lm_eval failed on {name} {column}" + (
+                raise errors.Refusal(f"lm_eval failed on {name} {column}" + (
                     " (see its output above)" if args.local_task else "; its datasets come from the Hugging Face "
                     "Hub, so it needs network access (see the lm_eval output above)"))
         row = {**benchmark_table(out_dir), **local_table(out_dir)}
