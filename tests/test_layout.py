@@ -45,3 +45,61 @@ def test_no_import_cycle():
 def test_tests_live_in_tests_but_the_math():
     assert sorted(p.name for p in ROOT.glob("test_*.py")) == ["test_loss.py"]
     assert not list(ROOT.glob("conftest.py")) and (ROOT / "tests" / "conftest.py").is_file()
+
+
+def is_main_block(node):
+    """`if __name__ == "__main__":` at a module's top level."""
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators))
+
+
+def process_exits(tree):
+    """(line, class, function) of every `raise SystemExit`, `sys.exit(...)` and `os._exit(...)` in `tree`, with the
+    class and function that hold it (None at module level)."""
+    found = []
+
+    def ends_process(node):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            target = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            return isinstance(target, ast.Name) and target.id == "SystemExit"
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and (node.func.value.id, node.func.attr) in
+                {("sys", "exit"), ("os", "_exit")})
+
+    def visit(node, cls, function):
+        for child in ast.iter_child_nodes(node):
+            if ends_process(child):
+                found.append((child.lineno, cls, function))
+            if isinstance(child, ast.ClassDef):
+                visit(child, child.name, None)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, cls if function is None else None, child.name)
+            else:
+                visit(child, cls, function)
+    visit(tree, None, None)
+    return found
+
+
+def test_only_commands_end_the_process():
+    """One exit point per command (errors.py): a module without an `if __name__ == "__main__":` block raises
+    (errors.Refusal, ValueError, OSError) and never ends the process, so a notebook, a test or another script that
+    imports it can catch what went wrong. Only an argparse parser's own `error()` method exits, as argparse does
+    (config.Parser)."""
+    offenders = []
+    for name, path in sorted(PRODUCT.items()):
+        tree = ast.parse(path.read_text())
+        if any(is_main_block(node) for node in tree.body):
+            continue
+        offenders += [f"{path.name}:{line}" for line, cls, function in process_exits(tree)
+                      if not (cls is not None and function == "error")]
+    assert not offenders, f"raise errors.Refusal (the command turns it into one line), not SystemExit: {offenders}"
+
+
+def test_the_exit_check_sees_what_it_must():
+    """process_exits finds a raise at any depth and knows a parser's error() from a function named error."""
+    tree = ast.parse("import sys\nclass P:\n    def error(self, m):\n        raise SystemExit(m)\n"
+                     "def error(m):\n    raise SystemExit\n"
+                     "def f():\n    try:\n        pass\n    except ValueError:\n        if True:\n            sys.exit(1)\n")
+    assert process_exits(tree) == [(4, "P", "error"), (6, None, "error"), (12, None, "f")]
+    assert is_main_block(ast.parse('if __name__ == "__main__":\n    main()\n').body[0])
