@@ -13,6 +13,11 @@ same command after a crash or Ctrl-C continues where it stopped. Shapes: B pairs
 (2B rows: chosen then rejected), T tokens, V vocabulary, d hidden size. The math lives in loss.py
 (Eq. 1–3, 9) and noise.py (Eq. 5–6); this file only wires it. Checkpoint plumbing: checkpoint.py.
 
+Read `run_iteration` (the five stages, at the end) and `train` (the loop); every other function is a helper
+named by what it does: `setup` builds what the loop works with (`Loop`), `optimizer_step` is one step of
+Eq. 1–9 with its update (what the benchmarks time), `resume` / `save_checkpoint` the checkpoint, `diverged`
+the stop when a number goes non-finite (nothing non-finite is ever saved).
+
 Where this departs from, or fills a gap in, the paper:
 1. Iteration 0 is plain SPIN (no DSL, no noise) whatever --dsl/--noise say, as in the paper (§4.1).
 2. The noise generator is freshly initialised at the start of every iteration (seeded by --seed and
@@ -40,6 +45,7 @@ Where this departs from, or fills a gap in, the paper:
    across ranks, judging and all file writing on rank 0. memplan.py prints the bytes per rank first.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import math
@@ -104,40 +110,41 @@ def lone_warmup_step(n_pairs, world, args):
     return None
 
 
-def generate_stage(args, model, tokenizer, it_dir, rank, flags, inputs, records):
+def generate_stage(it, model, tokenizer):
     """Stage 1: the start model answers every training prompt (generate.py shards them across ranks)."""
-    out = it_dir / "generated.jsonl"
-    if rank == 0:  # record what the answers are made from before the first one is written
-        stages.begin(it_dir, "generate", flags["generate"], inputs["generate"])
+    args, out = it.args, it.it_dir / "generated.jsonl"
+    if it.main_proc:  # record what the answers are made from before the first one is written
+        stages.begin(it.it_dir, "generate", it.flags["generate"], it.inputs["generate"])
     distributed.barrier()
-    generate.generate_answers(model, tokenizer, records, str(out), max_new_tokens=args.max_new_tokens,
+    generate.generate_answers(model, tokenizer, it.records, str(out), max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                               batch_size=args.gen_batch_size, backend=args.gen_backend,
                               max_prompt_length=args.max_prompt_length)
-    if rank == 0:
-        stages.finish(it_dir, "generate", out.name)
+    if it.main_proc:
+        stages.finish(it.it_dir, "generate", out.name)
 
 
-def label_stage(args, it_dir, run_dir, rank, flags):
+def label_stage(it):
     """Stages 2–3 on rank 0: judge both answers, then DSL pairs; every rank then reads the pairs."""
+    args, it_dir = it.args, it.it_dir
     stats = {}
-    if rank == 0:
+    if it.main_proc:
         judged_path, pairs_path = it_dir / "judged.jsonl", it_dir / "pairs.jsonl"
         generated = stages.sha256_file(it_dir / "generated.jsonl")
-        stages.begin(it_dir, "judge", flags["judge"], {"generated.jsonl": generated})
+        stages.begin(it_dir, "judge", it.flags["judge"], {"generated.jsonl": generated})
         if judged_path.is_file():
             print(f"[2/5] judge: {judged_path} exists, skipped")
             judged = data.read_jsonl(judged_path)
         else:
             judge = judges.make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
                                       scale=args.judge_scale, mode=args.judge_mode,
-                                      cache_path=run_dir / "judge_cache.jsonl", concurrency=args.judge_concurrency,
+                                      cache_path=it.run_dir / "judge_cache.jsonl", concurrency=args.judge_concurrency,
                                       api_key_env=args.judge_api_key_env, device=args.device)
             judged, summary = judges.judge_records(data.read_jsonl(it_dir / "generated.jsonl"), judge, judged_path,
                                                    max_missing=args.judge_max_missing)
             print(judges.format_summary(summary))
         stages.finish(it_dir, "judge", judged_path.name)
-        stages.begin(it_dir, "label", flags["label"], {"judged.jsonl": stages.sha256_file(judged_path)})
+        stages.begin(it_dir, "label", it.flags["label"], {"judged.jsonl": stages.sha256_file(judged_path)})
         pairs, stats = data.dsl_pairs(judged, args.dsl)  # Sec. 4.1 DSL (or human = chosen)
         if pairs_path.is_file():
             print(f"[3/5] label: {pairs_path} exists, skipped")
@@ -146,7 +153,7 @@ def label_stage(args, it_dir, run_dir, rank, flags):
         stages.finish(it_dir, "label", pairs_path.name)
         stats["flip_rate"] = judges.dsl_flip_rate(judged)
     distributed.barrier()
-    pairs = data.history_pairs(run_dir, args.iter, args.history, seed=args.seed)  # α-SPIN 50:50 mix; h = 1: this iteration
+    pairs = data.history_pairs(it.run_dir, args.iter, args.history, seed=args.seed)  # α-SPIN 50:50 mix; h = 1: this iteration
     if not pairs:  # DSL keeps every pair but identical ones (a missing score keeps the human answer chosen)
         raise SystemExit(f"train.py: {it_dir / 'pairs.jsonl'} holds no pairs: every generated answer equals its "
                          f"human answer ({stats.get('identical', '?')} of {stats.get('n', '?')}), so there is nothing "
@@ -229,183 +236,273 @@ def policy_logps_rows(policy, examples, pairs, n, stage, pad_id, device, batch_s
     return rows
 
 
-def record_logps(path, stage, policy, examples, pairs, args, pad_id, device, main_proc, collective):
-    """The rows of `stage` ("start" begins the file, "end" follows the start rows kept in it), computed on
-    every rank when `collective` (FSDP), else on rank 0 only, and written by rank 0."""
-    if not args.logp_examples or not (main_proc or collective):
+def record_logps(loop, pairs, stage):
+    """logps.jsonl's rows of `stage` ("start" begins the file, "end" follows the start rows kept in it), computed
+    on every rank under FSDP (from its root, a collective), else on rank 0 from the policy; written by rank 0."""
+    args, path = loop.args, loop.it_dir / "logps.jsonl"
+    if not args.logp_examples or not (loop.main_proc or loop.fsdp):
         return
-    rows = policy_logps_rows(policy, examples, pairs, args.logp_examples, stage, pad_id, device, args.batch_size)
-    if main_proc:
+    rows = policy_logps_rows(loop.module if loop.fsdp else loop.policy, loop.examples, pairs, args.logp_examples,
+                             stage, loop.pad_id, loop.device, args.batch_size)
+    if loop.main_proc:
         keep = [r for r in data.read_jsonl(path) if r["stage"] == "start"] if stage == "end" and path.is_file() else []
         data.write_jsonl(path, keep + rows)
 
 
 # ----------------------------------------------------------------------------- the training loop
+OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW,
+              "sgd": torch.optim.SGD}  # plain SGD: the update is the gradient, a common factor is not normalised away
+METRICS = ("loss", "model_loss", "noise_loss", "variance_penalty", "margin", "noisy_margin", "reward_acc", "sigma2",
+           *steps.DIAGNOSTICS)  # loss.py's names, logged as they are
+
+
 def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world):
     """Stage 4: the hand-written loop on `args` = the flags with the RunState over them (RunState.over).
     Returns the metrics rows of this iteration."""
-    main_proc, pad_id = rank == 0, tokenizer.pad_token_id
-    metrics_path, logps_path, state_path = it_dir / "metrics.jsonl", it_dir / "logps.jsonl", it_dir / "checkpoint" / "state.pt"
     examples = [data.tokenize_pair(tokenizer, p, args.max_length, args.max_prompt_length)
-                for p in tqdm(pairs, desc="tokenize", disable=not main_proc, leave=False)]
+                for p in tqdm(pairs, desc="tokenize", disable=rank != 0, leave=False)]
     if refusal := lone_warmup_step(len(examples), world, args):  # the pairs are known only now (DSL drops some)
-        raise SystemExit(refusal)
-    spe = ckpt.steps_per_epoch(len(examples), world, args.batch_size, args.grad_accum)
-    total_steps = spe * args.epochs
-    compute_dtype = models.pick_dtype(device, args.dtype)  # bf16 autocast on CUDA; fp32 on CPU unless --dtype bf16
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-
-    # the noise network (Eq. 5): freshly initialised every iteration (departure 2)
-    torch.manual_seed(args.seed * 1000 + args.iter)
-    noise_net = noises.make_noise(args.noise, policy.config.hidden_size, policy.config.vocab_size,
-                                  alpha=args.noise_alpha, sigma=args.noise_sigma,
-                                  init_variance=args.noise_init_variance)
-    noise_net = noise_net.to(device) if noise_net is not None else None
-    noise_rng = torch.Generator(device=device).manual_seed(args.seed * 1000 + args.iter * 10 + rank)  # ε₁, ε₂
-    fsdp, module = args.dist == "fsdp", distributed.prepare(policy, args, device)  # fsdp: sharded, before the optimizer
-    logps_of = module if fsdp else policy  # the model logps.jsonl reads (FSDP: its root)
-    cache = None
-    pack = args.pack_pairs and args.precompute_ref and packing.supported(policy)  # one shared-prompt row per pair
-    collate = packing.collate(pack)
-    if args.precompute_ref:  # the frozen reference, once per iteration, from the policy before any update or resume
-        cache = steps.ReferenceCache.build(module, examples, pad_id, device, args.batch_size, args.noise != "none",
-                                           autocast, args.ref_cache_gb, progress=main_proc, pack=pack,
-                                           reference=reference)
-        if not cache.needs_reference:  # the reference model is no longer used: memory for the policy
-            freed = steps.release(reference)
-            if main_proc:
-                print(f"[4/5] train: reference cached; the reference model freed ({freed / 2 ** 20:.0f} MiB)")
-
-    # one optimizer, two parameter groups (policy, noise network), one linear warmup + decay schedule
-    groups = [dict(params=[p for p in policy.parameters() if p.requires_grad], lr=args.lr)]
-    noise_params = list(noise_net.parameters()) if noise_net is not None else []
-    if noise_params:
-        groups.append(dict(params=noise_params, lr=args.noise_lr))
-    if args.optimizer == "rmsprop":
-        optimizer = torch.optim.RMSprop(groups, lr=args.lr, weight_decay=args.weight_decay)
-    elif args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    else:  # plain SGD: the update is the gradient itself, so a common factor on the pairs' weights is not normalised away
-        optimizer = torch.optim.SGD(groups, lr=args.lr, weight_decay=args.weight_decay)
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-
-    # resume from the last checkpoint, if any
-    distributed.check_format(state_path, args.dist)
-    step, state = 0, distributed.load_meta(state_path) if fsdp else ckpt.load_checkpoint(state_path)
-    if state is not None:
-        if fsdp:
-            step = distributed.restore_sharded(state, args, TRAINING_KEYS, rank, module, noise_net, optimizer,
-                                               scheduler, noise_rng)
-        else:
-            step = ckpt.restore(state, state_path, args, TRAINING_KEYS, rank, policy, noise_net, optimizer, scheduler,
-                                noise_rng)
-        if not distributed.all_finite([*policy.parameters(), *noise_params,
-                                       *distributed.state_tensors(optimizer.state)]):  # one written before this check
-            raise SystemExit(f"train.py: {state_path} holds non-finite weights or optimizer state (saved by a diverged "
-                             f"run); delete {state_path.parent} to restart iteration {args.iter} at step 0")
-        if main_proc:
-            print(f"[4/5] train: resuming {state['dir'] if fsdp else state_path} at step {step}/{total_steps}")
-            rows = ckpt.read_metrics(metrics_path)
-            data.write_jsonl(metrics_path, [r for r in rows if r["step"] <= step])  # drop unsaved steps
-    elif main_proc:  # a fresh start: forget any metrics of a run killed before its first checkpoint
-        data.write_jsonl(metrics_path, [])
-    if state is None:
-        record_logps(logps_path, "start", logps_of, examples, pairs, args, pad_id, device, main_proc, fsdp)
-    tracker = tracking.open_run(args.report_to if main_proc else "none", it_dir, vars(args), step)  # steps > step
+        raise errors.Refusal(refusal)
+    loop = setup(args, policy, reference, examples, tokenizer.pad_token_id, it_dir, device, rank, world)
+    step = resume(loop)  # 0, or the step of the last checkpoint
+    if step == 0:
+        record_logps(loop, pairs, "start")
+    tracker = tracking.open_run(args.report_to if loop.main_proc else "none", it_dir, vars(args), step)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.train()
-    ddp_policy = distributed.wrap(module, args.dist, device)
-    lengths = [packing.row_length(e, pack) for e in examples]
-
-    def save(step):
-        if not distributed.all_finite(distributed.state_tensors(optimizer.state)):  # the weights: checked each step
-            diverged(args, step, "the optimizer state is non-finite", "optimizer", state_path)
-        noise_rng_states = distributed.gather(noise_rng.get_state(), world)  # collective: every rank
-        if fsdp:  # collective: every rank writes its shards
-            return distributed.save_sharded(state_path, module, noise_net, optimizer, dict(
-                scheduler=scheduler.state_dict(), rng=ckpt.rng_state(), noise_rng=noise_rng_states, step=step,
-                epoch=step // spe, args=vars(args)))
-        if main_proc:
-            ckpt.save_checkpoint(state_path, dict(
-                policy=policy.state_dict(), noise_net=noise_net.state_dict() if noise_net is not None else None,
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=ckpt.rng_state(),
-                noise_rng=noise_rng_states, step=step, epoch=step // spe, data_order=order, args=vars(args)))
-
-    objective = steps.Objective.of(args)  # β, α, ℓ and the noise kind: what the loss depends on
-    keys = ("loss", "model_loss", "noise_loss", "variance_penalty", "margin", "noisy_margin", "reward_acc",
-            "sigma2", *steps.DIAGNOSTICS)  # loss.py's names, logged as they are
-    t_start, done, epoch, order, micro_batches = time.time(), 0, None, None, None
-    bar = tqdm(total=total_steps, initial=step, desc=f"iter {args.iter} train", disable=not main_proc)
-    while step < total_steps:
-        if step // spe != epoch:  # a new epoch's data order (a function of seed and epoch only)
-            epoch = step // spe
-            order = ckpt.epoch_order(len(examples), args.seed + 7919 * args.iter, epoch)
-            if args.group_by_length:
-                order = ckpt.length_grouped_order(order, lengths, world * args.batch_size, args.seed + 7919 * args.iter,
-                                                  epoch)
-            micro_batches = ckpt.rank_microbatches(order, rank, world, args.batch_size)
+    t_start = time.time()
+    done = 0  # steps taken by this process (--stop-after-steps)
+    bar = tqdm(total=loop.total_steps, initial=step, desc=f"iter {args.iter} train", disable=not loop.main_proc)
+    while step < loop.total_steps:
         t0 = time.time()
-        step_micro = micro_batches[(step % spe) * args.grad_accum:(step % spe + 1) * args.grad_accum]
-        sums, tokens = torch.zeros(len(keys), dtype=torch.float64), 0
-        for j, idx in enumerate(step_micro):
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-            sync = j == len(step_micro) - 1 or world == 1
-            with distributed.grad_sync(ddp_policy, sync):
-                if cache is not None:
-                    out = steps.cached_batch_loss(ddp_policy, cache, idx, batch, noise_net, objective, noise_rng,
-                                                   autocast)
-                else:
-                    out = steps.batch_loss(ddp_policy, reference, noise_net, batch, objective, noise_rng, autocast)
-                (out["loss"] / len(step_micro)).backward()  # one backward: policy and noise network
-            sums += torch.tensor([float(out[k].detach().mean()) if torch.is_tensor(out[k]) else out[k] for k in keys],
-                                 dtype=torch.float64)
-            tokens += out["tokens"]
-        if world > 1:  # the noise network is not DDP-wrapped: average its gradients by hand
-            for p in noise_params:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-            sums = sums.to(device)
-            dist.all_reduce(sums, op=dist.ReduceOp.AVG)
-        m = dict(zip(keys, (sums.cpu() / len(step_micro)).tolist()))
-        # FSDP: over all shards; with clipping off (0) the norm is measured and logged, the gradients untouched
-        grad_norm = distributed.clip_grad_norm(policy.parameters(), args.max_grad_norm)
-        if noise_params and args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(noise_params, args.max_grad_norm)
-        if not (math.isfinite(m["loss"]) and torch.isfinite(grad_norm)):
-            diverged(args, step + 1, f"non-finite loss {m['loss']} or gradient norm {float(grad_norm)}", "loss",
-                     state_path)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        if not distributed.all_finite([*policy.parameters(), *noise_params]):  # before anything of it is saved
-            part = "noise" if distributed.all_finite(policy.parameters()) else "policy"
-            diverged(args, step + 1, f"the {'noise network' if part == 'noise' else 'policy'} weights are non-finite "
-                     "after the optimizer step", part, state_path)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step, done = step + 1, done + 1
-        dt = time.time() - t0
-        row = dict(iter=args.iter, step=step, epoch=epoch, **m, grad_norm=float(grad_norm), lr=lr,
-                   tokens_per_s=tokens * world / dt, time_s=time.time() - t_start)
-        if main_proc:
-            with data.open_append(metrics_path) as fh:
+        row = optimizer_step(loop, step, loop.step_batches(step))  # Eq. 1–9, backward, clip, update
+        tokens = row.pop("tokens")
+        step += 1
+        done += 1
+        row = dict(iter=args.iter, step=step, epoch=(step - 1) // loop.steps_per_epoch, **row,
+                   tokens_per_s=tokens * world / (time.time() - t0), time_s=time.time() - t_start)
+        if loop.main_proc:
+            with data.open_append(loop.metrics_path) as fh:
                 data.append_jsonl(fh, row)
             tracker.log(row, step)
-            tqdm.write(f"iter {args.iter} | step {step}/{total_steps} | loss {row['loss']:.4f} | model "
-                       f"{row['model_loss']:.4f} | noise {row['noise_loss']:.4f} | margin {row['margin']:.3f} | "
-                       f"acc {row['reward_acc']:.2f} | σ² {row['sigma2']:.4g} | "
-                       + (f"m−m̃ {row['margin_offset']:.3f} | KL {row['kl_noise']:.2g} | w-shift "
-                          f"{row['weight_shift']:.3f} | " if args.noise != "none" else "") + f"lr {lr:.2e} | "
-                       f"{row['tokens_per_s']:.0f} tok/s | {dt * 1000:.0f} ms")
+            tqdm.write(log_line(row, loop, time.time() - t0))
             bar.update(1)
-        if step % args.save_every == 0 or step % spe == 0:
-            save(step)
-        if args.stop_after_steps and done == args.stop_after_steps and step < total_steps:
-            raise SystemExit(f"train.py: stopped after {done} steps (--stop-after-steps); rerun to resume")
+        if step % args.save_every == 0 or step % loop.steps_per_epoch == 0:
+            save_checkpoint(loop, step)
+        if done == args.stop_after_steps and step < loop.total_steps:
+            raise errors.Refusal(f"stopped after {done} steps (--stop-after-steps); rerun to resume")
     bar.close()
     tracker.close()
-    record_logps(logps_path, "end", logps_of, examples, pairs, args, pad_id, device, main_proc, fsdp)
-    return ckpt.read_metrics(metrics_path) if main_proc else []
+    record_logps(loop, pairs, "end")
+    return ckpt.read_metrics(loop.metrics_path) if loop.main_proc else []
+
+
+# ----------------------------------------------------------------------------- what the loop works with
+@dataclasses.dataclass
+class Loop:
+    """What the training loop works with, built by `setup`: the flags, the policy (its parameters are what the
+    optimizer updates) and `model`, what the step calls (step.PolicyLogps, or the CausalLM itself with
+    --no-precompute-ref; DDP-wrapped under --dist ddp; sharded in place under --dist fsdp, then `module` is
+    FSDP's root), the reference (cached, or run in each step), the noise network (None for SPIN) and the
+    generator of its draws, one optimizer and schedule, the tokenized pairs and where the iteration writes."""
+    args: argparse.Namespace
+    policy: torch.nn.Module
+    module: torch.nn.Module
+    model: object
+    reference: object
+    cache: object
+    noise_net: object
+    noise_rng: torch.Generator
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    objective: steps.Objective
+    examples: list
+    pad_id: int
+    pack: bool
+    autocast: object
+    it_dir: pathlib.Path
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    diagnostics: bool = True  # the noise diagnostics of step.DIAGNOSTICS (off only to time their cost, bench)
+    _orders: dict = dataclasses.field(default_factory=dict)
+
+    main_proc = property(lambda self: self.rank == 0)
+    fsdp = property(lambda self: self.args.dist == "fsdp")
+    noise_params = property(lambda self: list(self.noise_net.parameters()) if self.noise_net is not None else [])
+    steps_per_epoch = property(lambda self: ckpt.steps_per_epoch(len(self.examples), self.world, self.args.batch_size,
+                                                                 self.args.grad_accum))
+    total_steps = property(lambda self: self.steps_per_epoch * self.args.epochs)
+    metrics_path = property(lambda self: self.it_dir / "metrics.jsonl")
+    state_path = property(lambda self: self.it_dir / "checkpoint" / "state.pt")
+
+    def order(self, epoch):
+        """The epoch's data order over all ranks: a function of seed, iteration and epoch only (checkpoint.py)."""
+        if epoch not in self._orders:
+            a, seed = self.args, self.args.seed + 7919 * self.args.iter
+            order = ckpt.epoch_order(len(self.examples), seed, epoch)
+            if a.group_by_length:
+                lengths = [packing.row_length(e, self.pack) for e in self.examples]
+                order = ckpt.length_grouped_order(order, lengths, self.world * a.batch_size, seed, epoch)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
+
+    def step_batches(self, step):
+        """This rank's micro-batches (lists of pair indices) of optimizer step `step` (0-based)."""
+        micro = ckpt.rank_microbatches(self.order(step // self.steps_per_epoch), self.rank, self.world,
+                                       self.args.batch_size)
+        i = step % self.steps_per_epoch
+        return micro[i * self.args.grad_accum:(i + 1) * self.args.grad_accum]
+
+
+def setup(args, policy, reference, examples, pad_id, it_dir, device, rank=0, world=1, progress=True) -> Loop:
+    """Build, in the order that matters: the noise network (Eq. 5, fresh each iteration: departure 2) and its RNG;
+    the policy as the step calls it (FSDP shards it before the optimizer exists); the reference cache, from the
+    policy before any update (step.py); then the optimizer and schedule."""
+    compute_dtype = models.pick_dtype(device, args.dtype)  # bf16 autocast on CUDA; fp32 on CPU unless --dtype bf16
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    torch.manual_seed(args.seed * 1000 + args.iter)
+    noise_net = noises.make_noise(args.noise, policy.config.hidden_size, policy.config.vocab_size,
+                                  alpha=args.noise_alpha, sigma=args.noise_sigma, init_variance=args.noise_init_variance)
+    noise_net = noise_net.to(device) if noise_net is not None else None
+    noise_rng = torch.Generator(device=device).manual_seed(args.seed * 1000 + args.iter * 10 + rank)  # ε₁, ε₂
+    module = distributed.prepare(policy, args, device)
+    pack = args.pack_pairs and args.precompute_ref and packing.supported(policy)  # one shared-prompt row per pair
+    cache = None
+    if args.precompute_ref:  # the frozen reference, once per iteration
+        cache = steps.ReferenceCache.build(module, examples, pad_id, device, args.batch_size, args.noise != "none",
+                                           autocast, args.ref_cache_gb, progress=progress and rank == 0, pack=pack,
+                                           reference=reference)
+        if not cache.needs_reference:  # the reference model is no longer used: memory for the policy
+            freed = steps.release(reference)
+            if progress and rank == 0:
+                print(f"[4/5] train: reference cached; the reference model freed ({freed / 2 ** 20:.0f} MiB)")
+    total_steps = ckpt.steps_per_epoch(len(examples), world, args.batch_size, args.grad_accum) * args.epochs
+    optimizer, scheduler = build_optimizer(args, policy, noise_net, total_steps)
+    return Loop(args=args, policy=policy, module=module, model=distributed.wrap(module, args.dist, device),
+                reference=reference, cache=cache, noise_net=noise_net, noise_rng=noise_rng, optimizer=optimizer,
+                scheduler=scheduler, objective=steps.Objective.of(args), examples=examples, pad_id=pad_id, pack=pack,
+                autocast=autocast, it_dir=pathlib.Path(it_dir), device=device, rank=rank, world=world)
+
+
+def build_optimizer(args, policy, noise_net, total_steps):
+    """One optimizer, two parameter groups (policy at --lr, noise network at --noise-lr), one schedule for both:
+    transformers' linear warmup over ceil(--warmup-ratio · steps), then linear decay to 0 (departure 4)."""
+    groups = [dict(params=[p for p in policy.parameters() if p.requires_grad], lr=args.lr)]
+    if noise_net is not None and list(noise_net.parameters()):
+        groups.append(dict(params=list(noise_net.parameters()), lr=args.noise_lr))
+    optimizer = OPTIMIZERS[args.optimizer](groups, lr=args.lr, weight_decay=args.weight_decay)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+def optimizer_step(loop, step, micro, timer=None, on_micro_batch=None):
+    """Optimizer step `step` (0-based) on `micro`, its micro-batches (lists of pair indices): Eq. 1–9 on each with
+    one backward (policy and noise network), the noise network's gradients averaged by hand across ranks,
+    clipping, the update, and the finiteness checks around it. Returns its metrics row: the mean over
+    micro-batches (and ranks) of METRICS, grad_norm (before clipping), lr, tokens. timer(name) (a context
+    manager: collate, forward, backward, optimizer) and on_micro_batch(out) are the benchmarks' probes."""
+    timer = timer or (lambda name: contextlib.nullcontext())
+    args = loop.args
+    sums, tokens = torch.zeros(len(METRICS), dtype=torch.float64), 0
+    for j, idx in enumerate(micro):
+        with timer("collate"):
+            batch = {k: v.to(loop.device) for k, v in
+                     packing.collate(loop.pack)([loop.examples[i] for i in idx], loop.pad_id).items()}
+        with distributed.grad_sync(loop.model, j == len(micro) - 1 or loop.world == 1):
+            with timer("forward"):
+                if loop.cache is not None:  # the reference from the cache (step.py)
+                    out = steps.cached_batch_loss(loop.model, loop.cache, idx, batch, loop.noise_net, loop.objective,
+                                                  loop.noise_rng, loop.autocast, diagnostics=loop.diagnostics)
+                else:  # --no-precompute-ref: the reference model inside the step
+                    out = steps.batch_loss(loop.model, loop.reference, loop.noise_net, batch, loop.objective,
+                                           loop.noise_rng, loop.autocast)
+            with timer("backward"):
+                (out["loss"] / len(micro)).backward()
+        if on_micro_batch is not None:
+            on_micro_batch(out)
+        values = [out.get(k, math.nan) for k in METRICS]  # NaN: the diagnostics turned off (bench only)
+        sums += torch.tensor([float(v.detach().mean()) if torch.is_tensor(v) else v for v in values],
+                             dtype=torch.float64)
+        tokens += out["tokens"]
+    with timer("optimizer"):
+        if loop.world > 1:  # the noise network is not DDP-wrapped: average its gradients by hand
+            for p in loop.noise_params:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+            sums = sums.to(loop.device)
+            dist.all_reduce(sums, op=dist.ReduceOp.AVG)
+        row = dict(zip(METRICS, (sums.cpu() / len(micro)).tolist()))
+        # FSDP: over all shards; with clipping off (0) the norm is measured and logged, the gradients untouched
+        grad_norm = distributed.clip_grad_norm(loop.policy.parameters(), args.max_grad_norm)
+        if loop.noise_params and args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(loop.noise_params, args.max_grad_norm)
+        if not (math.isfinite(row["loss"]) and torch.isfinite(grad_norm)):
+            diverged(args, step + 1, f"non-finite loss {row['loss']} or gradient norm {float(grad_norm)}", "loss",
+                     loop.state_path)
+        lr = loop.scheduler.get_last_lr()[0]
+        loop.optimizer.step()
+        if not distributed.all_finite([*loop.policy.parameters(), *loop.noise_params]):  # before any of it is saved
+            part = "noise" if distributed.all_finite(loop.policy.parameters()) else "policy"
+            diverged(args, step + 1, f"the {'noise network' if part == 'noise' else 'policy'} weights are non-finite "
+                     "after the optimizer step", part, loop.state_path)
+        loop.scheduler.step()
+        loop.optimizer.zero_grad(set_to_none=True)
+    return dict(row, grad_norm=float(grad_norm), lr=lr, tokens=tokens)
+
+
+def log_line(row, loop, seconds):
+    """The step's line on the console (metrics.jsonl holds every number)."""
+    noise = (f"m−m̃ {row['margin_offset']:.3f} | KL {row['kl_noise']:.2g} | w-shift {row['weight_shift']:.3f} | "
+             if loop.args.noise != "none" else "")
+    return (f"iter {loop.args.iter} | step {row['step']}/{loop.total_steps} | loss {row['loss']:.4f} | model "
+            f"{row['model_loss']:.4f} | noise {row['noise_loss']:.4f} | margin {row['margin']:.3f} | "
+            f"acc {row['reward_acc']:.2f} | σ² {row['sigma2']:.4g} | {noise}lr {row['lr']:.2e} | "
+            f"{row['tokens_per_s']:.0f} tok/s | {seconds * 1000:.0f} ms")
+
+
+# ----------------------------------------------------------------------------- checkpoint and resume
+def save_checkpoint(loop, step):
+    """The resumable state after `step` steps (checkpoint.py; DCP shards under FSDP): a collective, every rank
+    calls it. Never written non-finite: the weights are checked after every step, the optimizer state here."""
+    if not distributed.all_finite(distributed.state_tensors(loop.optimizer.state)):
+        diverged(loop.args, step, "the optimizer state is non-finite", "optimizer", loop.state_path)
+    noise_rng_states = distributed.gather(loop.noise_rng.get_state(), loop.world)
+    meta = dict(scheduler=loop.scheduler.state_dict(), rng=ckpt.rng_state(), noise_rng=noise_rng_states, step=step,
+                epoch=step // loop.steps_per_epoch, args=vars(loop.args))
+    if loop.fsdp:  # every rank writes its shards
+        distributed.save_sharded(loop.state_path, loop.module, loop.noise_net, loop.optimizer, meta)
+    elif loop.main_proc:
+        ckpt.save_checkpoint(loop.state_path, dict(
+            meta, policy=loop.policy.state_dict(), optimizer=loop.optimizer.state_dict(),
+            noise_net=loop.noise_net.state_dict() if loop.noise_net is not None else None,
+            data_order=loop.order((step - 1) // loop.steps_per_epoch)))
+
+
+def resume(loop) -> int:
+    """The step of the last checkpoint, its state loaded into the loop's objects (refused if written under other
+    training flags or non-finite); 0 for a fresh start. Rank 0 drops metrics rows of steps after it."""
+    args, state_path = loop.args, loop.state_path
+    distributed.check_format(state_path, args.dist)
+    state = distributed.load_meta(state_path) if loop.fsdp else ckpt.load_checkpoint(state_path)
+    if state is None:
+        if loop.main_proc:  # a fresh start: forget any metrics of a run killed before its first checkpoint
+            data.write_jsonl(loop.metrics_path, [])
+        return 0
+    live = (loop.noise_net, loop.optimizer, loop.scheduler, loop.noise_rng)
+    if loop.fsdp:
+        step = distributed.restore_sharded(state, args, TRAINING_KEYS, loop.rank, loop.module, *live)
+    else:
+        step = ckpt.restore(state, state_path, args, TRAINING_KEYS, loop.rank, loop.policy, *live)
+    if not distributed.all_finite([*loop.policy.parameters(), *loop.noise_params,
+                                   *distributed.state_tensors(loop.optimizer.state)]):  # written before this check
+        raise errors.Refusal(f"{state_path} holds non-finite weights or optimizer state (saved by a diverged run); "
+                             f"delete {state_path.parent} to restart iteration {args.iter} at step 0")
+    if loop.main_proc:
+        print(f"[4/5] train: resuming {state['dir'] if loop.fsdp else state_path} at step {step}/{loop.total_steps}")
+        rows = ckpt.read_metrics(loop.metrics_path)
+        data.write_jsonl(loop.metrics_path, [r for r in rows if r["step"] <= step])  # drop unsaved steps
+    return step
 
 
 # ----------------------------------------------------------------------------- main
@@ -419,70 +516,120 @@ def main(argv=None):
 
 
 def run_iteration(argv=None):
-    """The five stages of iteration k (module docstring), each skipping work already done."""
-    args = parse_args(argv)  # every flag is checked before anything is written; never written into
+    """Iteration k: the five stages of the module docstring, each skipping work already done."""
+    it = begin(parse_args(argv))  # flags and inputs checked, run directory locked, config.json written
+    if it is None:  # this iteration's model exists: nothing to do
+        return
+    policy, reference, tokenizer = load_start_model(it)  # the policy in fp32, the reference a frozen copy
+    generate_stage(it, reference, tokenizer)             # 1 generate: the start model answers every prompt
+    pairs, stats = label_stage(it)                       # 2 judge, 3 label (DSL)
+    it.run.pairs_sha256 = stages.sha256_json(pairs)      # in TRAINING_KEYS: a checkpoint never resumes on other pairs
+    if it.main_proc:
+        stages.begin(it.it_dir, "train", it.flags["train"], {"pairs": it.run.pairs_sha256})
+    t_train = time.time()
+    rows = train(it.settings(), policy, reference, tokenizer, pairs, it.it_dir, it.device, it.rank, it.world)  # 4
+    save_stage(it, policy, tokenizer, pairs, stats, rows, time.time() - t_train)  # 5 save
+    distributed.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclasses.dataclass
+class Iteration:
+    """Iteration k of a run, as the stages see it: the flags, how the run was started (RunState), this process
+    (rank, world, device), the directories, each stage's recorded flags and inputs (stages.py), the training
+    prompts and the start time."""
+    args: argparse.Namespace
+    run: RunState
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: pathlib.Path
+    it_dir: pathlib.Path
+    flags: dict
+    inputs: dict
+    records: list
+    t_start: float
+
+    main_proc = property(lambda self: self.rank == 0)
+
+    def settings(self):
+        """The flags with the RunState over them: what checkpoints, stage records and summaries record."""
+        return self.run.over(self.args)
+
+    def say(self, *a, **k):
+        if self.main_proc:
+            print(*a, **k)
+
+
+def begin(args):
+    """Everything before the model loads, in order: the judge's settings, the run directory's lock (one writer),
+    the stage records of this iteration and of --history (outputs of other settings are never reused), the start
+    model's chat template, the prompts, then config.json. None when the iteration's model already exists."""
     check_judge(args)  # the judge's URL and API key, before the model loads
     t_start = time.time()
     rank, world, device = distributed.setup_distributed(args.device)
     run_dir = pathlib.Path(args.run_dir)
     it_dir = run_dir / f"iter{args.iter}"
-    run = RunState(world_size=world, start_model=ckpt.given_start_model(args.start_model, args.iter) or ckpt.start_model_of(
-        args.run_dir, args.iter, args.base_model, "" if args.preset == "demo" else f" --preset {args.preset}"),
-        dist=args.dist)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    start = ckpt.given_start_model(args.start_model, args.iter) or ckpt.start_model_of(
+        args.run_dir, args.iter, args.base_model, "" if args.preset == "demo" else f" --preset {args.preset}")
+    run = RunState(world_size=world, start_model=start, dist=args.dist)
     if rank == 0:  # one writer per run directory, until this process ends (runlock.py)
         runlock.hold(run_dir, "train.py")
     flags, inputs = stages.stage_flags(run.over(args), TRAINING_KEYS, run_dir, models.EMBEDDED)
-    stages.check_all(it_dir, flags, inputs)  # outputs of other settings are never reused or overwritten
-    stages.check_history(run_dir, args.iter, args.history)  # --history: the earlier pairs, checked the same way
+    stages.check_all(it_dir, flags, inputs)
+    stages.check_history(run_dir, args.iter, args.history)
     if (it_dir / "model" / "config.json").is_file():
-        say(f"iter {args.iter}: {it_dir / 'model'} exists, nothing to do")
-        return ckpt.print_summary(it_dir) if rank == 0 else None
+        if rank == 0:
+            print(f"iter {args.iter}: {it_dir / 'model'} exists, nothing to do")
+            ckpt.print_summary(it_dir)
+        return None
     models.load_tokenizer(run.start_model, args.trust_remote_code)  # its chat template renders (one line if not)
     records = training_prompts(args)  # at most one pair each (α-SPIN too): a run without a real step stops here
     if refusal := lone_warmup_step(len(records), world, args):
-        raise SystemExit(refusal)
+        raise errors.Refusal(refusal)
     ckpt.prepare_iteration_dir(it_dir, rank)  # writable; leftovers of a killed write removed
     if rank == 0:  # the flags and how the run was started; no API key, no URL credentials
         data.write_json(it_dir / "config.json", stages.public_args(vars(run.over(args))))
-    ckpt.seed_everything(args.seed + args.iter)
-    say(f"iter {args.iter}: start {run.start_model} | dsl {args.dsl} | noise {args.noise} | world {world}")
-    run.dist = memplan.preflight(run.over(args), world, device, say)  # prints the plan; refuses one that cannot fit
+    return Iteration(args=args, run=run, rank=rank, world=world, device=device, run_dir=run_dir, it_dir=it_dir,
+                     flags=flags, inputs=inputs, records=records, t_start=t_start)
 
-    # start model: the policy in fp32 (master weights), the reference a frozen copy in the compute dtype
-    policy, tokenizer = models.load_model(run.start_model, device=device, dtype="fp32",
+
+def load_start_model(it):
+    """(policy, reference, tokenizer): the start model as the policy in fp32 (master weights) and a frozen copy in
+    the compute dtype as the reference (departure 5), after the memory plan (memplan.py) accepted the run."""
+    args = it.args
+    ckpt.seed_everything(args.seed + args.iter)
+    it.say(f"iter {args.iter}: start {it.run.start_model} | dsl {args.dsl} | noise {args.noise} | world {it.world}")
+    it.run.dist = memplan.preflight(it.settings(), it.world, it.device, it.say)  # refuses a plan that cannot fit
+    policy, tokenizer = models.load_model(it.run.start_model, device=it.device, dtype="fp32",
                                           trust_remote_code=args.trust_remote_code)
     if not distributed.all_finite(policy.parameters()):  # e.g. the model of a diverged run saved before this check
-        raise SystemExit(f"train.py: the start model {run.start_model} holds non-finite weights (saved by a diverged "
-                         f"run); retrain it, or pass another --start-model")
-    reference = copy.deepcopy(policy).to(models.pick_dtype(device, args.dtype)).eval().requires_grad_(False)
+        raise errors.Refusal(f"the start model {it.run.start_model} holds non-finite weights (saved by a diverged "
+                             f"run); retrain it, or pass another --start-model")
+    reference = copy.deepcopy(policy).to(models.pick_dtype(it.device, args.dtype)).eval().requires_grad_(False)
+    return policy, reference, tokenizer
 
-    generate_stage(args, reference, tokenizer, it_dir, rank, flags, inputs, records)  # 1 generate (the start model)
-    pairs, stats = label_stage(args, it_dir, run_dir, rank, flags)          # 2 judge, 3 label
-    run.pairs_sha256 = stages.sha256_json(pairs)  # in TRAINING_KEYS: a checkpoint never resumes on other pairs
-    if rank == 0:
-        stages.begin(it_dir, "train", flags["train"], {"pairs": run.pairs_sha256})
-    t_train = time.time()
-    rows = train(run.over(args), policy, reference, tokenizer, pairs, it_dir, device, rank, world)  # 4 train
 
-    save_dtype = models.pick_dtype(device, args.dtype)
-    if run.dist == "fsdp":  # 5 save: a collective gather of the shards onto rank 0
-        distributed.save_full_model(policy, tokenizer, it_dir / "model", save_dtype)
-    if rank == 0:  # 5 save
-        if run.dist != "fsdp":
-            if not distributed.all_finite(policy.to(save_dtype).parameters(), collective=False):  # as saved
-                raise SystemExit(f"train.py: iter {args.iter}: the trained weights overflow {save_dtype} when cast "
-                                 f"for saving; nothing saved")
-            models.save_model(policy, tokenizer, it_dir / "model")
-        data.write_json(it_dir / "summary.json", ckpt.summarize(run.over(args), pairs, stats, rows,
-                                                                time.time() - t_train, time.time() - t_start))
-        if not args.keep_checkpoint:
-            (it_dir / "checkpoint" / "state.pt").unlink(missing_ok=True)
-            distributed.remove_sharded(it_dir / "checkpoint" / "state.pt")
-        ckpt.print_summary(it_dir)
-    distributed.barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def save_stage(it, policy, tokenizer, pairs, stats, rows, train_s):
+    """Stage 5: iter{k}/model (cast to --dtype; gathered from the shards under FSDP, a collective) and
+    summary.json; the checkpoint is deleted unless --keep-checkpoint."""
+    save_dtype = models.pick_dtype(it.device, it.args.dtype)
+    if it.run.dist == "fsdp":
+        distributed.save_full_model(policy, tokenizer, it.it_dir / "model", save_dtype)
+    if not it.main_proc:
+        return
+    if it.run.dist != "fsdp":
+        if not distributed.all_finite(policy.to(save_dtype).parameters(), collective=False):  # as saved
+            raise errors.Refusal(f"iter {it.args.iter}: the trained weights overflow {save_dtype} when cast for "
+                                 f"saving; nothing saved")
+        models.save_model(policy, tokenizer, it.it_dir / "model")
+    data.write_json(it.it_dir / "summary.json", ckpt.summarize(it.settings(), pairs, stats, rows, train_s,
+                                                               time.time() - it.t_start))
+    if not it.args.keep_checkpoint:
+        (it.it_dir / "checkpoint" / "state.pt").unlink(missing_ok=True)
+        distributed.remove_sharded(it.it_dir / "checkpoint" / "state.pt")
+    ckpt.print_summary(it.it_dir)
 
 
 if __name__ == "__main__":

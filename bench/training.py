@@ -9,8 +9,8 @@ tokens, generated once with generate.py and kept in <tmp>/dnpo-bench/), max leng
 2 epochs, RMSprop lr 1e-6, gradient clipping 1.0, 3 interleaved rounds. Real tokens = the non-padding
 positions (prompt + answer) of the chosen and rejected rows.
 
-OurRun is train.train's optimizer step on fresh model copies (test_bench.py checks its first loss against
-train.train's). trl_trainer is TRL's DPOTrainer on the same pairs, fed our token ids: its _prepare_dataset
+OurRun is train.py's own setup and optimizer step (train.setup, train.optimizer_step) on fresh model copies;
+test_bench.py checks its first loss against train.train's. trl_trainer is TRL's DPOTrainer on the same pairs, fed our token ids: its _prepare_dataset
 is skipped and prompt_ids/chosen_ids/rejected_ids come from data.tokenize_pair (trl_rows), so both see
 exactly the same rows; TRL's own chat-template tokenization would add the newline that follows <|im_end|>.
 PeakRSS measures one variant's peak memory in a child process.
@@ -33,13 +33,13 @@ import time
 import torch
 
 import checkpoint as ckpt
+import config
 import data
 import demo
 import generate
 import model as models
 import noise as noises
-import packing
-import step as steps
+import train
 
 WORKLOAD = dict(model="smollm2-135m", pairs=32, batch_size=8, epochs=2, lr=1e-6, max_length=256,
                 max_prompt_length=128, max_new_tokens=48, gen_batch_size=16, rounds=3, pairs_file=None, cache_dir=None)
@@ -114,83 +114,67 @@ NULL_TIMER = Timer(enabled=False)
 
 
 class OurRun:
-    """train.train's optimizer step on fresh copies of the workload's model: policy in fp32, reference in the
-    compute dtype, RMSprop (one optimizer, the generator as a second group), clipping at 1.0, the epoch
-    order of checkpoint.py; precompute=False/group=False are `--no-precompute-ref/--no-group-by-length`."""
+    """train.py's own training on fresh model copies: train.setup (noise network, reference cache, optimizer and
+    schedule) and train.optimizer_step, under train.py's flags for this workload (run_args): RMSprop at the
+    workload's lr without warmup, clipping 1.0, iteration 0's seeds and data order whatever the noise kind (so
+    SPIN and DNPO variants see the same micro-batches); precompute=False / group=False / pack=False are
+    `--no-precompute-ref / --no-group-by-length / --no-pack-pairs`. precompute_s: the seconds of train.setup
+    (the reference cache, the rest is negligible)."""
 
     def __init__(self, w, noise="none", precompute=True, group=True, dtype="fp32", compile_policy=False, seed=0,
                  policy=None, pack=True, diagnostics=True):
-        self.w, self.group, self.seed, self.diagnostics = w, group, seed, diagnostics
-        self.pack = pack and precompute  # --pack-pairs needs --precompute-ref, as in train.py
-        compute = models.pick_dtype(w.device, dtype)
-        self.autocast = torch.autocast(w.device.type, dtype=compute, enabled=compute != torch.float32)
-        self.policy = (policy if policy is not None else copy.deepcopy(w.model)).train()
-        self.reference = copy.deepcopy(w.model).to(compute).eval().requires_grad_(False)
-        self.objective = steps.Objective(noise=noise, beta=0.1, alpha=noises.DEFAULT_ALPHA, loss_type="sigmoid",
-                                         noise_sigma=noises.DEFAULT_SIGMA, chunk_size=256)
-        torch.manual_seed(seed)
-        cfg = self.policy.config
-        self.noise_net = noises.make_noise(noise, cfg.hidden_size, cfg.vocab_size)
-        self.noise_net = self.noise_net.to(w.device) if self.noise_net is not None else None
-        groups = [dict(params=list(self.policy.parameters()), lr=w.spec["lr"])]
-        if self.noise_net is not None and list(self.noise_net.parameters()):
-            groups.append(dict(params=list(self.noise_net.parameters()), lr=1e-3))
-        self.optimizer = torch.optim.RMSprop(groups, lr=w.spec["lr"])
-        self.noise_rng = torch.Generator(device=w.device).manual_seed(seed)
-        self.cache, self.precompute_s = None, 0.0
-        self.module = steps.PolicyLogps(self.policy, 256) if precompute else self.policy
-        if precompute:  # as train.py: the policy before its first update computes the reference's numbers
-            t0 = time.perf_counter()
-            self.cache = steps.ReferenceCache.build(self.module, w.examples, w.tokenizer.pad_token_id, w.device,
-                                                    w.spec["batch_size"], noise != "none", self.autocast,
-                                                    progress=False, pack=self.pack, reference=self.reference)
-            if not self.cache.needs_reference:
-                steps.release(self.reference)
-            self.precompute_s = time.perf_counter() - t0
+        self.w, self.steps_taken = w, 0
+        self.args = run_args(w, noise=noise, precompute=precompute, group=group, dtype=dtype, seed=seed, pack=pack)
+        policy = (policy if policy is not None else copy.deepcopy(w.model)).train()
+        reference = copy.deepcopy(w.model).to(models.pick_dtype(w.device, dtype)).eval().requires_grad_(False)
+        t0 = time.perf_counter()
+        self.loop = train.setup(self.args, policy, reference, w.examples, w.tokenizer.pad_token_id,
+                                pathlib.Path(tempfile.gettempdir()) / "dnpo-bench-run", w.device, progress=False)
+        self.precompute_s = time.perf_counter() - t0
+        self.loop.diagnostics = diagnostics
         if compile_policy:
-            self.module = torch.compile(self.module)
-        self.lengths = [packing.row_length(e, self.pack) for e in w.examples]  # as train.py
+            self.loop.model = torch.compile(self.loop.model)
+
+    policy = property(lambda self: self.loop.policy)
+    optimizer = property(lambda self: self.loop.optimizer)
+    cache = property(lambda self: self.loop.cache)
+    pack = property(lambda self: self.loop.pack)
+    noise_net = property(lambda self: self.loop.noise_net)
+    noise_rng = property(lambda self: self.loop.noise_rng)
+    objective = property(lambda self: self.loop.objective)
 
     def micro_batches(self, epoch):
         """The epoch's micro-batches as train.py builds them (one process)."""
-        order = ckpt.epoch_order(len(self.w.examples), self.seed, epoch)
-        if self.group:
-            order = ckpt.length_grouped_order(order, self.lengths, self.w.spec["batch_size"], self.seed, epoch)
-        return ckpt.rank_microbatches(order, 0, 1, self.w.spec["batch_size"])
+        return ckpt.rank_microbatches(self.loop.order(epoch), 0, 1, self.args.batch_size)
 
     def step(self, idx, timer=NULL_TIMER, policy_hook=None):
-        """One optimizer step on the pairs idx; returns the loss dict. policy_hook(logps) sees the policy's
-        (2B,) log-probs of the fast path; timer times collate, policy_forward, noise_forward, loss (the
-        rest of the forward), backward and optimizer."""
-        with timer("collate"):
-            batch = {k: v.to(self.w.device) for k, v in
-                     packing.collate(self.pack)([self.w.examples[i] for i in idx], self.w.tokenizer.pad_token_id).items()}
-        t0, before = time.perf_counter(), dict(timer.seconds)
-        if self.cache is not None:
-            def policy_logps(batch):
-                with timer("policy_forward"):
-                    out = self.module(batch)
-                if policy_hook is not None:
-                    policy_hook(out.detach())
-                return out
+        """train.optimizer_step on the pairs idx; returns the loss dict of its (one) micro-batch. policy_hook(logps)
+        sees the policy's (2B,) log-probs of the fast path; timer times collate, policy_forward, noise_forward,
+        loss (the rest of the forward: reference lookup, Eq. 9, bookkeeping), backward and optimizer."""
+        model, seen = self.loop.model, {}
+        before = dict(timer.seconds)
+
+        def policy_logps(batch):  # the fast path's policy, observed (step.cached_batch_loss calls it)
+            with timer("policy_forward"):
+                out = model(batch)
+            if policy_hook is not None:
+                policy_hook(out.detach())
+            return out
+        if self.loop.cache is not None:
+            self.loop.model = policy_logps
+        try:
             with _timed_noise(timer):
-                out = steps.cached_batch_loss(policy_logps, self.cache, idx, batch, self.noise_net, self.objective,
-                                              self.noise_rng, self.autocast, diagnostics=self.diagnostics)
-        else:
-            out = steps.batch_loss(self.module, self.reference, self.noise_net, batch, self.objective, self.noise_rng,
-                                  self.autocast)
-        if timer.enabled:  # the forward's time outside the timed parts: reference lookup, Eq. 9, bookkeeping
-            inner = sum(timer.seconds.get(k, 0.0) - before.get(k, 0.0) for k in timer.seconds)
-            timer.seconds["loss"] = timer.seconds.get("loss", 0.0) + time.perf_counter() - t0 - inner
-        with timer("backward"):
-            out["loss"].backward()
-        with timer("optimizer"):
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
-            if self.noise_net is not None and list(self.noise_net.parameters()):
-                torch.nn.utils.clip_grad_norm_(self.noise_net.parameters(), 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return out
+                train.optimizer_step(self.loop, self.steps_taken, [idx], timer=timer if timer.enabled else None,
+                                     on_micro_batch=lambda out: seen.update(out=out))
+        finally:
+            self.loop.model = model
+        self.steps_taken += 1
+        if timer.enabled:  # "forward" = policy_forward + noise_forward + loss
+            delta = {k: timer.seconds.get(k, 0.0) - before.get(k, 0.0) for k in timer.seconds}
+            forward = timer.seconds.pop("forward", 0.0) - before.get("forward", 0.0)
+            inner = delta.get("policy_forward", 0.0) + delta.get("noise_forward", 0.0)
+            timer.seconds["loss"] = timer.seconds.get("loss", 0.0) + forward - inner
+        return seen["out"]
 
     def epoch(self, epoch=0):
         """Seconds of one epoch's optimizer steps."""
@@ -198,6 +182,22 @@ class OurRun:
         for idx in self.micro_batches(epoch):
             self.step(idx)
         return time.perf_counter() - t0
+
+
+def run_args(w, noise="none", precompute=True, group=True, dtype="fp32", seed=0, pack=True):
+    """train.py's flags for OurRun on workload w (config.parse_args), with iteration 0's seeds and data order
+    for every noise kind (parsed as --iter 1, where --noise is honoured, then iter set to 0)."""
+    s = w.spec
+    flags = ["--iter", "1", "--preset", "demo", "--max-prompts", str(len(w.examples)), "--epochs", str(s["epochs"]),
+             "--batch-size", str(s["batch_size"]), "--optimizer", "rmsprop", "--lr", str(s["lr"]), "--warmup-ratio",
+             "0", "--max-grad-norm", "1.0", "--noise-lr", "1e-3", "--max-length", str(s["max_length"]),
+             "--max-prompt-length", str(s["max_prompt_length"]), "--device", w.device.type, "--dtype", dtype,
+             "--seed", str(seed), "--noise", noise, "--no-dsl",
+             "--precompute-ref" if precompute else "--no-precompute-ref",
+             "--group-by-length" if group else "--no-group-by-length", "--pack-pairs" if pack else "--no-pack-pairs"]
+    args = config.parse_args(flags)
+    args.iter, args.dist = 0, "auto"
+    return args
 
 
 @contextlib.contextmanager

@@ -108,14 +108,17 @@ def test_start_model_with_non_finite_weights_is_refused(tiny_model_dir, tmp_path
     assert not (tmp_path / "run" / "iter1" / "generated.jsonl").exists()
 
 
-def test_all_finite_is_a_max_norm():
-    """NaN and ±inf anywhere fail; huge finite weights (whose 2-norm overflows float32) pass."""
-    ok = [torch.full((1000,), 3e38), torch.zeros(3, dtype=torch.bfloat16), torch.ones(2, dtype=torch.float64)]
-    assert distributed.all_finite(ok)
+def test_all_finite_is_exact():
+    """NaN and ±inf anywhere fail, in any dtype, also beside huge finite weights whose 2-norm overflows float32
+    (the fast test's inf, decided by the exact max-|x|); those huge finite weights alone pass."""
+    small = [torch.zeros(3, dtype=torch.bfloat16), torch.ones(2, dtype=torch.float64), torch.randn(7, 5)]
+    huge = [torch.full((1000,), 3e38)]
+    assert distributed.all_finite(small) and distributed.all_finite(small + huge)
     for bad in (float("nan"), float("inf"), -float("inf")):
-        t = torch.ones(5, dtype=torch.bfloat16)
-        t[3] = bad
-        assert not distributed.all_finite([*ok, t])
+        for dtype in (torch.float32, torch.bfloat16):
+            t = torch.ones(5, dtype=dtype)
+            t[3] = bad
+            assert not distributed.all_finite([*small, t]) and not distributed.all_finite([*huge, t])
     assert distributed.all_finite([]) and distributed.all_finite([torch.zeros(0)])
     opt_state = {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4)}, 1: {"momentum_buffer": None}}
     assert len(list(distributed.state_tensors(opt_state))) == 2
