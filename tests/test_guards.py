@@ -60,7 +60,7 @@ def holder(directory):
 # ----------------------------------------------------------------------------- 1. one writer per run directory
 def test_second_train_on_a_run_dir_in_use_is_refused_and_the_first_finishes(tmp_path, tiny_model_dir):
     """train.py A holds the run directory (waiting on its judge); train.py B on the same directory stops in
-    one line naming A's pid and host and touches nothing; A then finishes with steps 1..6 once each."""
+    one line naming A's pid, host and command and touches nothing; A then finishes with steps 1..6 once each."""
     server = FakeChat()
     server.gate = threading.Event()
     run_dir = tmp_path / "run"
@@ -73,7 +73,9 @@ def test_second_train_on_a_run_dir_in_use_is_refused_and_the_first_finishes(tmp_
         assert first.poll() is None, first.communicate()[1][-3000:]
         before = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*"))
         second = cli("train.py", *flags)
-        one_line_failure(second, f"{run_dir} is in use by pid {first.pid} on {os.uname().nodename}")
+        last = one_line_failure(second, f"{run_dir} is in use by pid {first.pid} on {os.uname().nodename} running "
+                                        f"train.py (lock {run_dir / '.lock'})")
+        assert last.startswith(f"train.py: {run_dir} is in use"), last  # runlock's Refusal, train.py's one prefix
         assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")) == before
         server.gate.set()
         out, err = first.communicate(timeout=180)
@@ -104,7 +106,8 @@ def test_second_study_on_one_out_is_refused(tmp_path, script):
     out = tmp_path / "out"
     proc = holder(out)
     try:
-        one_line_failure(cli(script, "--out", out), f"{script}: {out} is in use by pid {proc.pid}")
+        last = one_line_failure(cli(script, "--out", out), f"{out} is in use by pid {proc.pid} on ")
+        assert last.startswith(f"{script}: {out} is in use by pid {proc.pid} on ") and "running holder" in last, last
     finally:
         proc.kill()
         proc.wait()
