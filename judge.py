@@ -1,6 +1,6 @@
 """Judges for Dynamic Sample Labeling: score the human and the generated answer of every record.
 
-    python judge.py --in generated.jsonl --out judged.jsonl --judge rule|openai|hf
+    python judge.py --in generated.jsonl --out judged.jsonl --judge rule|openai|hf|rm
                     [--judge-model M] [--judge-base-url URL] [--judge-scale 10|100] [--judge-mode single|pairwise]
                     [--concurrency C] [--cache FILE] [--judge-max-missing F]
     python judge.py --flip-report runs/demo          # DSL flip rate per iteration
@@ -15,6 +15,8 @@ The judges (higher is better; judge_base.py holds their interface, templates and
   1..100 (`scale`), or comparing both answers in both orders (`mode="pairwise"`); cached on disk; retried;
   the key comes from an environment variable only.
 * `hf` (judge_hf.py): a local causal LM's expected rating on 1..10 or 1..100 from its next-token probabilities.
+* `rm` (judge_rm.py): a sequence-classification reward model's scalar for (prompt, answer), a real number on the
+  model's own scale (DSL's tie rule is then an exact float equality); cached like the HTTP judge's.
 Every judge scores an empty answer 1 without asking (judge_base.py, departure "Empty answers").
 
 `judge_records` appends finished rows to `<out>.partial` and, for the HTTP judge, every score to a
@@ -54,6 +56,7 @@ from data import (answer_problem, append_jsonl, dsl_stats, iterations, open_appe
 from errors import one_line
 from judge_base import DEFAULT_SCALE, MODES, SCALES, Judge, JudgeFatalError
 from judge_hf import HFJudge
+from judge_rm import RewardModelJudge
 from judge_http import MAX_RETRY_WAIT, OpenAIJudge
 
 RULE_CORRECT, RULE_WRONG = 10.0, 1.0
@@ -89,10 +92,10 @@ class RuleJudge(Judge):
 
 def make_judge(kind, *, model=None, base_url=None, cache_path=None, concurrency=8, api_key_env="OPENAI_API_KEY",
                device=None, scale=DEFAULT_SCALE, mode="single", **options) -> Judge:
-    """rule | openai (model default gpt-4o-mini, base_url default OpenAI) | hf (model required). scale (10 or
+    """rule | openai (model default gpt-4o-mini, base_url default OpenAI) | hf | rm (model required). scale (10 or
     100) and mode (single | pairwise) are the LLM judges' (judge_base.py); pairwise needs the openai judge."""
-    if kind not in ("rule", "openai", "hf"):
-        raise ValueError(f"unknown judge {kind!r} (rule, openai or hf)")
+    if kind not in ("rule", "openai", "hf", "rm"):
+        raise ValueError(f"unknown judge {kind!r} (rule, openai, hf or rm)")
     if kind != "openai" and mode != "single":
         raise ValueError(f"--judge-mode {mode} needs --judge openai (the {kind} judge grades each answer alone)")
     if kind == "rule":
@@ -104,6 +107,13 @@ def make_judge(kind, *, model=None, base_url=None, cache_path=None, concurrency=
         return OpenAIJudge(model=model or "gpt-4o-mini", base_url=base_url or "https://api.openai.com/v1",
                            cache_path=cache_path, concurrency=concurrency, api_key_env=api_key_env, scale=scale,
                            mode=mode, **options)
+    if kind == "rm":
+        if not model:
+            raise ValueError("--judge rm needs --judge-model (a reward model's directory or Hugging Face id)")
+        if scale != DEFAULT_SCALE:
+            raise ValueError(f"the rm judge's scores are the reward model's own real numbers, not a {scale}-point "
+                             f"scale (drop --judge-scale)")
+        return RewardModelJudge(model, device=device, cache_path=cache_path, **options)
     if not model:
         raise ValueError("--judge hf needs --judge-model (a Hugging Face id, a directory or smollm2-135m)")
     return HFJudge(model, device=device, scale=scale, **options)
@@ -241,8 +251,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="judged.jsonl to write (atomic; <out>.partial while running)")
     p.add_argument("--flip-report", metavar="RUN_DIR", help="print the DSL flip rate of RUN_DIR/iter*/judged.jsonl and exit")
     # --- judge
-    p.add_argument("--judge", choices=("rule", "openai", "hf"), default="rule", help="which judge (default rule)")
-    p.add_argument("--judge-model", help="openai: model name (default gpt-4o-mini); hf: HF id, directory or smollm2-135m")
+    p.add_argument("--judge", choices=("rule", "openai", "hf", "rm"), default="rule", help="which judge (default rule)")
+    p.add_argument("--judge-model", help="openai: model name (default gpt-4o-mini); hf: HF id, directory or "
+                                         "smollm2-135m; rm: a reward model's directory or HF id")
     p.add_argument("--judge-base-url", help="openai: server base URL (default https://api.openai.com/v1)")
     p.add_argument("--judge-scale", type=int, choices=SCALES, default=DEFAULT_SCALE,
                    help="openai, hf: rate each answer on 1..10 (default) or 1..100 (most likely the paper's)")
@@ -250,7 +261,7 @@ def parse_args(argv=None):
                    help="openai: single (each answer rated alone, default) or pairwise (both answers, both orders)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (not needed for a local server)")
-    p.add_argument("--cache", help="openai: score cache JSONL (default <out>.cache.jsonl; 'off' = no cache)")
+    p.add_argument("--cache", help="openai, rm: score cache JSONL (default <out>.cache.jsonl; 'off' = no cache)")
     p.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at once")
     p.add_argument("--timeout", type=float, default=60.0, help="openai: deadline in seconds per request (connect + reply)")
     p.add_argument("--max-retries", type=int, default=6, help="openai: retries per answer on 429/5xx/timeouts (0 = none)")
@@ -259,8 +270,8 @@ def parse_args(argv=None):
                    help=f"openai: seconds of backoff in all per answer before the run stops (default {MAX_RETRY_WAIT:g})")
     p.add_argument("--judge-max-missing", "--max-missing", dest="max_missing", type=float, default=MAX_MISSING,
                    help="stop when more than this fraction of scores is missing (default 0.2; 1 = never)")
-    p.add_argument("--device", help="hf: torch device (default cuda if available)")
-    p.add_argument("--batch-size", type=int, default=8, help="hf: answers per forward pass")
+    p.add_argument("--device", help="hf, rm: torch device (default cuda if available)")
+    p.add_argument("--batch-size", type=int, default=8, help="hf, rm: answers per forward pass")
     args = p.parse_args(argv)
     if not args.flip_report and not (args.inp and args.out):
         p.error("--in and --out are required (or --flip-report RUN_DIR)")
@@ -281,7 +292,7 @@ def main(argv=None) -> None:
         if args.judge == "openai":
             options = dict(timeout=args.timeout, max_retries=args.max_retries, max_tokens=args.max_tokens,
                            max_retry_wait=args.max_retry_wait)
-        elif args.judge == "hf":
+        elif args.judge in ("hf", "rm"):
             options = dict(batch_size=args.batch_size)
         cache = None if args.cache in (None, "off") else args.cache
         judge = make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url, cache_path=cache,
