@@ -17,7 +17,8 @@ The judges (higher is better; judge_base.py holds their interface, templates and
 * `hf` (judge_hf.py): a local causal LM's expected rating on 1..10 or 1..100 from its next-token probabilities.
 * `rm` (judge_rm.py): a sequence-classification reward model's scalar for (prompt, answer), a real number on the
   model's own scale (DSL's tie rule is then an exact float equality); cached like the HTTP judge's.
-Every judge scores an empty answer 1 without asking (judge_base.py, departure "Empty answers").
+Every judge but rm scores an empty answer 1 without asking (judge_base.py, departure "Empty answers"; a reward
+scale has no bottom, so the reward model scores it).
 
 `judge_records` appends finished rows to `<out>.partial` and, for the HTTP judge, every score to a
 cache (`<out>.cache.jsonl` unless one was given), so a killed run resumes without repeating work;
