@@ -104,6 +104,9 @@ def build_parser(preset="demo", training=None):
     flag(g, "--device", help="cpu | cuda | cuda:N (default: cuda if available, else cpu)")
     flag(g, "--dtype", choices=["bf16", "fp32"], trains=True,
          help="compute dtype (default %(default)s: None = bf16 on CUDA, fp32 on CPU)")
+    flag(g, "--fp32-head", action=argparse.BooleanOptionalAction, default=True, trains=True,
+         help="under bf16: lm_head and the log-softmax in fp32 from the bf16 body's states (loss.py departure 7; "
+              "--no-fp32-head: all bf16; default %(default)s)")
     g = p.add_argument_group("data")
     flag(g, "--data", help="training prompts: 'demo' or a jsonl/parquet file (plain, UltraChat, SPIN; "
                            "default %(default)s)")
@@ -128,7 +131,7 @@ def build_parser(preset="demo", training=None):
     flag(g, "--gen-batch-size", type=POSITIVE_INT, help="prompts per generation batch (default %(default)s)")
     flag(g, "--gen-backend", choices=["hf", "vllm"], default="hf", help="generation backend (default %(default)s)")
     g = p.add_argument_group("DSL and judge")
-    flag(g, "--judge", choices=["rule", "openai", "hf"], help="judge (default %(default)s)")
+    flag(g, "--judge", choices=["rule", "openai", "hf", "rm"], help="judge (default %(default)s)")
     flag(g, "--judge-model", help="judge model name (openai: gpt-4o-mini; hf: hub id or dir; default %(default)s)")
     flag(g, "--judge-base-url", help="OpenAI-compatible server URL (default api.openai.com)")
     flag(g, "--judge-concurrency", type=POSITIVE_INT, default=8, help="parallel judge requests (default %(default)s)")

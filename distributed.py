@@ -97,7 +97,7 @@ def prepare(policy, args, device):
     """The module the training step calls: step.PolicyLogps (or the CausalLM itself with
     --no-precompute-ref), sharded in place for --dist fsdp. Call it before building the optimizer:
     fully_shard replaces the parameters by DTensor shards."""
-    module = steps.PolicyLogps(policy, args.noise_chunk_size) if args.precompute_ref else policy
+    module = steps.PolicyLogps(policy, args.noise_chunk_size, args.fp32_head) if args.precompute_ref else policy
     if args.dist == "fsdp":
         shard(module, policy, device, models.pick_dtype(device, args.dtype))
     return module

@@ -21,13 +21,21 @@ Departures from, and gaps filled in, the paper:
    `loss` is the model term itself (nothing added), so `--noise none` reproduces SPIN bit for bit.
 5. `sequence_logps` upcasts to at least float32 before the logsumexp; for bf16 logits this upcast is one
    (B, T, V) float32 copy that autograd keeps; no log-softmax tensor is kept for the backward pass.
-   `chunked_sequence_logps` (what train.py uses) goes further: it takes the last hidden states and
-   applies lm_head to answer tokens only, chunk by chunk, recomputing each chunk in backward.
+   `chunked_answer_logps` (what train.py uses, through step.PolicyLogps; `chunked_sequence_logps` is its
+   padded-batch form, used by the tests) goes further: it takes the last hidden states and applies lm_head
+   to answer tokens only, chunk by chunk, recomputing each chunk in backward.
 6. Diagnostics (not in the paper): `margin_diagnostics` compares the clean and the noisy margin of each
    pair. Since m̃ − m does not depend on θ, ∇_θ ℓ(m̃) = −w(m̃)·∇_θ m with the DPO weight w = σ(−m), so the
    noise changes the policy's update only through the per-pair weights; an optimizer that normalises
    the gradient's scale (Adam, RMSprop) removes a common factor, and what is left is how the weights'
    *shares* move: weight_shift = ½ Σ_i |w̃_i/Σw̃ − w_i/Σw| (0: same direction, 1: disjoint pairs).
+7. Precision (the paper trains in bf16 and says no more): under bf16 (`--dtype bf16`, CUDA autocast, FSDP's
+   mixed precision) the transformer body computes in bf16 but `chunked_answer_logps` runs lm_head and the
+   log-softmax in float32 from the body's states (`fp32_head`, `--fp32-head`, on by default): bf16 logits
+   of magnitude ~20 come in steps of 0.125, ~0.03–0.06 nats per token summed over the answer, inside a
+   margin scaled by β. Under FSDP's bf16 mixed precision the head's weight arrives in bf16 (the policy's
+   param dtype) and is upcast; the matmul and log-softmax are float32. `--no-fp32-head` is the all-bf16
+   path (TRL's DPOTrainer under bf16), kept to measure the difference (`python -m bench --only cpu_bf16`).
 """
 import torch
 import torch.nn.functional as F
@@ -84,11 +92,18 @@ def chunked_sequence_logps(hidden, weight, labels, bias=None, chunk_size=256):
     return chunked_answer_logps(h, targets, rows, hidden.shape[0], weight, bias, chunk_size)
 
 
-def chunked_answer_logps(states, targets, seq_ids, num_seqs, weight, bias=None, chunk_size=256):
+def chunked_answer_logps(states, targets, seq_ids, num_seqs, weight, bias=None, chunk_size=256, fp32_head=True):
     """Summed log-probs of answer tokens from the states that predict them: states (N, d), targets (N,),
     seq_ids (N,) in [0, num_seqs). lm_head runs chunk_size tokens at a time, each chunk under
     torch.utils.checkpoint, so at most one (chunk, V) block exists in forward and in backward (it is
-    recomputed). Returns (num_seqs,) in ≥ float32."""
+    recomputed). fp32_head: lm_head's matmul and the log-softmax in float32 whatever the autocast and the
+    states' dtype (a bf16 body's states are upcast; gradients flow back in their dtype): bf16 logits of
+    magnitude ~20 are rounded to steps of 0.125 (departure 7). Returns (num_seqs,) in ≥ float32."""
+    dtype = torch.promote_types(torch.promote_types(states.dtype, weight.dtype), torch.float32)  # ≥ float32
+    if fp32_head and (states.dtype != dtype or weight.dtype != dtype or torch.is_autocast_enabled(states.device.type)):
+        with torch.autocast(states.device.type, enabled=False):
+            return chunked_answer_logps(states.to(dtype), targets, seq_ids, num_seqs, weight.to(dtype),
+                                        bias.to(dtype) if bias is not None else None, chunk_size, fp32_head=False)
     grad = torch.is_grad_enabled() and (states.requires_grad or weight.requires_grad)
     parts = [checkpoint(_chunk_token_logps, states[i:i + chunk_size], weight, bias, targets[i:i + chunk_size],
                         use_reentrant=False) if grad else

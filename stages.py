@@ -33,7 +33,8 @@ RECORD = "stages.json"
 ORDER = ("generate", "judge", "label", "train")
 # Flags added after runs were recorded, with the value such a run had: a record or checkpoint without the key
 # compares as this value, so `--no-pack-pairs` resumes or reuses what the code before --pack-pairs made.
-LEGACY = {"pack_pairs": False, "noise_init_variance": 0.01}
+LEGACY = {"pack_pairs": False, "noise_init_variance": 0.01,
+          "fp32_head": True}  # bf16 was opt-in on CPU and no GPU ran the code before --fp32-head: fp32 runs, unchanged
 
 
 def with_legacy(recorded, keys):

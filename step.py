@@ -94,14 +94,14 @@ class PolicyLogps(nn.Module):
     log-probs (2B,), chosen rows first; with rejected_states=True also (states, targets, seq_ids) of the
     rejected answers' tokens (what ReferenceCache keeps for the noise)."""
 
-    def __init__(self, model, chunk_size=256):
+    def __init__(self, model, chunk_size=256, fp32_head=True):
         super().__init__()
-        self.model, self.chunk_size = model, chunk_size
+        self.model, self.chunk_size, self.fp32_head = model, chunk_size, fp32_head
 
     def forward(self, batch, rejected_states=False):
         weight, bias = _head(self.model)
         states, targets, seq_ids, num = _answer_states(self.model, batch)
-        logps = chunked_answer_logps(states, targets, seq_ids, num, weight, bias, self.chunk_size)
+        logps = chunked_answer_logps(states, targets, seq_ids, num, weight, bias, self.chunk_size, self.fp32_head)
         return (logps, *_rejected(states, targets, seq_ids, num)) if rejected_states else logps
 
 

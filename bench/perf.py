@@ -309,30 +309,44 @@ def bench_flop_utilization(device, spec=None, mm_size=2048):
 
 # ----------------------------------------------------------------------------- generation
 def bench_generation(device, spec=None, prompts=32, batch=16, new_tokens=32):
+    """Batch `batch` (ended rows evicted, generate.py's default) over one prompt at a time; also batch `batch` through
+    one model.generate call per batch (evict_finished=False, ended rows kept: the old path), printed beside it
+    with the share of decode row-steps each spends on rows that have already ended."""
     w = workload(device, spec)
     records = demo.demo_records("train", n=prompts)
+    runs = {"generate": (batch, False), "evict": (batch, True), "single": (1, True)}
     stats, answers = {}, {}
     with tempfile.TemporaryDirectory() as d:
-        for bs in (batch, 1):
-            stats[bs] = {}
-            rows = generate.generate_answers(w.model, w.tokenizer, records, f"{d}/b{bs}.jsonl", max_new_tokens=new_tokens,
-                                             batch_size=bs, stats=stats[bs])
-            answers[bs] = [r["generated"] for r in rows]
-    same = sum(a == b for a, b in zip(answers[batch], answers[1])) / prompts
+        for name, (bs, evict) in runs.items():
+            stats[name] = {}
+            rows = generate.generate_answers(w.model, w.tokenizer, records, f"{d}/{name}.jsonl", max_new_tokens=new_tokens,
+                                             batch_size=bs, stats=stats[name], evict_finished=evict)
+            answers[name] = [r["generated"] for r in rows]
+    same = {name: sum(a == b for a, b in zip(answers[name], answers["single"])) / prompts for name in ("evict", "generate")}
+    same_old_new = sum(a == b for a, b in zip(answers["evict"], answers["generate"])) / prompts
     print(f"generation | {device.type} | {w.spec['model']} | {prompts} prompts, ≤ {new_tokens} new tokens, greedy")
-    for bs in (batch, 1):
-        s = stats[bs]
-        print(f"  batch {bs:3d}: {s['new_tokens']:5d} tokens in {s['seconds']:6.1f} s = {s['tokens_per_s']:7.1f} tokens/s")
-    print(f"  identical answers batched vs one at a time: {same:.2f}")
-    return {f"tokens_per_s_batch{batch}_over_batch1": stats[batch]["tokens_per_s"] / stats[1]["tokens_per_s"],
-            "identical_answer_fraction": same}
+    for name, label in (("evict", f"batch {batch:3d}, ended rows evicted"), ("generate", f"batch {batch:3d}, model.generate"),
+                        ("single", "batch   1")):
+        s = stats[name]
+        wasted = s["finished_row_steps"] / max(s["decode_row_steps"], 1)
+        print(f"  {label:34s}: {s['new_tokens']:5d} tokens in {s['seconds']:6.1f} s = {s['tokens_per_s']:7.1f} tokens/s "
+              f"(/ batch 1: {s['tokens_per_s'] / stats['single']['tokens_per_s']:.2f}); decode row-steps "
+              f"{s['decode_row_steps']}, {wasted:.3f} of them on ended rows")
+    saved = stats["generate"]["decode_row_steps"] - stats["evict"]["decode_row_steps"]
+    print(f"  evicted / model.generate at batch {batch}: {stats['evict']['tokens_per_s'] / stats['generate']['tokens_per_s']:.2f}x "
+          f"tokens/s, {saved} decode row-steps saved ({saved / max(stats['generate']['decode_row_steps'], 1):.3f})")
+    print(f"  identical answers batched vs one at a time: {same['evict']:.2f} (model.generate: {same['generate']:.2f}); "
+          f"evicted vs model.generate: {same_old_new:.2f}")
+    return {f"tokens_per_s_batch{batch}_over_batch1": stats["evict"]["tokens_per_s"] / stats["single"]["tokens_per_s"],
+            "identical_answer_fraction": same["evict"]}
 
 
 # ----------------------------------------------------------------------------- cpu_bf16
-def lockstep_agreement(w, steps=3, dtype="bf16"):
+def lockstep_agreement(w, steps=3, dtype="bf16", fp32_head=True):
     """Max abs differences between fp32 and `dtype` runs from the same weights over the same micro-batches:
-    reference log-probs (the cache), policy summed log-probs, margins and loss of each step."""
-    runs = {d: OurRun(w, dtype=d) for d in ("fp32", dtype)}
+    reference log-probs (the cache), policy summed log-probs, margins and loss of each step. fp32_head: the
+    `dtype` run's lm_head and log-softmax in fp32 (--fp32-head, the default) or in `dtype` (--no-fp32-head)."""
+    runs = {"fp32": OurRun(w, dtype="fp32"), dtype: OurRun(w, dtype=dtype, fp32_head=fp32_head)}
     diff = dict(reference_logps=(runs["fp32"].cache.logps - runs[dtype].cache.logps).abs().max().item(),
                 policy_logps=0.0, margin=0.0, loss=0.0)
     scale = runs["fp32"].cache.logps.abs().mean().item()
@@ -370,17 +384,26 @@ def compile_timing(w):
 
 
 def bench_cpu_bf16(device, spec=None, agree_steps=3, compile=True):
+    """`--dtype bf16` (bf16 body, fp32 lm_head and log-softmax: loss.py departure 7) against fp32, and the old
+    all-bf16 mode (`--no-fp32-head`) beside it: step time (interleaved epochs) and lockstep agreement. The keys
+    without a prefix are those of the mode `--dtype bf16` means; `allbf16_` the old mode's."""
     w = workload(device, spec)
-    t = _interleaved_epochs(w, {"fp32": dict(dtype="fp32"), "bf16": dict(dtype="bf16")})
-    diff, scale = lockstep_agreement(w, agree_steps)
+    t = _interleaved_epochs(w, {"fp32": dict(dtype="fp32"), "bf16": dict(dtype="bf16"),
+                                "allbf16": dict(dtype="bf16", fp32_head=False)})
     print(f"cpu_bf16 | {device.type} | {w.spec['model']} | fast-path SPIN step: fp32 {t['fp32'][0] * 1e3:.0f} ms, bf16 "
-          f"autocast {t['bf16'][0] * 1e3:.0f} ms | precompute fp32 {t['fp32'][1]:.2f} s, bf16 {t['bf16'][1]:.2f} s")
-    print(f"  bf16 vs fp32 over {agree_steps} lockstep steps, max |Δ|: reference log-probs {diff['reference_logps']:.4f}, "
-          f"policy log-probs {diff['policy_logps']:.4f} (mean |log-prob| {scale:.1f}), margins {diff['margin']:.5f}, "
-          f"loss {diff['loss']:.6f}")
+          f"body + fp32 head {t['bf16'][0] * 1e3:.0f} ms, all bf16 {t['allbf16'][0] * 1e3:.0f} ms | precompute fp32 "
+          f"{t['fp32'][1]:.2f} s, bf16 {t['bf16'][1]:.2f} s, all bf16 {t['allbf16'][1]:.2f} s")
     out = {"time_ratio_bf16_over_fp32": t["bf16"][0] / t["fp32"][0],
-           **{f"max_abs_diff_{k}": v for k, v in diff.items()},
-           "max_rel_diff_reference_logps": diff["reference_logps"] / max(scale, 1e-12)}
+           "time_ratio_allbf16_over_fp32": t["allbf16"][0] / t["fp32"][0]}
+    for prefix, fp32_head in (("", True), ("allbf16_", False)):
+        diff, scale = lockstep_agreement(w, agree_steps, fp32_head=fp32_head)
+        print(f"  {'bf16 body + fp32 head' if fp32_head else 'all bf16'} vs fp32 over {agree_steps} lockstep steps, "
+              f"max |Δ|: reference log-probs {diff['reference_logps']:.4f}, policy log-probs {diff['policy_logps']:.4f} "
+              f"(mean |log-prob| {scale:.1f}; {diff['reference_logps'] / max(scale, 1e-12):.2%} / "
+              f"{diff['policy_logps'] / max(scale, 1e-12):.2%}), margins {diff['margin']:.5f}, loss {diff['loss']:.6f}")
+        out.update({f"{prefix}max_abs_diff_{k}": v for k, v in diff.items()})
+        out[f"{prefix}max_rel_diff_reference_logps"] = diff["reference_logps"] / max(scale, 1e-12)
+        out[f"{prefix}max_rel_diff_policy_logps"] = diff["policy_logps"] / max(scale, 1e-12)
     if compile:
         result = compile_timing(w)
         if isinstance(result, str):

@@ -118,13 +118,14 @@ class OurRun:
     schedule) and train.optimizer_step, under train.py's flags for this workload (run_args): RMSprop at the
     workload's lr without warmup, clipping 1.0, iteration 0's seeds and data order whatever the noise kind (so
     SPIN and DNPO variants see the same micro-batches); precompute=False / group=False / pack=False are
-    `--no-precompute-ref / --no-group-by-length / --no-pack-pairs`. precompute_s: the seconds of train.setup
+    `--no-precompute-ref / --no-group-by-length / --no-pack-pairs`, fp32_head=False `--no-fp32-head`. precompute_s: the seconds of train.setup
     (the reference cache, the rest is negligible)."""
 
     def __init__(self, w, noise="none", precompute=True, group=True, dtype="fp32", compile_policy=False, seed=0,
-                 policy=None, pack=True, diagnostics=True):
+                 policy=None, pack=True, diagnostics=True, fp32_head=True):
         self.w, self.steps_taken = w, 0
-        self.args = run_args(w, noise=noise, precompute=precompute, group=group, dtype=dtype, seed=seed, pack=pack)
+        self.args = run_args(w, noise=noise, precompute=precompute, group=group, dtype=dtype, seed=seed, pack=pack,
+                             fp32_head=fp32_head)
         policy = (policy if policy is not None else copy.deepcopy(w.model)).train()
         reference = copy.deepcopy(w.model).to(models.pick_dtype(w.device, dtype)).eval().requires_grad_(False)
         t0 = time.perf_counter()
@@ -184,7 +185,7 @@ class OurRun:
         return time.perf_counter() - t0
 
 
-def run_args(w, noise="none", precompute=True, group=True, dtype="fp32", seed=0, pack=True):
+def run_args(w, noise="none", precompute=True, group=True, dtype="fp32", seed=0, pack=True, fp32_head=True):
     """train.py's flags for OurRun on workload w (config.parse_args), with iteration 0's seeds and data order
     for every noise kind (parsed as --iter 1, where --noise is honoured, then iter set to 0)."""
     s = w.spec
@@ -194,7 +195,8 @@ def run_args(w, noise="none", precompute=True, group=True, dtype="fp32", seed=0,
              "--max-prompt-length", str(s["max_prompt_length"]), "--device", w.device.type, "--dtype", dtype,
              "--seed", str(seed), "--noise", noise, "--no-dsl",
              "--precompute-ref" if precompute else "--no-precompute-ref",
-             "--group-by-length" if group else "--no-group-by-length", "--pack-pairs" if pack else "--no-pack-pairs"]
+             "--group-by-length" if group else "--no-group-by-length", "--pack-pairs" if pack else "--no-pack-pairs",
+             "--fp32-head" if fp32_head else "--no-fp32-head"]
     args = config.parse_args(flags)
     args.iter, args.dist = 0, "auto"
     return args

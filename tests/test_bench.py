@@ -79,8 +79,9 @@ def test_our_run_is_train_steps_first_step(w, tmp_path, fast):
 def test_lockstep_agreement_is_exact_for_the_same_dtype_and_not_for_bf16(w):
     same, _ = perf.lockstep_agreement(w, steps=2, dtype="fp32")
     assert same == dict(reference_logps=0.0, policy_logps=0.0, margin=0.0, loss=0.0)
-    bf16, scale = perf.lockstep_agreement(w, steps=2, dtype="bf16")
-    assert bf16["policy_logps"] > 0 and bf16["reference_logps"] > 0 and scale > 0
+    for fp32_head in (True, False):
+        bf16, scale = perf.lockstep_agreement(w, steps=2, dtype="bf16", fp32_head=fp32_head)
+        assert bf16["policy_logps"] > 0 and bf16["reference_logps"] > 0 and scale > 0
 
 
 def test_profile_parts_add_up(w):
@@ -115,8 +116,10 @@ def test_benchmarks_return_their_keys(w):
     gen = perf.bench_generation(CPU, w.spec, prompts=4, batch=2, new_tokens=3)
     assert set(gen) == {"tokens_per_s_batch2_over_batch1", "identical_answer_fraction"}
     bf16 = perf.bench_cpu_bf16(CPU, w.spec, agree_steps=1, compile=False)
-    assert set(bf16) == {"time_ratio_bf16_over_fp32", "max_abs_diff_reference_logps", "max_abs_diff_policy_logps",
-                         "max_abs_diff_margin", "max_abs_diff_loss", "max_rel_diff_reference_logps"}
+    agreement = {"max_abs_diff_reference_logps", "max_abs_diff_policy_logps", "max_abs_diff_margin",
+                 "max_abs_diff_loss", "max_rel_diff_reference_logps", "max_rel_diff_policy_logps"}
+    assert set(bf16) == {"time_ratio_bf16_over_fp32", "time_ratio_allbf16_over_fp32", *agreement,
+                         *(f"allbf16_{k}" for k in agreement)}
 
 
 def test_compile_failure_is_reported_in_one_line(w, monkeypatch):
