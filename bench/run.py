@@ -41,7 +41,6 @@ Departures / choices:
    test_noise.py.
 """
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -53,7 +52,6 @@ import torch
 
 import errors
 from bench import perf, training
-from loss import dnpo_loss, sequence_logps, spin_loss
 from noise import NoiseGenerator, noisy_sequence_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: `python -m bench` runs there
@@ -182,41 +180,16 @@ def tiny_llama(device, vocab=32000, hidden=128, layers=2):
     return LlamaForCausalLM(config).to(device)
 
 
-def bench_dnpo_step(device, pairs=2, length=96, prompt=24, beta=0.1, alpha=1.0, repeats=2):
-    policy = tiny_llama(device)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    vocab, hidden = policy.config.vocab_size, policy.config.hidden_size
-    generator = NoiseGenerator(hidden, vocab).to(device)
-    g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab, (2 * pairs, length), generator=g).to(device)  # rows [0:B] chosen
-    labels = input_ids.clone()
-    labels[:, :prompt] = -100
-    policy_opt = torch.optim.RMSprop(policy.parameters(), lr=1e-7)  # the paper's optimizer
-    noise_opt = torch.optim.RMSprop(generator.parameters(), lr=1e-7)
-
-    def step(dnpo):
-        with torch.no_grad():
-            ref_out = reference(input_ids, output_hidden_states=dnpo)
-        ref_logps = sequence_logps(ref_out.logits, labels)  # (2B,)
-        policy_logps = sequence_logps(policy(input_ids).logits, labels)  # (2B,)
-        if dnpo:
-            rej_logits, rej_hidden, rej_labels = ref_out.logits[pairs:], ref_out.hidden_states[-1][pairs:], labels[pairs:]
-            noisy_model = noisy_sequence_logps(rej_logits, rej_hidden, rej_labels, generator, False)  # ε₁
-            noisy_noise, variance_mean = noisy_sequence_logps(rej_logits, rej_hidden, rej_labels, generator, True,
-                                                              return_variance=True)  # ε₂
-            loss = dnpo_loss(policy_logps[:pairs], policy_logps[pairs:], ref_logps[:pairs], noisy_model,
-                             noisy_noise, variance_mean, beta, alpha)["loss"]
-        else:
-            loss = spin_loss(policy_logps[:pairs], policy_logps[pairs:], ref_logps[:pairs], ref_logps[pairs:],
-                             beta)[0].mean()
-        loss.backward()
-        for opt in (policy_opt, noise_opt) if dnpo else (policy_opt,):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    spin_s, dnpo_s = interleaved_times([lambda: step(False), lambda: step(True)], device, repeats)
-    n_policy = sum(p.numel() for p in policy.parameters())
-    n_generator = sum(p.numel() for p in generator.parameters())
+def bench_dnpo_step(device, pairs=2, length=96, prompt=24, repeats=2):
+    """train.py's own optimizer step (training.OurRun: train.setup, train.optimizer_step) of DNPO against SPIN's on
+    the same random pairs of a random Llama whose LM head is large (V = 32000, d = 128)."""
+    w = training.SyntheticWorkload(tiny_llama(device), pairs=pairs, length=length, prompt=prompt, device=device)
+    spin, dnpo = training.OurRun(w, noise="none"), training.OurRun(w, noise="trainable")
+    idx = list(range(pairs))
+    spin_s, dnpo_s = interleaved_times([lambda: spin.step(idx), lambda: dnpo.step(idx)], device, repeats)
+    n_policy = sum(p.numel() for p in w.model.parameters())
+    n_generator = sum(p.numel() for p in dnpo.noise_net.parameters())
+    hidden, vocab = w.model.config.hidden_size, w.model.config.vocab_size
     print(f"dnpo_step | {device.type} | tiny Llama {n_policy / 1e6:.1f}M params (LM head "
           f"{hidden * vocab / 1e6:.1f}M), generator {n_generator / 1e6:.1f}M | {pairs} pairs × T {length}")
     print(f"  spin {spin_s * 1e3:8.1f} ms/step | dnpo {dnpo_s * 1e3:8.1f} ms/step")

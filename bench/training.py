@@ -91,6 +91,27 @@ def workload(device, spec=None):
     return _WORKLOADS[key]
 
 
+class SyntheticWorkload:
+    """Random token pairs for a given (random) model, in the form OurRun takes: `pairs` pairs of `length` tokens
+    whose first `prompt` are a prompt both answers share, the rest random answers (labels -100 on the prompt)."""
+
+    def __init__(self, model, pairs=2, length=96, prompt=24, device="cpu", seed=0):
+        g = torch.Generator().manual_seed(seed)
+        vocab = model.config.vocab_size
+        self.model, self.device = model, torch.device(device)
+        self.tokenizer = argparse.Namespace(pad_token_id=0)
+        self.spec = dict(epochs=1, batch_size=pairs, lr=1e-7, max_length=length, max_prompt_length=prompt)
+        self.examples = []
+        for _ in range(pairs):
+            prompt_ids = torch.randint(1, vocab, (prompt,), generator=g).tolist()
+            example = {}
+            for side in ("chosen", "rejected"):
+                answer = torch.randint(1, vocab, (length - prompt,), generator=g).tolist()
+                example[f"{side}_input_ids"] = prompt_ids + answer
+                example[f"{side}_labels"] = [-100] * prompt + answer
+            self.examples.append(example)
+
+
 # ----------------------------------------------------------------------------- our step, as train.py runs it
 class Timer:
     """Seconds per named section, summed over calls (the profile); NULL_TIMER times nothing."""

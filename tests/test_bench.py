@@ -196,3 +196,10 @@ def test_finite_check_bench_returns_its_ratios(w):
     out = perf.bench_finite_check(CPU, w.spec)
     assert set(out) == {"time_ratio_step_with_check_over_without", "checkpoint_state_check_over_step"}
     assert out["time_ratio_step_with_check_over_without"] >= 1 and out["checkpoint_state_check_over_step"] > 0
+
+
+def test_dnpo_step_bench_times_train_pys_own_step():
+    """bench dnpo_step runs train.optimizer_step (through OurRun) for SPIN and DNPO on synthetic pairs: its ratios."""
+    out = benches.bench_dnpo_step(CPU, pairs=2, length=16, prompt=4, repeats=1)
+    assert set(out) == {"time_ratio_dnpo_over_spin", "generator_params_over_policy_params"}
+    assert out["time_ratio_dnpo_over_spin"] > 0 and 0 < out["generator_params_over_policy_params"] < 1
