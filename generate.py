@@ -19,11 +19,28 @@ Where this departs from, or fills a gap in, the paper:
    (data.py, departure "Truncation": the assistant header stays): a huge prompt costs bounded memory. Training cuts
    a prompt only when prompt + answer exceed max_length, so a prompt of more than max_prompt_length
    tokens may be answered from its end yet trained on in full (or cut to the same end).
+5. Finished rows (an efficiency choice; the answers do not change): the hf backend decodes with its own loop over
+   the model and its KV cache (`_decode_evicting`), not `model.generate`. A row that has produced EOS leaves the
+   batch (its input, attention mask, positions and cache rows are dropped: `Cache.batch_select_indices`), so no
+   decode step is spent on an answer that has ended; `model.generate` kept every row until the batch's longest
+   answer ended (317 of the 992 decode row-steps, 32 %, in `python -m bench --only generation`). The answers are
+   `model.generate`'s: the same prefill and decode inputs (positions from the left-padded mask, no mask when
+   nothing is padded), the argmax of the fp32 logits, and for sampling the same warpers (temperature, top-k from
+   the model's generation_config or transformers' default 50, top-p) with the multinomial drawn over the whole
+   batch's (B, V) shape, ended rows included, so that a seed (departure 1) consumes the same random stream and
+   gives the answers `model.generate` gave. Tested token for token on the fixture model, greedy and sampled; on
+   SmolLM2-135M, 16 demo prompts at batch 16, 48 new tokens: 16 of 16 identical greedy and sampled. After an
+   eviction a row's logits come from a smaller batch, which BLAS may round differently in the last bits: the same
+   kind of difference as between a batch and one prompt at a time. A generation_config that asks for another
+   logits processor or stopping rule (a repetition penalty, min_new_tokens, bad words, stop strings, beams...) or
+   an encoder-decoder model keeps one `model.generate` call per batch, as does
+   `generate_answers(..., evict_finished=False)` (kept for comparison).
 """
 import argparse
 import functools
 import glob
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -84,30 +101,157 @@ def _dist():
 # --- backends ----------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _generate_hf(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed):
-    """Answers (and new-token counts) for one batch of tokenized prompts: left padding, KV cache."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, attention_mask = pad_rows(prompt_ids, pad, side="left")                 # (B, T)
-    width = input_ids.shape[1]
+# generation-config fields (with their neutral values) under which model.generate applies a logits processor or a
+# stopping rule that _decode_evicting does not: a model whose generation_config sets one keeps model.generate
+_OTHER_PROCESSORS = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                         encoder_no_repeat_ngram_size=0, bad_words_ids=None, sequence_bias=None, min_length=0,
+                         min_new_tokens=0, forced_bos_token_id=None, forced_eos_token_id=None, remove_invalid_values=False,
+                         exponential_decay_length_penalty=None, suppress_tokens=None, begin_suppress_tokens=None,
+                         guidance_scale=1.0, watermarking_config=None, renormalize_logits=False, max_time=None,
+                         stop_strings=None, num_beams=1, num_return_sequences=1, penalty_alpha=None,
+                         prompt_lookup_num_tokens=None, assistant_early_exit=None)
+_OTHER_WARPERS = dict(top_h=None, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)  # sampling only
+TOP_K_DEFAULT = 50  # transformers' global default when neither the call nor the model's generation_config sets top_k
+
+
+def _cache_kwarg(model):
+    """The forward's name for the KV cache (transformers 5.x: `cache`, earlier releases `past_key_values`), or None."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _evicting_fits(model, sampling):
+    """True when _decode_evicting computes what model.generate would: a decoder-only model whose forward takes
+    position ids and a cache, and a generation_config that asks for no other logits processor or stopping rule."""
+    params = inspect.signature(model.forward).parameters
+    if getattr(model.config, "is_encoder_decoder", False) or "position_ids" not in params or _cache_kwarg(model) is None:
+        return False
+    gc = model.generation_config
+    fields = {**_OTHER_PROCESSORS, **(_OTHER_WARPERS if sampling else {})}
+    return all(getattr(gc, k, None) in (None, neutral) for k, neutral in fields.items())
+
+
+def _warpers(model, temperature, top_p):
+    """model.generate's sampling warpers for these settings, in its order: temperature, top-k, top-p."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    top_k = model.generation_config.top_k
+    top_k = TOP_K_DEFAULT if top_k is None else top_k
+    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return warpers
+
+
+def _pick(logits, warpers, live, batch):
+    """The next token of each live row from its (live, V) logits: argmax (warpers None), or a multinomial draw
+    after the warpers, drawn over the whole batch's (batch, V) shape, ended rows included (a one-hot stand-in),
+    so that a seed consumes the random stream model.generate consumed while it kept ended rows."""
+    scores = logits.float()                                                 # as generate: processors in fp32
+    if warpers is None:
+        return scores.argmax(-1)
+    for warper in warpers:
+        scores = warper(None, scores)
+    probs = torch.softmax(scores, dim=-1)                                   # (live, V)
+    if len(live) == batch:
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    rows = torch.tensor(live, device=probs.device)
+    full = probs.new_zeros(batch, probs.shape[-1])                          # (batch, V)
+    full[:, 0] = 1.0
+    full[rows] = probs
+    return torch.multinomial(full, num_samples=1).squeeze(1)[rows]
+
+
+def _decode_evicting(model, input_ids, attention_mask, max_new_tokens, eos, warpers, counters):
+    """New token ids of each row: model.generate's greedy / multinomial loop over the model and its KV cache, except
+    that a row which has produced EOS leaves the batch (its input, mask, positions and cache rows are dropped), so
+    each decode forward runs on unfinished rows only. The prefill and the decode inputs are generate's: position
+    ids from the left-padded mask, the mask left out when nothing is padded, logits of the last position."""
+    device = next(model.parameters()).device
+    cache_name = _cache_kwarg(model)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)           # (B, T)
+    if bool((mask == 1).all()):
+        mask = None                                                         # generate drops an all-ones mask
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, return_dict=True, **extra)
+    cache, logits = getattr(out, cache_name), out.logits[:, -1]            # (B, V)
+    del out
+    batch = ids.shape[0]
+    live = list(range(batch))                                               # the batch row of each live row
+    new = [[] for _ in range(batch)]
+    positions = positions[:, -1:]                                           # (B, 1)
+    for step in range(max_new_tokens):
+        tokens = _pick(logits, warpers, live, batch)                        # (live,)
+        keep = []
+        for i, (row, token) in enumerate(zip(live, tokens.tolist())):
+            new[row].append(token)
+            if token not in eos:
+                keep.append(i)
+        if not keep or step + 1 == max_new_tokens:
+            break
+        if len(keep) < len(live):                                           # evict the rows that just ended
+            idx = torch.tensor(keep, device=device)
+            cache.batch_select_indices(idx)
+            tokens, positions = tokens[idx], positions[idx]
+            mask = None if mask is None else mask[idx]
+            live = [live[i] for i in keep]
+        positions = positions + 1
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                       return_dict=True, **{cache_name: cache}, **extra).logits[:, -1]
+        counters["decode_row_steps"] += len(live)
+    return new
+
+
+def _generate_whole(model, input_ids, attention_mask, max_new_tokens, pad, eos, sampling, temperature, top_p, counters):
+    """New token ids of each row (pad after its EOS) from one model.generate call, which keeps ended rows."""
     kwargs = dict(max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad)
     if model.generation_config.eos_token_id is None:
-        kwargs["eos_token_id"] = tokenizer.eos_token_id
-    if temperature > 0:
-        torch.manual_seed(seed)
+        kwargs["eos_token_id"] = eos
+    if sampling:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     device = next(model.parameters()).device
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
-    new = out[:, width:].cpu()                                                          # (B, new)
-    eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
-    eos = set(eos if isinstance(eos, list) else [eos])
+    new = out[:, input_ids.shape[1]:].cpu()                                 # (B, new)
+    counters["decode_row_steps"] += new.shape[0] * max(new.shape[1] - 1, 0)
+    return new.tolist()
+
+
+@torch.no_grad()
+def _generate_hf(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed, evict=True, counters=None):
+    """Answers (and new-token counts) for one batch of tokenized prompts: left padding, KV cache. evict: rows that
+    have ended leave the batch (_decode_evicting; departure 5); False, or a generation_config our loop does not
+    reproduce: one model.generate call. `counters`, if a dict, accumulates decode_row_steps (rows × decode forwards
+    after the prefill) and finished_row_steps (those spent on rows that had already produced EOS)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids, attention_mask = pad_rows(prompt_ids, pad, side="left")                 # (B, T)
+    eos = model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    eos = {e for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
+    sampling = temperature > 0
+    if sampling:
+        torch.manual_seed(seed)
+    steps = {"decode_row_steps": 0}
+    if evict and _evicting_fits(model, sampling):
+        new = _decode_evicting(model, input_ids, attention_mask, max_new_tokens, eos,
+                               _warpers(model, temperature, top_p) if sampling else None, steps)
+    else:
+        new = _generate_whole(model, input_ids, attention_mask, max_new_tokens, pad,
+                              tokenizer.eos_token_id, sampling, temperature, top_p, steps)
     counts = []
-    for row in new.tolist():                            # tokens up to and including the first EOS
+    for row in new:                                     # tokens up to and including the first EOS
         ends = [j for j, t in enumerate(row) if t in eos]
         counts.append(ends[0] + 1 if ends else len(row))
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new.tolist(), counts)]
+    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new, counts)]
+    if counters is not None:
+        needed = sum(max(n - 1, 0) for n in counts)    # a row's first token comes from the prefill
+        counters["decode_row_steps"] = counters.get("decode_row_steps", 0) + steps["decode_row_steps"]
+        counters["finished_row_steps"] = counters.get("finished_row_steps", 0) + steps["decode_row_steps"] - needed
     return texts, counts
 
 
@@ -138,11 +282,14 @@ def _generate_vllm(model_name, prompts, max_new_tokens, temperature, top_p, seed
 
 
 def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                     seed=0, batch_size=8, backend="hf", stats=None, max_prompt_length=None) -> list[dict]:
+                     seed=0, batch_size=8, backend="hf", stats=None, max_prompt_length=None,
+                     evict_finished=True) -> list[dict]:
     """Generate an answer per record into out_path (resumable, atomic, input order); returns the rows.
     With backend="vllm", `model` is a model directory or hub id. `stats`, if a dict, receives
-    answers, new_tokens, seconds and tokens_per_s of this call's generation. A prompt longer than
-    max_prompt_length tokens keeps its last max_prompt_length (departure "Long prompts"; None = no limit)."""
+    answers, new_tokens, seconds and tokens_per_s of this call's generation (hf: also decode_row_steps and
+    finished_row_steps, see _generate_hf). A prompt longer than max_prompt_length tokens keeps its last
+    max_prompt_length (departure "Long prompts"; None = no limit). evict_finished=False: one model.generate
+    call per batch, ended rows kept to the end (the old path, for comparison; departure "Finished rows")."""
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate record ids in the input (first: {next(i for i in ids if ids.count(i) > 1)})")
@@ -158,7 +305,7 @@ def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256,
     done = done_rows(out_path, records)
     todo = [r for r in shard_records(records, rank, world) if r["id"] not in done]
     mine = partial_path(out_path, rank, world)
-    t0, n_tokens = time.perf_counter(), 0
+    t0, n_tokens, steps = time.perf_counter(), 0, {"decode_row_steps": 0, "finished_row_steps": 0}
     if todo:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         if backend == "hf":
@@ -170,7 +317,7 @@ def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256,
             for b, batch in enumerate(batches):
                 if backend == "hf":
                     texts, counts = _generate_hf(model, tokenizer, [enc[r["id"]] for r in batch], max_new_tokens,
-                                                 temperature, top_p, seed + b)
+                                                 temperature, top_p, seed + b, evict_finished, steps)
                 else:
                     texts, counts = _generate_vllm(model, [r["prompt"] for r in batch], max_new_tokens,
                                                    temperature, top_p, seed, max_prompt_length)
@@ -183,7 +330,8 @@ def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256,
                 bar.update(len(batch))
     seconds = time.perf_counter() - t0
     if stats is not None:
-        stats.update(answers=len(todo), new_tokens=n_tokens, seconds=seconds, tokens_per_s=n_tokens / max(seconds, 1e-9))
+        stats.update(answers=len(todo), new_tokens=n_tokens, seconds=seconds, tokens_per_s=n_tokens / max(seconds, 1e-9),
+                     **(steps if backend == "hf" else {}))
     if world > 1:
         torch.distributed.barrier()                                         # every shard is on disk
     if rank == 0:
