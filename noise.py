@@ -44,21 +44,10 @@ Departures from, and gaps filled in, the paper:
    and of σ²_t over the DIAGNOSTIC_TOPK largest reference logits ("sigma2_topk"); the mean over all V
    entries is mean σ² itself. Computed without a graph from the chunk's z and δ = σ ⊙ ε, in cache-sized
    tiles, once per chunk (a checkpoint recompute skips them): ~45 ms of CPU per demo step, < 1 % of it.
-10. Defaults from the evidence (noise_study.py, docs/noise.md; iteration 1 from SPIN's iteration 0,
-   SmolLM2-135M, 62 demo pairs, 24 steps, 400 held-out prompts). Kept: --noise-lr 1e-3, α = 1, σ² = 1e-2
-   at the start. Under AdamW (the ablation study's optimizer) these leave the noise small
-   (mean σ² 0.0013, margin offset 0.02, 0.2 % of answers differ from SPIN's); a 10× larger --noise-lr makes
-   it live (σ² ≈ 10 on the answers' own and the top-10 entries, 7× the mean over V; noisy margin −6.5 vs
-   clean +0.36) and still changes only 1.5–3.8 % of the answers (Δ vs SPIN +0.007 [+0.000, +0.018]), because
-   it multiplies every pair's DPO weight by ≈ 2.4 alike (weight shift ≤ 0.06) and AdamW removes a common
-   factor; a 100× larger one makes the model term of Eq. 9 ≈ 12 after one epoch. Under the paper's RMSprop the
-   defaults already give a live noise (σ² 4.5 on target entries), which changes 9.5 % of the answers and
-   costs accuracy (−0.015 [−0.030, −0.002]), in a run whose SPIN falls 0.17 below the base model. No
-   setting showed a gain, so nothing argues for other values (with clipping off under plain SGD, the one
-   update that normalises nothing, a fixed σ = 3 changes 79 % of the answers, for the worse: −0.087
-   [−0.115, −0.060]; a trainable noise that plain SGD lets live, --noise-lr 10, does the same and leaves 62 %
-   of the answers empty); at lr 1e-3, α = 0 and α = 1 gave the same first-epoch diagnostics (weight shift
-   0.004).
+10. Defaults after the noise study (noise_study.py): --noise-lr 1e-3, α = 1 and σ² = 1e-2 at the start stay.
+   No setting of the sweep (noise learning rate, α, initial variance, optimizer) gave a gain over SPIN, so
+   nothing argues for other values; the numbers, and why AdamW undoes even a live noise (it raises every
+   pair's DPO weight alike, loss.py departure 6), are in docs/noise.md.
 """
 import math
 
