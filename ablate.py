@@ -25,15 +25,16 @@ Evaluation: `eval.py score` on every run directory, all on the same held-out pro
 seed varies training only); the base model is scored once, in the spin row of the first seed (`--skip
 base` elsewhere), alpha_spin's linked iter0 is not scored again (`--skip iter0`); `eval.py logps` on the
 spin and dnpo rows (Fig. 2 / 10). train.py and eval.py resume or skip finished work, and ablate.py skips
-a call whose outputs exist: rerun the same command to continue. Outputs: OUT/ablation.md (tables, the
-DNPO-vs-SPIN check, wall times), ablation.json, ablation.png (Fig. 8's analogue), plots/stagnation.png
-(Fig. 2 / 10, spin and dnpo), plots/scores.png, {spin,dnpo}-seed{s}/plots/losses.png (Fig. 9).
+a call whose outputs exist (study.py, the driver it shares): rerun the same command to continue. Outputs:
+OUT/ablation.md (tables, the DNPO-vs-SPIN check, wall times), ablation.json, ablation.png (Fig. 8's
+analogue), plots/stagnation.png (Fig. 2 / 10, spin and dnpo), plots/scores.png,
+{spin,dnpo}-seed{s}/plots/losses.png (Fig. 9).
 OUT/ablate_config.json keeps the settings: other train/eval flags, --chain or --noise-sigma are refused.
 Before anything is written (and in a dry run) every flag is checked: the train flags after `--` by train.py's
 own checks on each row's command (config.parse_args, config.check_judge), the eval flags by eval.py's parser,
 --seeds ≥ 0; a run directory OUT/{row}-seed{s} that another process holds (train.py on it) stops the study in
 one line naming the holder, and ablate.py writes into run directories (plots, α-SPIN's link) only while it
-holds their locks itself (`row_locks`).
+holds their locks itself (`study.row_locks`).
 
 Where this departs from, or fills a gap in, the paper:
 1. The paper's ablation reports benchmark averages of one run each; here the held-out accuracy of
@@ -47,27 +48,19 @@ Where this departs from, or fills a gap in, the paper:
    reading of Sec. 5.4, --chain own the other. The fixed-noise σ of App. H is lost: train.py's default.
 """
 import argparse
-import contextlib
-import errno
-import fcntl
-import json
-import os
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 import config
 import data
-import errors
 import eval as ev
-import judge as judges
 import plots
-import runlock
+import study
 from demo import check_answer
+from study import has_keys, run_study, split_argv  # noqa: F401 (ppo_study.py's: see the end of the file)
 
 HERE = Path(__file__).resolve().parent
 ROWS = {"spin": ["--no-dsl", "--noise", "none"], "dsl": ["--noise", "none"], "npo": ["--no-dsl"], "dnpo": [],
@@ -170,7 +163,7 @@ def collect(opts) -> dict:
     if "dnpo" in opts.rows:
         out["dnpo_vs_spin"] = [seed_check(out, k) for k in range(1, opts.iters + 1)]
     times_path = Path(opts.out) / "ablate_times.json"
-    measured = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    measured = data.read_json(times_path) if times_path.is_file() else {}
     out["times"] += [dict(stage=label, wall_s=s) for label, s in measured.items() if label.startswith("eval")]
     return out
 
@@ -303,7 +296,7 @@ def figure(opts, result, path):
 def report(opts):
     out = Path(opts.out)
     figs = [run_dir(opts, r, opts.seeds[0]) for r in ("spin", "dnpo") if r in opts.rows]
-    with row_locks(run_dirs(opts), "ablate.py"):  # plots go into run directories: none may be another's
+    with study.row_locks(run_dirs(opts), "ablate.py"):  # plots go into run directories: none may be another's
         result = collect(opts)
         plots.make_plots(figs, out / "plots")  # Fig. 9 per run, Fig. 2 / 10 (stagnation.png) and scores for both
         figure(opts, result, out / "ablation.png")
@@ -318,91 +311,10 @@ def run_dirs(opts):
     return [run_dir(opts, row, seed) for row in opts.rows for seed in row_seeds(opts, row)]
 
 
-@contextlib.contextmanager
-def row_locks(dirs, prog):
-    """Hold, for the block, the lock (runlock.py, `.lock`) of each directory in `dirs` that has one: a study
-    writes into its run directories only while no other process holds them (train.py holds its --run-dir
-    while it runs). Another holder is a one-line ValueError naming it, before anything is written. The locks
-    are released at the end of the block, so the train.py and eval.py commands the study runs next can take
-    them; a directory without a `.lock` was never run by anyone, and one this process holds (runlock.hold,
-    train.main called in-process) is skipped."""
-    fds = []
-    try:
-        for directory in map(Path, dirs):
-            path = directory / runlock.LOCK_NAME
-            if os.path.realpath(directory) in runlock._held:
-                continue
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                why = "it is a symbolic link" if e.errno == errno.ELOOP else (e.strerror or str(e))
-                raise ValueError(f"cannot open the lock file {path} ({why})") from None
-            fds.append(fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise ValueError(f"cannot lock {path} ({e.strerror or e})") from None
-                raise ValueError(f"{directory} is in use by {runlock._holder(fd)} (lock {path}); {prog} writes "
-                                 f"into its run directories: wait for that process to finish, or use another "
-                                 f"--out") from None
-        yield
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def check_commands(prog, train_argvs, eval_argvs=(), eval_judge=None):
-    """train.py's and eval.py's own flag checks (config.parse_args and config.check_judge; eval.parse_args) on
-    the argument lists of the commands a study will run, before the study writes anything: a bad flag after
-    `--` (or an eval flag) is one line naming `prog`, not the failure of its first step after the study's
-    settings, table and figure are written. The data file is read once, with the first train command; the
-    others are checked with --data demo (the same file, already read). eval_judge: (kind, model, base_url)
-    of an openai eval judge, built once without its cache (its URL and API key)."""
-    def refused(what, e, command):  # e: a parser's SystemExit, or the errors.Refusal / ValueError of a check
-        if isinstance(e, SystemExit) and e.code in (None, 0):  # --help after --: train.py's help was printed
-            raise e
-        message = " ".join(str(e.code if isinstance(e, SystemExit) else e).split())
-        message = message.removeprefix("train.py: ").removeprefix(f"eval.py {command[0]}: ")
-        message = message.removeprefix("eval.py: ").removesuffix(" (see --help)")
-        return SystemExit(f"{prog}: {what}: {message} (see python {' '.join(command)} --help)")
-    for i, argv in enumerate(train_argvs):
-        try:
-            args = config.parse_args([*argv, *(["--data", "demo"] if i else [])])
-            if i == 0:
-                config.check_judge(args)
-        except (SystemExit, ValueError) as e:  # the parser exits; config.check_args and check_judge raise
-            raise refused("a train flag after -- is refused by train.py", e, ["train.py"]) from None
-    for argv in eval_argvs:
-        try:
-            ev.parse_args(argv)
-        except SystemExit as e:
-            raise refused(f"eval.py {argv[0]} refuses an eval flag", e, ["eval.py", argv[0]]) from None
-    if eval_judge and eval_judge[0] == "openai":
-        try:
-            judges.make_judge("openai", model=eval_judge[1], base_url=eval_judge[2])
-        except ValueError as e:  # JudgeFatalError is a ValueError
-            raise SystemExit(f"{prog}: --eval-judge openai: {' '.join(str(e).split())}") from None
-
-
-class Parser(config.Parser):
-    """argparse with one-line errors naming the script (`prog`), no usage block (ablate.py, noise_study.py);
-    "argument --x: must be …" reads "--x must be …" (config.Parser)."""
-
-
-def split_argv(argv=None):
-    """(the script's own flags, the train flags after `--`) of a command line (sys.argv when None)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cut = argv.index("--") if "--" in argv else len(argv)
-    return argv[:cut], argv[cut + 1:]
-
-
 def parse_args(argv=None):
-    own, train_flags = split_argv(argv)
-    p = Parser(prog="ablate.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    own, train_flags = study.split_argv(argv)
+    p = config.Parser(prog="ablate.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ablate", help="one run directory per (row, seed) under it")
     p.add_argument("--preset", default="demo", help="train.py --preset for every row (demo | paper)")
     p.add_argument("--iters", type=int, default=3, help="train iterations 0..N (0: shared SPIN; 1..N: ablation)")
@@ -437,7 +349,7 @@ def parse_args(argv=None):
     if owned:
         raise SystemExit(f"ablate.py: {owned[0]} is set by ablate.py (see --help); remove it from the train flags")
     first = run_dir(args, "spin", args.seeds[0])  # every flag checked before anything is written (or a dry run)
-    check_commands("ablate.py", [train_command(args, row, args.seeds[0], 1)[2:] for row in args.rows],
+    study.check_commands([train_command(args, row, args.seeds[0], 1)[2:] for row in args.rows],
                    [["score", str(first), *eval_flags(args)], ["logps", str(first), "--n", str(args.logps_n)]],
                    (args.eval_judge, args.eval_judge_model, args.eval_judge_base_url))
     return args
@@ -476,7 +388,7 @@ def plan(opts):
         run = run_dir(opts, row, seed)
         skip = ([] if (row, seed) == ("spin", opts.seeds[0]) else ["base"]) + (["iter0"] if row == "alpha_spin" else [])
         names = [n for n in ["base", *(f"iter{k}" for k in own_iters(opts, row) if k <= upto)] if n not in skip]
-        return dict(label=f"eval score {run.name} (to iter{upto})", done=lambda run=run, names=names: has_keys(
+        return dict(label=f"eval score {run.name} (to iter{upto})", done=lambda run=run, names=names: study.has_keys(
             run / "eval" / "scores.json", "models", names), cmd=[*evaluate, "score", str(run), *eval_flags(opts)]
             + (["--skip", *skip] if skip else []))
     for k in range(opts.iters + 1):
@@ -495,128 +407,53 @@ def plan(opts):
     for row in [r for r in ("spin", "dnpo") if r in opts.rows]:
         for seed in row_seeds(opts, row):
             run, ks = run_dir(opts, row, seed), [str(k) for k in own_iters(opts, row)]
-            steps.append(dict(label=f"eval logps {run.name}", done=lambda run=run, ks=ks: has_keys(
+            steps.append(dict(label=f"eval logps {run.name}", done=lambda run=run, ks=ks: study.has_keys(
                 run / "eval" / "logps_settings.json", "iterations", ks),
                 cmd=[*evaluate, "logps", str(run), "--n", str(opts.logps_n)]))
     return steps
 
 
-def has_keys(path, field, keys) -> bool:
-    return Path(path).is_file() and set(keys) <= set(json.loads(Path(path).read_text()).get(field, {}))
-
-
-def run_command(cmd) -> int:
-    """Run one train.py / eval.py command as a subprocess; its exit status."""
-    return subprocess.run(cmd).returncode
-
-
 def check_settings(opts, write):
     """OUT/ablate_config.json: the settings every run under OUT used; refuse others (one line)."""
-    keep_settings(Path(opts.out) / "ablate_config.json", settings_of(opts), write, "ablate.py")
-
-
-def keep_settings(path, now, write, prog):
-    """Refuse, in one line naming the changed settings, a study whose settings file `path` holds other
-    settings than `now`; without the file, write `now` there when `write` (ablate.py, noise_study.py)."""
-    path = Path(path)
-    if path.is_file():
-        was = data.read_json(path)
-        same = lambda key: (flag_settings(was.get(key)) == flag_settings(now[key]) if key == "train_flags"  # noqa: E731
-                            else was.get(key) == now[key])
-        changed = [key for key in now if not same(key)]
-        if changed:
-            raise SystemExit(f"{prog}: {path.parent} was run with " + ", ".join(f"{k}={was.get(k)!r}" for k in changed)
-                             + " (now " + ", ".join(f"{now[k]!r}" for k in changed) + "); rerun with those or use another --out")
-    elif write:
-        data.write_json(path, now)
-
-
-def flag_settings(flags):
-    """Train flags as a set of settings: {flag: its values} (the last one given wins, as in argparse), so the
-    same flags in another order, or as --flag=value, are the same settings. Anything but a list: as it is."""
-    if not isinstance(flags, list):
-        return flags
-    settings, flag = {}, None
-    for token in map(str, flags):
-        if token.startswith("--"):
-            flag, _, value = token.partition("=")
-            settings[flag] = [value] if value else []
-        elif flag is not None:
-            settings[flag].append(token)
-        else:
-            settings[None] = settings.get(None, []) + [token]
-    return settings
+    study.keep_settings(Path(opts.out) / "ablate_config.json", settings_of(opts), write)
 
 
 def execute(opts, steps):
-    """Run the steps not done yet; seconds of each step run now go to OUT/ablate_times.json."""
-    times_path = Path(opts.out) / "ablate_times.json"
-    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    for i, step in enumerate(steps, 1):
-        if step["done"]():
-            print(f"[{i}/{len(steps)} done] {step['label']}", flush=True)
-            continue
-        t0 = time.time()
-        if "link" in step:
-            target, link = step["link"]
-            link.parent.mkdir(parents=True, exist_ok=True)
-            with row_locks([link.parent], "ablate.py"):  # the α-SPIN run directory: not while another holds it
-                os.symlink(target, link, target_is_directory=True)
-        else:
-            print(f"[{i}/{len(steps)}] {shlex.join(step['cmd'])}", flush=True)
-            rc = run_command(step["cmd"])
-            if rc != 0:
-                raise SystemExit(f"ablate.py: {step['label']} failed (exit status {rc}); fix the cause and rerun "
-                                 f"ablate.py (finished work is kept)")
-        times[step["label"]] = time.time() - t0
-        data.write_json(times_path, times)
-    return times
-
-
-def run_study(prog, opts, steps, check_settings, execute, report, describe, table, run_dirs=()):
-    """The driver of both study scripts (ablate.py, noise_study.py). --dry-run: print each step (`describe`),
-    "# done: " before the finished ones, and write nothing. Otherwise stop (one line) if another process
-    holds one of the study's `run_dirs` (row_locks), hold the lock on --out (one writer, runlock.py), check
-    or write its settings file, run the steps not done, and write the table with `report`, also after a
-    failed or interrupted step (the table so far; the step's error is what is raised), then print
-    OUT/`table`. Returns the steps (dry run) or report's result. The flags were checked by parse_args."""
-    if opts.dry_run:
-        check_settings(opts, write=False)
-        for step in steps:
-            print(("# done: " if step["done"]() else "") + describe(step))
-        return steps
-    with row_locks(run_dirs, prog):  # a run directory another process holds: one line before anything is written
-        pass
-    runlock.hold(opts.out, prog)
-    check_settings(opts, write=True)
-    Path(opts.out).mkdir(parents=True, exist_ok=True)
-    try:
-        execute(opts, steps)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            report(opts)
-        raise
-    result = report(opts)
-    print(Path(opts.out, table).read_text())
-    return result
+    """Run the steps not done yet (study.execute); the seconds of each step run now go to OUT/ablate_times.json
+    (ppo_study.py's budget reads them there)."""
+    return study.execute(opts, steps, "ablate.py", "ablate_times.json")
 
 
 def main(argv=None):
+    """`python ablate.py ...`: the steps (--dry-run) or the table's numbers; Ctrl-C or a refusal of any module
+    ends the process in one line naming ablate.py (study.exit_line), the one exit point of this command."""
+    return cli("ablate.py", ablation, argv)
+
+
+def ablation(argv=None):
+    """The study of a command line, raising what the modules it calls raise (`main` is the command)."""
     opts = parse_args(argv)
-    return run_study("ablate.py", opts, plan(opts), check_settings, execute, report, table="ablation.md",
-                     describe=lambda step: f"ln -s {step['link'][0]} {step['link'][1]}" if "link" in step
-                     else shlex.join(step["cmd"]), run_dirs=run_dirs(opts))
+    return study.run_study("ablate.py", opts, plan(opts), check_settings, execute, report, table="ablation.md",
+                           run_dirs=run_dirs(opts))
 
 
-def cli(prog, main):
-    """Run a study script's main as a command: Ctrl-C, a bad input or an OS error is one line naming `prog`."""
+def cli(prog, main, argv=None):
+    """Run a study's `main(argv)` as the command `prog`: its result; Ctrl-C, or a refusal, bad input or OS error of
+    any module it calls, ends the process in one line naming `prog` (study.exit_line). ppo_study.py's too."""
     try:
-        main()
-    except KeyboardInterrupt:
-        raise SystemExit(f"{prog}: interrupted; rerun the same command to continue") from None
-    except (ValueError, OSError) as e:  # errors.Refusal too (runlock, checks of the modules it calls)
-        raise SystemExit(errors.one_line(prog, e)) from None
+        return main(argv)
+    except (KeyboardInterrupt, ValueError, OSError) as e:
+        raise SystemExit(study.exit_line(prog, e)) from None
+
+
+# ----------------------------------------------------------------------------- names ppo_study.py takes from here
+# until it takes them from study.py (and config.Parser); study.keep_settings has no `prog`: the command names itself
+Parser = config.Parser
+
+
+def keep_settings(path, now, write, prog=None):
+    study.keep_settings(path, now, write)
 
 
 if __name__ == "__main__":
-    cli("ablate.py", main)
+    main()

@@ -31,7 +31,7 @@ model). Outputs: OUT/noise_study.md and .json (the sweep table, the iteration ta
 (noise.py departure 9). train.py and eval.py resume; a finished call is skipped: rerun the same command to
 continue. OUT/study_config.json keeps the settings; others are refused. Every flag is checked before anything
 is written (train.py's own checks on the start's and each cell's command, eval.py's on the eval command), and
-a run directory another process holds stops the study in one line (ablate.py's driver, `row_locks`).
+a run directory another process holds stops the study in one line (the driver: study.py, `row_locks`).
 
 Where this departs from, or fills a gap in, the paper:
 1. The paper gives no noise learning rate, α or initial variance and no sweep of them; the grid, the
@@ -40,13 +40,9 @@ Where this departs from, or fills a gap in, the paper:
 2. "Fixed noise at a matched σ": App. H does not give its σ; here σ² = the trainable noise's own mean σ²
    over V entries and steps, so the two differ in where the variance sits, not how much there is.
 """
-import json
 import math
-import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +51,7 @@ import config
 import data
 import eval as ev
 import plots
-from ablate import Parser, check_commands, cli, keep_settings, row_locks, run_study, split_argv
+import study
 
 HERE = Path(__file__).resolve().parent
 ROWS = {"spin": ["--no-dsl", "--noise", "none"], "npo": ["--no-dsl", "--noise", "trainable"],
@@ -117,8 +113,8 @@ def cells_of(groups):
 
 
 def parse_args(argv=None):
-    own, train_flags = split_argv(argv)
-    p = Parser(prog="noise_study.py", description=__doc__.split("\n\n")[0])
+    own, train_flags = study.split_argv(argv)
+    p = config.Parser(prog="noise_study.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/noise_study", help="OUT: start/ and one run directory per cell")
     p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated of " + ", ".join(GROUPS)
                    + " (run in that order within each iteration)")
@@ -145,14 +141,14 @@ def parse_args(argv=None):
 
 def check_flags(opts):
     """train.py's checks on the start's and every cell's train command, eval.py's on the eval command, before
-    anything is written (ablate.check_commands); a fixed cell whose σ is matched later is checked with σ 1."""
+    anything is written (study.check_commands); a fixed cell whose σ is matched later is checked with σ 1."""
     out = Path(opts.out)
     argvs = [["--iter", "0", "--run-dir", str(out / "start"), *opts.train_flags]]
     for cell, spec in opts.cells.items():
         sigma = ["--noise-sigma", str(spec.get("sigma") or 1.0)] if spec["row"] == "fixed" else []
         argvs.append(["--iter", "1", "--run-dir", str(out / cell), *opts.train_flags, *spec["flags"], *sigma,
                       "--start-model", str(out / "start" / "iter0" / "model")])
-    check_commands("noise_study.py", argvs, [eval_cmd(opts, out / "start", skip_base=False)[2:]])
+    study.check_commands(argvs, [eval_cmd(opts, out / "start", skip_base=False)[2:]])
 
 
 def run_dirs(opts):
@@ -215,13 +211,13 @@ def eval_cmd(opts, run, skip_base=True):
 
 
 def scored(run, names) -> bool:
-    path = Path(run) / "eval" / "scores.json"
-    return path.is_file() and set(names) <= set(json.loads(path.read_text()).get("models", {}))
+    return study.has_keys(Path(run) / "eval" / "scores.json", "models", names)
 
 
 def plan(opts):
-    """Every step in run order: dict(label, cmd (a callable: built when run), done, when (run it only if true),
-    seed (a cell to copy iteration 1's generation from), ok_rc (exit codes that are not failures))."""
+    """Every step in run order (study.py): dict(label, cmd (a callable: built when run), done, when (run it only
+    if true), prepare (iteration 1's generation copied from the first cell: `seeded`), ok_rc (exit codes that are
+    not failures))."""
     out, start = Path(opts.out), Path(opts.out) / "start"
     steps = [dict(label="train start iter0 (SPIN)", done=lambda: finished(opts, "start", 0),
                   cmd=lambda: [sys.executable, str(HERE / "train.py"), "--iter", "0", "--run-dir", str(start),
@@ -231,7 +227,7 @@ def plan(opts):
     first = next(iter(opts.cells))
     probes = [c for c, spec in opts.cells.items() if spec.get("probe")]
     for cell in probes:  # every probe before any grid cell finishes: kept() needs them all
-        steps.append(dict(label=f"probe {cell} ({PROBE_STEPS} steps)", seed=first, ok_rc=(0, 1),
+        steps.append(dict(label=f"probe {cell} ({PROBE_STEPS} steps)", ok_rc=(0, 1), prepare=seeded(opts, first, cell),
                           done=lambda c=cell: probe_shift(opts, c) is not None or finished(opts, c),
                           cmd=lambda c=cell: train_cmd(opts, c, 1, ["--stop-after-steps", str(PROBE_STEPS)])))
     at = len(steps) - len(probes)  # iteration 1 of the other cells goes before the probes
@@ -241,7 +237,8 @@ def plan(opts):
                 continue
             when = (lambda c=cell: c in (kept(opts) or ())) if spec.get("probe") else None
             pair = [dict(label=f"train {cell} iter{k}", done=lambda c=cell, k=k: finished(opts, c, k), when=when,
-                         cmd=lambda c=cell, k=k: train_cmd(opts, c, k), seed=first if k == 1 and cell != first else None),
+                         cmd=lambda c=cell, k=k: train_cmd(opts, c, k),
+                         prepare=seeded(opts, first, cell) if k == 1 and cell != first else None),
                     dict(label=f"eval {cell} (to iter{k})", when=when,
                          done=lambda c=cell, k=k: scored(out / c, [f"iter{j}" for j in range(1, k + 1)]),
                          cmd=lambda c=cell: eval_cmd(opts, out / c))]
@@ -257,7 +254,7 @@ def seed_generation(opts, source, cell):
     """Copy iteration 1's generated and judged answers (and their stage records) from `source` to `cell`: the
     same start model and generation flags give the same answers, so each cell need not regenerate them."""
     src, dst = Path(opts.out) / source / "iter1", Path(opts.out) / cell / "iter1"
-    records = json.loads((src / "stages.json").read_text()) if (src / "stages.json").is_file() else {}
+    records = data.read_json(src / "stages.json") if (src / "stages.json").is_file() else {}
     if dst.exists() or not records.get("judge", {}).get("output"):
         return False
     dst.mkdir(parents=True)
@@ -267,33 +264,20 @@ def seed_generation(opts, source, cell):
     return True
 
 
+def seeded(opts, source, cell):
+    """A step's `prepare` (study.py): `cell`'s iteration 1 generation copied from `source`, under the cell's lock."""
+    return Path(opts.out) / cell, lambda: seed_generation(opts, source, cell)
+
+
 def check_settings(opts, write):
     """OUT/study_config.json: the settings every cell under OUT used; refuse others (one line)."""
-    keep_settings(Path(opts.out) / "study_config.json",
-                  dict(train_flags=opts.train_flags, eval_max_prompts=opts.eval_max_prompts), write, "noise_study.py")
+    study.keep_settings(Path(opts.out) / "study_config.json",
+                        dict(train_flags=opts.train_flags, eval_max_prompts=opts.eval_max_prompts), write)
 
 
 def execute(opts, steps):
-    times_path = Path(opts.out) / "study_times.json"
-    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    for i, step in enumerate(steps, 1):
-        if step["done"]() or (step.get("when") and not step["when"]()):
-            continue
-        if step.get("seed"):
-            cell = step["label"].split()[1]
-            with row_locks([Path(opts.out) / cell], "noise_study.py"):  # not into a run another process holds
-                seed_generation(opts, step["seed"], cell)
-        cmd = step["cmd"]()
-        print(f"[{i}/{len(steps)}] {shlex.join(cmd)}", flush=True)
-        t0 = time.time()
-        rc = subprocess.run(cmd).returncode
-        if rc not in step.get("ok_rc", (0,)) or not step["done"]():
-            raise SystemExit(f"noise_study.py: {step['label']} failed (exit status {rc}); fix the cause and rerun "
-                             f"(finished work is kept)")
-        times[step["label"]] = time.time() - t0
-        data.write_json(times_path, times)
-        if step["label"].startswith("eval"):
-            report(opts)  # the table so far
+    """Run the steps not done yet (study.execute); seconds to OUT/study_times.json, the tables after every eval."""
+    return study.execute(opts, steps, "noise_study.py", "study_times.json", report=report)
 
 
 # ----------------------------------------------------------------------------- the tables
@@ -355,7 +339,7 @@ def fmt_vs(v):
 
 def collect(opts):
     start = Path(opts.out) / "start" / "eval" / "scores.json"
-    scores = json.loads(start.read_text())["models"] if start.is_file() else {}
+    scores = data.read_json(start)["models"] if start.is_file() else {}
     out = dict(base=None, start=scores.get("iter0", {}).get("accuracy"),
                cells=[cell_result(opts, c) for c in opts.cells],
                chain=[cell_result(opts, c, k) for c, s in opts.cells.items() if len(s["iters"]) > 1 for k in s["iters"]])
@@ -398,7 +382,7 @@ def markdown(result):
 
 
 def report(opts):
-    with row_locks(run_dirs(opts), "noise_study.py"):  # plots go into the cells' run directories: none another's
+    with study.row_locks(run_dirs(opts), "noise_study.py"):  # plots go into the cells' run directories: none another's
         result = collect(opts)
         data.write_json(Path(opts.out) / "noise_study.json", result)
         with data.atomic_open(Path(opts.out) / "noise_study.md") as fh:
@@ -410,10 +394,15 @@ def report(opts):
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    return run_study("noise_study.py", opts, plan(opts), check_settings, execute, report,
-                     describe=lambda step: step["label"], table="noise_study.md", run_dirs=run_dirs(opts))
+    """`python noise_study.py ...`: the steps (--dry-run) or the tables' numbers; Ctrl-C or a refusal of any module
+    ends the process in one line naming noise_study.py (study.exit_line), the one exit point of this command."""
+    try:
+        opts = parse_args(argv)
+        return study.run_study("noise_study.py", opts, plan(opts), check_settings, execute, report,
+                               table="noise_study.md", run_dirs=run_dirs(opts))
+    except (KeyboardInterrupt, ValueError, OSError) as e:
+        raise SystemExit(study.exit_line("noise_study.py", e)) from None
 
 
 if __name__ == "__main__":
-    cli("noise_study.py", main)
+    main()

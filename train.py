@@ -11,7 +11,8 @@
 Every stage skips work already done, and training resumes from its last checkpoint, so rerunning the
 same command after a crash or Ctrl-C continues where it stopped. Shapes: B pairs per micro-batch
 (2B rows: chosen then rejected), T tokens, V vocabulary, d hidden size. The math lives in loss.py
-(Eq. 1–3, 9) and noise.py (Eq. 5–6); this file only wires it. Checkpoint plumbing: checkpoint.py.
+(Eq. 1–3, 9) and noise.py (Eq. 5–6); this file only wires it. The run directory: rundir.py; the data
+order: sampler.py; the resumable state: checkpoint.py.
 
 Read `run_iteration` (the five stages, at the end) and `train` (the loop); every other function is a helper
 named by what it does: `setup` builds what the loop works with (`Loop`), `optimizer_step` is one step of
@@ -67,7 +68,9 @@ import memplan
 import model as models
 import noise as noises
 import packing
+import rundir
 import runlock
+import sampler
 import stages
 import step as steps
 import tracking
@@ -101,7 +104,7 @@ def lone_warmup_step(n_pairs, world, args):
     The linear warmup gives its first step lr 0 (transformers' schedule: lr · step / warmup_steps); with one
     step in all, the iteration would save the start model unchanged under its own name. Refused rather than
     warned: a warning scrolls past, and the iteration's numbers would then be the start model's."""
-    total = ckpt.steps_per_epoch(n_pairs, world, args.batch_size, args.grad_accum) * args.epochs
+    total = sampler.steps_per_epoch(n_pairs, world, args.batch_size, args.grad_accum) * args.epochs
     if total == 1 and math.ceil(args.warmup_ratio * total) >= 1:
         return (f"train.py: iter {args.iter}: {n_pairs} pair(s) make one optimizer step (--batch-size "
                 f"{args.batch_size} × {world} process(es) × --grad-accum {args.grad_accum}, --epochs {args.epochs}), "
@@ -295,7 +298,7 @@ def train(args, policy, reference, tokenizer, pairs, it_dir, device, rank, world
     bar.close()
     tracker.close()
     record_logps(loop, pairs, "end")
-    return ckpt.read_metrics(loop.metrics_path) if loop.main_proc else []
+    return rundir.read_metrics(loop.metrics_path) if loop.main_proc else []
 
 
 # ----------------------------------------------------------------------------- what the loop works with
@@ -331,27 +334,27 @@ class Loop:
     main_proc = property(lambda self: self.rank == 0)
     fsdp = property(lambda self: self.args.dist == "fsdp")
     noise_params = property(lambda self: list(self.noise_net.parameters()) if self.noise_net is not None else [])
-    steps_per_epoch = property(lambda self: ckpt.steps_per_epoch(len(self.examples), self.world, self.args.batch_size,
-                                                                 self.args.grad_accum))
+    steps_per_epoch = property(lambda self: sampler.steps_per_epoch(len(self.examples), self.world,
+                                                                    self.args.batch_size, self.args.grad_accum))
     total_steps = property(lambda self: self.steps_per_epoch * self.args.epochs)
     metrics_path = property(lambda self: self.it_dir / "metrics.jsonl")
     state_path = property(lambda self: self.it_dir / "checkpoint" / "state.pt")
 
     def order(self, epoch):
-        """The epoch's data order over all ranks: a function of seed, iteration and epoch only (checkpoint.py)."""
+        """The epoch's data order over all ranks: a function of seed, iteration and epoch only (sampler.py)."""
         if epoch not in self._orders:
             a, seed = self.args, self.args.seed + 7919 * self.args.iter
-            order = ckpt.epoch_order(len(self.examples), seed, epoch)
+            order = sampler.epoch_order(len(self.examples), seed, epoch)
             if a.group_by_length:
                 lengths = [packing.row_length(e, self.pack) for e in self.examples]
-                order = ckpt.length_grouped_order(order, lengths, self.world * a.batch_size, seed, epoch)
+                order = sampler.length_grouped_order(order, lengths, self.world * a.batch_size, seed, epoch)
             self._orders = {epoch: order}
         return self._orders[epoch]
 
     def step_batches(self, step):
         """This rank's micro-batches (lists of pair indices) of optimizer step `step` (0-based)."""
-        micro = ckpt.rank_microbatches(self.order(step // self.steps_per_epoch), self.rank, self.world,
-                                       self.args.batch_size)
+        micro = sampler.rank_microbatches(self.order(step // self.steps_per_epoch), self.rank, self.world,
+                                          self.args.batch_size)
         i = step % self.steps_per_epoch
         return micro[i * self.args.grad_accum:(i + 1) * self.args.grad_accum]
 
@@ -378,7 +381,7 @@ def setup(args, policy, reference, examples, pad_id, it_dir, device, rank=0, wor
             freed = steps.release(reference)
             if progress and rank == 0:
                 print(f"[4/5] train: reference cached; the reference model freed ({freed / 2 ** 20:.0f} MiB)")
-    total_steps = ckpt.steps_per_epoch(len(examples), world, args.batch_size, args.grad_accum) * args.epochs
+    total_steps = sampler.steps_per_epoch(len(examples), world, args.batch_size, args.grad_accum) * args.epochs
     optimizer, scheduler = build_optimizer(args, policy, noise_net, total_steps)
     return Loop(args=args, policy=policy, module=module, model=distributed.wrap(module, args.dist, device),
                 reference=reference, cache=cache, noise_net=noise_net, noise_rng=noise_rng, optimizer=optimizer,
@@ -500,7 +503,7 @@ def resume(loop) -> int:
                              f"delete {state_path.parent} to restart iteration {args.iter} at step 0")
     if loop.main_proc:
         print(f"[4/5] train: resuming {state['dir'] if loop.fsdp else state_path} at step {step}/{loop.total_steps}")
-        rows = ckpt.read_metrics(loop.metrics_path)
+        rows = rundir.read_metrics(loop.metrics_path)
         data.write_jsonl(loop.metrics_path, [r for r in rows if r["step"] <= step])  # drop unsaved steps
     return step
 
@@ -571,7 +574,7 @@ def begin(args):
     rank, world, device = distributed.setup_distributed(args.device)
     run_dir = pathlib.Path(args.run_dir)
     it_dir = run_dir / f"iter{args.iter}"
-    start = ckpt.given_start_model(args.start_model, args.iter) or ckpt.start_model_of(
+    start = rundir.given_start_model(args.start_model, args.iter) or rundir.start_model_of(
         args.run_dir, args.iter, args.base_model, "" if args.preset == "demo" else f" --preset {args.preset}")
     run = RunState(world_size=world, start_model=start, dist=args.dist)
     if rank == 0:  # one writer per run directory, until this process ends (runlock.py)
@@ -582,13 +585,13 @@ def begin(args):
     if (it_dir / "model" / "config.json").is_file():
         if rank == 0:
             print(f"iter {args.iter}: {it_dir / 'model'} exists, nothing to do")
-            ckpt.print_summary(it_dir)
+            rundir.print_summary(it_dir)
         return None
     models.load_tokenizer(run.start_model, args.trust_remote_code)  # its chat template renders (one line if not)
     records = training_prompts(args)  # at most one pair each (α-SPIN too): a run without a real step stops here
     if refusal := lone_warmup_step(len(records), world, args):
         raise errors.Refusal(refusal)
-    ckpt.prepare_iteration_dir(it_dir, rank)  # writable; leftovers of a killed write removed
+    rundir.prepare_iteration_dir(it_dir, rank)  # writable; leftovers of a killed write removed
     if rank == 0:  # the flags and how the run was started; no API key, no URL credentials
         data.write_json(it_dir / "config.json", stages.public_args(vars(run.over(args))))
     return Iteration(args=args, run=run, rank=rank, world=world, device=device, run_dir=run_dir, it_dir=it_dir,
@@ -624,12 +627,12 @@ def save_stage(it, policy, tokenizer, pairs, stats, rows, train_s):
             raise errors.Refusal(f"iter {it.args.iter}: the trained weights overflow {save_dtype} when cast for "
                                  f"saving; nothing saved")
         models.save_model(policy, tokenizer, it.it_dir / "model")
-    data.write_json(it.it_dir / "summary.json", ckpt.summarize(it.settings(), pairs, stats, rows, train_s,
-                                                               time.time() - it.t_start))
+    data.write_json(it.it_dir / "summary.json", rundir.summarize(it.settings(), pairs, stats, rows, train_s,
+                                                                 time.time() - it.t_start))
     if not it.args.keep_checkpoint:
         (it.it_dir / "checkpoint" / "state.pt").unlink(missing_ok=True)
         distributed.remove_sharded(it.it_dir / "checkpoint" / "state.pt")
-    ckpt.print_summary(it.it_dir)
+    rundir.print_summary(it.it_dir)
 
 
 if __name__ == "__main__":

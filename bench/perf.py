@@ -32,13 +32,13 @@ import time
 
 import torch
 
-import checkpoint as ckpt
 import demo
 import distributed
 import generate
 import model as models
 import noise as noises
 import packing
+import sampler
 import train
 from bench.training import OurRun, Timer, _mib, child_peaks, trl_available, trl_trainer, workload
 
@@ -139,9 +139,9 @@ def padding_fractions(w, seed=0):
         lengths = [packing.row_length(e, packed) for e in w.examples]
         fractions, counts[name] = [], 0
         for epoch in range(w.spec["epochs"]):
-            order = ckpt.epoch_order(n, seed, epoch)
-            order = ckpt.length_grouped_order(order, lengths, b, seed, epoch) if group else order
-            batches = ckpt.rank_microbatches(order, 0, 1, b)
+            order = sampler.epoch_order(n, seed, epoch)
+            order = sampler.length_grouped_order(order, lengths, b, seed, epoch) if group else order
+            batches = sampler.rank_microbatches(order, 0, 1, b)
             fractions.append(packing.padding_fraction(batches, w.examples, packed))
             counts[name] += packing.positions(batches, w.examples, packed)[0]
         out[name] = statistics.mean(fractions)

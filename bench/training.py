@@ -32,13 +32,13 @@ import time
 
 import torch
 
-import checkpoint as ckpt
 import config
 import data
 import demo
 import generate
 import model as models
 import noise as noises
+import sampler
 import train
 
 WORKLOAD = dict(model="smollm2-135m", pairs=32, batch_size=8, epochs=2, lr=1e-6, max_length=256,
@@ -68,7 +68,7 @@ class Workload:
         self.pairs = data.read_jsonl(s["pairs_file"]) if s["pairs_file"] else demo_pairs(self.model, self.tokenizer, s)
         self.examples = [data.tokenize_pair(self.tokenizer, p, s["max_length"], s["max_prompt_length"]) for p in self.pairs]
         self.tokens = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in self.examples)  # per epoch
-        self.steps_per_epoch = ckpt.steps_per_epoch(len(self.examples), 1, s["batch_size"], 1)
+        self.steps_per_epoch = sampler.steps_per_epoch(len(self.examples), 1, s["batch_size"], 1)
         self.n_params = sum(p.numel() for p in self.model.parameters())  # tied embeddings counted once
 
     def subset(self, n):
@@ -76,7 +76,7 @@ class Workload:
         sub = copy.copy(self)
         sub.pairs, sub.examples = self.pairs[:n], self.examples[:n]
         sub.tokens = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in sub.examples)
-        sub.steps_per_epoch = ckpt.steps_per_epoch(n, 1, self.spec["batch_size"], 1)
+        sub.steps_per_epoch = sampler.steps_per_epoch(n, 1, self.spec["batch_size"], 1)
         return sub
 
 
@@ -167,7 +167,7 @@ class OurRun:
 
     def micro_batches(self, epoch):
         """The epoch's micro-batches as train.py builds them (one process)."""
-        return ckpt.rank_microbatches(self.loop.order(epoch), 0, 1, self.args.batch_size)
+        return sampler.rank_microbatches(self.loop.order(epoch), 0, 1, self.args.batch_size)
 
     def step(self, idx, timer=NULL_TIMER, policy_hook=None):
         """train.optimizer_step on the pairs idx; returns the loss dict of its (one) micro-batch. policy_hook(logps)

@@ -16,14 +16,15 @@ import matplotlib
 import pytest
 
 import ablate
-import checkpoint as ckpt
 import data
 import diskspace
+import errors
 import eval as ev
 import generate
 import judge
 import judge_http
 import plots
+import rundir
 import runlock
 import train
 from conftest import fresh_copy, read_jsonl, tiny_flags
@@ -344,11 +345,11 @@ def test_ablate_train_flags_compare_as_settings(tmp_path):
     ablate.check_settings(first, write=True)
     for flags in (["--epochs", "1", "--max-prompts", "6"], ["--epochs=1", "--max-prompts", "6"]):
         ablate.check_settings(ablate.parse_args(["--out", str(tmp_path), "--", *flags]), write=True)
-    with pytest.raises(SystemExit, match="train_flags"):
+    with pytest.raises(errors.Refusal, match="train_flags"):
         ablate.check_settings(ablate.parse_args(["--out", str(tmp_path), "--", "--epochs", "2", "--max-prompts", "6"]),
                               write=True)
 
 
 def test_runlock_is_reentrant_in_one_process(tmp_path):
     assert runlock.hold(tmp_path, "x") == runlock.hold(tmp_path, "x") == tmp_path / ".lock"
-    assert ckpt.read_metrics(tmp_path / "none.jsonl") == []
+    assert rundir.read_metrics(tmp_path / "none.jsonl") == []

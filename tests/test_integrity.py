@@ -17,17 +17,7 @@ import generate
 import tracking
 import train
 from conftest import fresh_copy, tiny_flags
-
-URL = "http://user:hunter2@localhost:8000/v1"
-
-
-def one_line(argv, *expected):
-    """train.main(argv) stops with one line holding every expected string; returns it."""
-    with pytest.raises(SystemExit) as err:
-        train.main(argv)
-    message = str(err.value)
-    assert "\n" not in message and all(e in message for e in expected), message
-    return message
+from test_train_guards import URL, refused
 
 
 def iter1(run_dir, *extra):
@@ -45,8 +35,8 @@ def test_diverged_step_is_never_saved_and_names_the_learning_rate(iter0_run, tmp
     run_dir = fresh_copy(iter0_run, tmp_path)
     flags = iter1(run_dir, "--lr", "3e38", "--beta", "1e6", "--optimizer", "sgd", "--max-grad-norm", "0",
                   "--warmup-ratio", "0", "--batch-size", "6", "--epochs", "1", "--save-every", "1")
-    message = one_line(flags, "iter 1 step 1", "policy weights are non-finite after the optimizer step",
-                       "nothing of this step saved", "no checkpoint was written yet", "likely cause: --lr 3e+38")
+    message = refused(flags, "iter 1 step 1", "policy weights are non-finite after the optimizer step",
+                      "nothing of this step saved", "no checkpoint was written yet", "likely cause: --lr 3e+38")
     assert "--max-grad-norm 0" in message
     assert not (run_dir / "iter1" / "model").exists()
     assert not (run_dir / "iter1" / "checkpoint" / "state.pt").exists()
@@ -59,7 +49,7 @@ def test_last_checkpoint_is_finite_after_a_weight_decay_blowup(iter0_run, tmp_pa
     failed), no metrics row of the failed step is logged, and the message names --weight-decay first."""
     run_dir = fresh_copy(iter0_run, tmp_path)
     flags = iter1(run_dir, "--weight-decay", "1e30", "--save-every", "1")
-    message = one_line(flags, "non-finite", "the last checkpoint", "is kept", "likely cause: --weight-decay 1e+30")
+    message = refused(flags, "non-finite", "the last checkpoint", "is kept", "likely cause: --weight-decay 1e+30")
     failed = int(re.search(r"step (\d+):", message).group(1))
     state = torch.load(run_dir / "iter1" / "checkpoint" / "state.pt", weights_only=True)
     assert failed >= 2 and state["step"] == failed - 1 and all_tensors_finite(state)
@@ -76,7 +66,7 @@ def test_checkpoint_with_non_finite_state_is_refused_on_resume(iter0_run, tmp_pa
     state = torch.load(path, weights_only=True)
     next(iter(state["policy"].values())).view(-1)[0] = float("nan")
     torch.save(state, path)
-    one_line(iter1(run_dir), str(path), "non-finite", f"delete {path.parent}")
+    refused(iter1(run_dir), str(path), "non-finite", f"delete {path.parent}")
 
 
 def test_optimizer_state_overflow_is_not_checkpointed(iter0_run, tmp_path, monkeypatch):
@@ -90,7 +80,7 @@ def test_optimizer_state_overflow_is_not_checkpointed(iter0_run, tmp_path, monke
             s["exp_avg_sq"].view(-1)[0] = float("inf")  # the weights stay finite
         return out
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    one_line(iter1(run_dir), "step 2", "optimizer state is non-finite", "no checkpoint was written yet")
+    refused(iter1(run_dir), "step 2", "optimizer state is non-finite", "no checkpoint was written yet")
     assert not (run_dir / "iter1" / "checkpoint" / "state.pt").exists()
 
 
@@ -103,8 +93,8 @@ def test_start_model_with_non_finite_weights_is_refused(tiny_model_dir, tmp_path
     weights = load_file(str(broken / "model.safetensors"))
     next(iter(weights.values())).view(-1)[0] = float("inf")
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    one_line(["--iter", "1", *tiny_flags(tmp_path / "run", "unused"), "--start-model", str(broken)],
-             "start model", str(broken), "non-finite weights")
+    refused(["--iter", "1", *tiny_flags(tmp_path / "run", "unused"), "--start-model", str(broken)],
+            "start model", str(broken), "non-finite weights")
     assert not (tmp_path / "run" / "iter1" / "generated.jsonl").exists()
 
 
@@ -144,7 +134,7 @@ def test_lone_step_in_warmup_is_refused_before_generation(iter0_run, tmp_path):
     run_dir = fresh_copy(iter0_run, tmp_path)
     flags = iter1(run_dir, "--batch-size", "100", "--epochs", "1")
     flags[flags.index("--max-prompts") + 1] = "1"
-    one_line(flags, "one optimizer step", "lr 0", "--warmup-ratio 0")
+    refused(flags, "one optimizer step", "lr 0", "--warmup-ratio 0")
     assert not (run_dir / "iter1").exists()
 
 
@@ -173,14 +163,14 @@ def test_unusable_device_is_one_line_before_any_write(device, expected, tiny_mod
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     monkeypatch.setattr(train.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    one_line(["--iter", "0", *tiny_flags(tmp_path / "run", tiny_model_dir), "--device", device], expected)
+    refused(["--iter", "0", *tiny_flags(tmp_path / "run", tiny_model_dir), "--device", device], expected)
     assert not (tmp_path / "run").exists()
 
 
 def test_empty_run_dir_is_refused(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = tiny_flags("", tiny_model_dir)
-    one_line(["--iter", "0", *flags], "--run-dir must name a directory")
+    refused(["--iter", "0", *flags], "--run-dir must name a directory")
     assert os.listdir(tmp_path) == []
 
 
@@ -191,8 +181,8 @@ def test_wandb_without_credentials_is_refused_before_the_model_loads(tiny_model_
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wb"))
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: object())  # "installed"
     monkeypatch.setattr(train.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    one_line(["--iter", "0", *tiny_flags(tmp_path / "run", tiny_model_dir), "--report-to", "wandb"],
-             "--report-to wandb has no W&B API key", "WANDB_MODE=offline")
+    refused(["--iter", "0", *tiny_flags(tmp_path / "run", tiny_model_dir), "--report-to", "wandb"],
+            "--report-to wandb has no W&B API key", "WANDB_MODE=offline")
     assert not (tmp_path / "run").exists()
 
 
@@ -231,5 +221,5 @@ def test_no_pairs_message_says_every_answer_equals_the_human_one(iter0_run, tmp_
         data.write_jsonl(out, rows)
         return rows
     monkeypatch.setattr(generate, "generate_answers", echo)
-    message = one_line(iter1(run_dir), "holds no pairs", "every generated answer equals its human answer (6 of 6)")
+    message = refused(iter1(run_dir), "holds no pairs", "every generated answer equals its human answer (6 of 6)")
     assert "missing" not in message

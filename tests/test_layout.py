@@ -42,6 +42,14 @@ def test_no_import_cycle():
             visit(m, [m])
 
 
+def test_study_scripts_share_a_driver_not_each_other():
+    """ablate.py and noise_study.py take their driver from study.py (no `__main__`), neither from the other."""
+    scripts = {"ablate", "noise_study"}
+    for script in scripts:
+        assert "study" in imports(PRODUCT[script]) and not imports(PRODUCT[script]) & (scripts - {script}), script
+    assert not any(is_main_block(node) for node in ast.parse(PRODUCT["study"].read_text()).body)
+
+
 def test_tests_live_in_tests_but_the_math():
     assert sorted(p.name for p in ROOT.glob("test_*.py")) == ["test_loss.py"]
     assert not list(ROOT.glob("conftest.py")) and (ROOT / "tests" / "conftest.py").is_file()
@@ -103,3 +111,16 @@ def test_the_exit_check_sees_what_it_must():
                      "def f():\n    try:\n        pass\n    except ValueError:\n        if True:\n            sys.exit(1)\n")
     assert process_exits(tree) == [(4, "P", "error"), (6, None, "error"), (12, None, "f")]
     assert is_main_block(ast.parse('if __name__ == "__main__":\n    main()\n').body[0])
+
+
+def test_one_definition_of_each_shared_helper():
+    """read_json, Z95 and size_text are defined once (issue 27), in the lowest module that needs them, and
+    imported elsewhere: data.read_json, stagnation.Z95, diskspace.size_text."""
+    where = {}
+    for name, path in sorted(PRODUCT.items()):
+        for node in ast.parse(path.read_text()).body:
+            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+                t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            for found in set(names) & {"read_json", "_read_json", "Z95", "size_text"}:
+                where.setdefault(found.lstrip("_"), []).append(name)
+    assert where == {"read_json": ["data"], "Z95": ["stagnation"], "size_text": ["diskspace"]}

@@ -1,4 +1,5 @@
-"""Tests of stages.py (what each stage was made from) and of checkpoint.py's safe loading and cleanup."""
+"""Tests of stages.py (what each stage was made from) and of checkpoint.py's safe loading and
+rundir.py's cleanup."""
 import pathlib
 import pickle
 import random
@@ -9,6 +10,7 @@ import torch
 
 import checkpoint as ckpt
 import errors
+import rundir
 import stages
 
 
@@ -78,7 +80,7 @@ def test_model_identity_is_its_files(tmp_path):
     assert stages.sha256_dir(tmp_path / "m") != a and stages.sha256_dir("org/hub-id") is None
 
 
-# ----------------------------------------------------------------------------- checkpoint.py
+# ----------------------------------------------------------------------------- checkpoint.py, rundir.py
 class Payload:
     def __init__(self, marker):
         self.marker = str(marker)
@@ -134,7 +136,7 @@ def test_remove_leftovers_keeps_partials(tmp_path):
     for path in keep + gone:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
-    ckpt.remove_leftovers(tmp_path)
+    rundir.remove_leftovers(tmp_path)
     assert all(p.exists() for p in keep) and not any(p.exists() for p in gone)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "generated.jsonl.partial",
                                                           "judged.jsonl.partial", "model"]

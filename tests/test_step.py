@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-import checkpoint as ckpt
 import data
 import noise as noises
 import packing
+import sampler
 import step as steps
 import train
 from conftest import make_tiny_model
@@ -154,18 +154,18 @@ def test_length_grouping_is_a_seeded_permutation_that_cuts_padding(tiny_tokenize
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(10, 300, (203,), generator=gen).tolist()
     examples = [dict(chosen_input_ids=[0] * n, rejected_input_ids=[0] * n) for n in lengths]
-    order = ckpt.epoch_order(203, seed=4, epoch=1)
-    grouped = ckpt.length_grouped_order(order, lengths, group=8, seed=4, epoch=1)
+    order = sampler.epoch_order(203, seed=4, epoch=1)
+    grouped = sampler.length_grouped_order(order, lengths, group=8, seed=4, epoch=1)
     assert sorted(grouped) == list(range(203)) and grouped != order
-    assert grouped == ckpt.length_grouped_order(order, lengths, group=8, seed=4, epoch=1)
-    assert grouped != ckpt.length_grouped_order(order, lengths, group=8, seed=4, epoch=2)
+    assert grouped == sampler.length_grouped_order(order, lengths, group=8, seed=4, epoch=1)
+    assert grouped != sampler.length_grouped_order(order, lengths, group=8, seed=4, epoch=2)
     assert set(grouped[-3:]) <= set(order[-(203 % 128):])  # the partial group of the last chunk
-    before = packing.padding_fraction(ckpt.rank_microbatches(order, 0, 1, 8), examples)
-    after = packing.padding_fraction(ckpt.rank_microbatches(grouped, 0, 1, 8), examples)
+    before = packing.padding_fraction(sampler.rank_microbatches(order, 0, 1, 8), examples)
+    after = packing.padding_fraction(sampler.rank_microbatches(grouped, 0, 1, 8), examples)
     assert after < before / 3
     # two ranks of batch 4 see exactly the groups one process of batch 8 sees
-    one = ckpt.rank_microbatches(grouped, 0, 1, 8)
-    two = [ckpt.rank_microbatches(grouped, r, 2, 4) for r in range(2)]
+    one = sampler.rank_microbatches(grouped, 0, 1, 8)
+    two = [sampler.rank_microbatches(grouped, r, 2, 4) for r in range(2)]
     assert all(sorted(one[i]) == sorted(two[0][i] + two[1][i]) for i in range(len(one) - 1))  # last: wrapped
 
 

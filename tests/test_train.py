@@ -1,7 +1,10 @@
-"""Tests of train.py (the iteration driver and the loop) and checkpoint.py, on the tiny random model."""
+"""Tests of train.py (the iteration driver and the loop), checkpoint.py, rundir.py and sampler.py, on the tiny
+random model."""
 import importlib.util
+import itertools
 import json
 import pathlib
+import re
 import shutil
 import types
 
@@ -11,6 +14,8 @@ import torch
 import checkpoint as ckpt
 import data
 import loss
+import rundir
+import sampler
 import step as steps
 import train
 from conftest import SECRET, fresh_copy, make_tiny_model, make_tiny_tokenizer, model_weights, read_jsonl, tiny_flags
@@ -76,6 +81,18 @@ def test_iter0_then_iter1_end_to_end(iter0_run, tmp_path, monkeypatch, capsys):
     train.main(["--iter", "1", *tiny_flags(run_dir, "unused")])  # a finished iteration: nothing to do
     assert "nothing to do" in capsys.readouterr().out
     assert read_jsonl(it1 / "metrics.jsonl") == metrics1
+
+
+def test_pipeline_doc_names_every_metrics_column(iter0_run):
+    """docs/pipeline.md's metrics.jsonl columns are exactly the keys of a row train.py writes (the text in
+    parentheses is a note, not a column)."""
+    lines = (pathlib.Path(train.__file__).parent / "docs" / "pipeline.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("metrics.jsonl ") and "columns:" in line)
+    entry = [lines[start]] + list(itertools.takewhile(lambda line: line.startswith(" " * 31), lines[start + 1:]))
+    text = re.sub(r"\([^)]*\)", "", " ".join(entry).split("columns:", 1)[1])
+    documented = [name.strip() for name in text.split(",")]
+    row = read_jsonl(iter0_run / "iter0" / "metrics.jsonl")[0]
+    assert len(documented) == len(set(documented)) and set(documented) == set(row), set(documented) ^ set(row)
 
 
 def test_resume_after_kill_gives_the_same_weights(iter0_run, tmp_path):
@@ -211,15 +228,15 @@ def test_linear_schedule_matches_hand_values():
 
 def test_rank_shards_of_one_step_are_the_single_process_batch():
     """With W ranks of batch b, step i sees the same examples as one process with batch W·b."""
-    order = ckpt.epoch_order(13, seed=3, epoch=1)
-    assert sorted(order) == list(range(13)) and order == ckpt.epoch_order(13, seed=3, epoch=1)
-    assert order != ckpt.epoch_order(13, seed=3, epoch=2)
-    single = ckpt.rank_microbatches(order, 0, 1, 4)
-    shards = [ckpt.rank_microbatches(order, r, 2, 2) for r in range(2)]
+    order = sampler.epoch_order(13, seed=3, epoch=1)
+    assert sorted(order) == list(range(13)) and order == sampler.epoch_order(13, seed=3, epoch=1)
+    assert order != sampler.epoch_order(13, seed=3, epoch=2)
+    single = sampler.rank_microbatches(order, 0, 1, 4)
+    shards = [sampler.rank_microbatches(order, r, 2, 2) for r in range(2)]
     padded = order + order[:1]  # 13 → 14, wrapped as DistributedSampler does
     assert [sorted(a + b) for a, b in zip(*shards)] == [sorted(padded[i:i + 4]) for i in range(0, 14, 4)]
-    assert len(single) == ckpt.steps_per_epoch(13, 1, 4, 1) == 4
-    assert ckpt.steps_per_epoch(13, 2, 2, 2) == 2
+    assert len(single) == sampler.steps_per_epoch(13, 1, 4, 1) == 4
+    assert sampler.steps_per_epoch(13, 2, 2, 2) == 2
 
 
 def test_two_process_ddp_matches_one_process_with_the_double_batch(iter0_run, tmp_path):
@@ -257,6 +274,6 @@ def test_two_process_ddp_matches_one_process_with_the_double_batch(iter0_run, tm
 def test_summary_has_no_nan_when_no_record_has_both_scores():
     """A NaN flip rate (no record with both scores) is written as null: summary.json stays valid JSON."""
     args = types.SimpleNamespace(iter=1, start_model="m", dsl=True, noise="trainable")
-    summary = ckpt.summarize(args, [], {"flip_rate": float("nan")}, [], 0.0, 0.0)
+    summary = rundir.summarize(args, [], {"flip_rate": float("nan")}, [], 0.0, 0.0)
     assert summary["flip_rate"] is None
     json.dumps(summary, allow_nan=False)

@@ -7,6 +7,7 @@ import torch
 
 import checkpoint as ckpt
 import data
+import rundir
 import stages
 import train
 from conftest import fresh_copy, read_jsonl, tiny_flags
@@ -130,7 +131,7 @@ def test_run_dir_that_is_a_file_or_unwritable(tmp_path, tiny_model_dir, monkeypa
     (tmp_path / "file").write_text("")
     refused(["--iter", "0", *tiny_flags(tmp_path / "file", tiny_model_dir)], "is a file")
     refused(["--iter", "0", *tiny_flags(tmp_path / "file" / "sub", tiny_model_dir)], "sub")
-    monkeypatch.setattr(ckpt.os, "access", lambda path, mode: False)  # a read-only directory (root ignores chmod)
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)  # a read-only directory (root ignores chmod)
     refused(["--iter", "0", *tiny_flags(tmp_path / "ro", tiny_model_dir)], "is not writable")
 
 
