@@ -1,6 +1,9 @@
 """train.py's flags: each flag's default, range and help on its own `flag(...)` line, the presets, and the
 one-line checks that run before anything is written. `parse_args(argv)` returns the parsed flags; train.py
-never writes into them (how the run was started lives in train.RunState).
+never writes into them (how the run was started lives in train.RunState). The settings train.py shares with
+other commands are declared once where they belong and added by the same function as there: the judge's
+(`--judge-*`, judge.add_judge_flags, also judge.py's and eval.py's) and the generation settings
+(cli.add_generation_flags, also eval.py's); cli.py holds the one-line `Parser` and the number types.
 
 A preset is a plain dict of flag defaults applied with argparse's set_defaults; a flag given on the command
 line overrides it, and `--help` shows the chosen preset's values. `TRAINING_KEYS` are the flags declared
@@ -15,7 +18,6 @@ Where this departs from, or fills a gap in, the paper:
    (docs/study.md: AdamW, where RMSprop at these step counts either moves nothing or collapses the model).
 """
 import argparse
-import math
 import sys
 
 import data
@@ -23,6 +25,8 @@ import errors
 import judge as judges
 import noise as noises
 import tracking
+from cli import (COUNT, FINITE, NONNEGATIVE, NONNEGATIVE32, POSITIVE, POSITIVE32, POSITIVE_INT, Parser,  # noqa: F401
+                 add_generation_flags, hidden_alias)  # POSITIVE: config.POSITIVE of ablate.py and ppo.py
 from loss import LOSS_TYPES
 
 # A preset is a plain dict of flag defaults (argparse set_defaults): it overrides the defaults written on the
@@ -44,42 +48,6 @@ PRESETS = {
 # How a run was started, recorded beside the training flags (train.RunState): a checkpoint made under another
 # world size, start model or set of pairs is never resumed.
 RUN_STATE = ("world_size", "start_model", "pairs_sha256")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block; "argument --x: must be …" reads "--x must be …"
-        if message.startswith("argument ") and ": " in message:
-            name, rest = message[len("argument "):].split(": ", 1)
-            message = f"{name.split('/')[0]} {rest}" if rest.startswith("must") else f"{name}: {rest}"
-        raise SystemExit(f"{self.prog}: {message} (see --help)")
-
-
-def number(kind, low=None, strict=False, high=None):
-    """An argparse type: a finite int/float, > low (strict) or ≥ low, and ≤ high; the error reads "must be > 0,
-    got -1"."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if low is not None and (value <= low if strict else value < low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '≥'} {low}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be ≤ {high:.4g} (the float32 range of the tensors it scales), "
-                                             f"got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-POSITIVE_INT, POSITIVE, COUNT, NONNEGATIVE, FINITE = (number(int, 0, True), number(float, 0, True), number(int, 0),
-                                                     number(float, 0), number(float))
-# Flags that multiply float32 tensors (learning rates, β, σ, weight decay): beyond float32's range they would
-# overflow in the first step, after generation and judging; refused when parsed instead.
-FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
-POSITIVE32, NONNEGATIVE32 = number(float, 0, True, FLOAT32_MAX), number(float, 0, False, FLOAT32_MAX)
 
 
 def build_parser(preset="demo", training=None):
@@ -124,27 +92,11 @@ def build_parser(preset="demo", training=None):
     flag(g, "--trust-remote-code", action="store_true", help="allow hub model code")
     flag(g, "--gradient-checkpointing", action=argparse.BooleanOptionalAction,
          help="recompute activations in backward (default %(default)s)")
-    flag(g, "--max-new-tokens", type=POSITIVE_INT, help="generation length in tokens (default %(default)s)")
-    flag(g, "--temperature", type=NONNEGATIVE, default=0.0,
-         help="sampling temperature (0 = greedy; default %(default)s)")
-    flag(g, "--top-p", type=FINITE, default=1.0, help="nucleus sampling mass (1 = off; default %(default)s)")
-    flag(g, "--gen-batch-size", type=POSITIVE_INT, help="prompts per generation batch (default %(default)s)")
-    flag(g, "--gen-backend", choices=["hf", "vllm"], default="hf", help="generation backend (default %(default)s)")
-    g = p.add_argument_group("DSL and judge")
-    flag(g, "--judge", choices=["rule", "openai", "hf", "rm"], help="judge (default %(default)s)")
-    flag(g, "--judge-model", help="judge model name (openai: gpt-4o-mini; hf: hub id or dir; default %(default)s)")
-    flag(g, "--judge-base-url", help="OpenAI-compatible server URL (default api.openai.com)")
-    flag(g, "--judge-concurrency", type=POSITIVE_INT, default=8, help="parallel judge requests (default %(default)s)")
-    flag(g, "--judge-api-key-env", default="OPENAI_API_KEY",
-         help="environment variable holding the API key (default %(default)s)")
-    flag(g, "--judge-max-missing", type=FINITE, default=0.2,
-         help="fraction of records allowed without a score (default %(default)s)")
-    flag(g, "--judge-scale", type=int, choices=[10, 100], default=10,
-         help="LLM judges: rate 1..10 (default) or 1..100 (most likely the paper's, judge_base.py)")
-    flag(g, "--judge-mode", choices=["single", "pairwise"], default="single",
-         help="openai judge: single-answer scores (default) or pairwise (both answers, both orders)")
+    add_generation_flags(g, gen_batch_size=None)  # cli.py: the same names as eval.py score's (defaults: the preset)
+    g = p.add_argument_group("DSL and judge (the same --judge-* flags as judge.py and eval.py score)")
     flag(g, "--dsl", action=argparse.BooleanOptionalAction, trains=True,
          help="dynamic sample labeling (default on for k ≥ 1; --no-dsl: human = chosen)")
+    judges.add_judge_flags(g, judge=None)  # judge.py: every judge setting, its default and help (judge: the preset)
     g = p.add_argument_group("DNPO")
     flag(g, "--beta", type=POSITIVE32, default=0.1, trains=True, help="β of the margin (default %(default)s)")
     flag(g, "--loss-type", choices=LOSS_TYPES, default="sigmoid", trains=True,
@@ -159,8 +111,10 @@ def build_parser(preset="demo", training=None):
          help="learning rate of the noise network (default %(default)s)")
     flag(g, "--noise-init-variance", type=POSITIVE32, default=noises.DEFAULT_INIT_VARIANCE, trains=True,
          help="σ² of the trainable noise at the start of each iteration (Eq. 5 bias init; default %(default)s)")
-    flag(g, "--noise-chunk-size", type=POSITIVE_INT, default=256,
-         help="answer tokens per chunk of lm_head + log-softmax (memory; default %(default)s)")
+    hidden_alias(g, "--noise-chunk-size", flag(  # its older name: it chunks the policy's head as well as the noise's
+        g, "--head-chunk-size", dest="noise_chunk_size", metavar="N", type=POSITIVE_INT, default=256,
+        help="answer tokens per chunk of lm_head + log-softmax: the policy's log-probs and the noise's z = "
+             "lm_head(h) (memory; default %(default)s)"))
     g = p.add_argument_group("optimization")
     flag(g, "--epochs", type=POSITIVE_INT, trains=True, help="epochs over the pairs (default %(default)s)")
     flag(g, "--batch-size", type=POSITIVE_INT, trains=True,
@@ -230,15 +184,12 @@ def check_args(args):
     need(str(args.run_dir).strip() != "", "--run-dir must name a directory, got an empty string")
     check_device(args.device)
     need(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
-    need(0 <= args.judge_max_missing <= 1, f"--judge-max-missing must be in [0, 1], got {args.judge_max_missing}")
     need(0 <= args.flaw_rate <= 1, f"--flaw-rate must be in [0, 1], got {args.flaw_rate}")
     need(args.warmup_ratio < 1, f"--warmup-ratio must be < 1, got {args.warmup_ratio}")
     need(args.max_prompt_length < args.max_length,
          f"--max-prompt-length ({args.max_prompt_length}) must be < --max-length ({args.max_length})")
     need(args.data is not None, f"--preset {args.preset} needs --data FILE (an UltraChat jsonl/parquet file)")
-    need(args.judge != "hf" or args.judge_model, "--judge hf needs --judge-model (a hub id or a directory)")
-    need(args.judge == "openai" or args.judge_mode == "single", "--judge-mode pairwise needs --judge openai")
-    need(args.judge != "rule" or args.judge_scale == 10, "--judge rule scores 1..10 only (drop --judge-scale)")
+    judges.check_judge_args(args)  # --judge-model for hf and rm, pairwise for openai, 1..10 for rule
     if args.data != "demo":  # every record read now, before the model loads (bad lines: file:line)
         try:
             records = data.load_prompts(args.data, max_prompts=args.max_prompts or None)
@@ -289,8 +240,6 @@ def check_judge(args):
     if args.judge == "hf":
         return
     try:
-        judges.make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
-                          concurrency=args.judge_concurrency, api_key_env=args.judge_api_key_env,
-                          scale=args.judge_scale, mode=args.judge_mode)
+        judges.judge_from_args(args)  # every --judge-* setting, as the judge stage builds it
     except ValueError as e:  # JudgeFatalError is a ValueError
         raise errors.Refusal(str(e)) from None

@@ -32,10 +32,11 @@ class DiskFull(OSError):
 
 
 def size_text(n) -> str:
-    """Bytes as a short human number: 1536 -> "1.5 KiB"."""
+    """Bytes as a short human number: 1536 -> "1.5 KiB", a whole number of units without decimals (1048576 ->
+    "1 MiB", 65536 -> "64 KiB", 1000 -> "1000 bytes")."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "bytes" or n == int(n) else f"{n:.1f} {unit}"
         n /= 1024
 
 

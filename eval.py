@@ -64,17 +64,14 @@ import generate
 import model as model_lib
 import runlock
 import stages
-from config import Parser, number
-from data import iterations, load_prompts, read_jsonl, write_json
-from data import read_json as data_read_json
+from cli import COUNT, POSITIVE_INT, Parser, add_generation_flags
+from data import iterations, load_prompts, read_json, read_jsonl, write_json
 from demo import check_answer
 from harness import run_benchmarks
-from judge import judge_records, make_judge, win_tie_loss
+from judge import add_judge_flags, check_judge_args, judge_from_args, judge_records, win_tie_loss
 from judge_base import judge_name
-from plots import make_plots, markdown_table, model_order, read_json, score_table, similarity_table, write_report
-from stagnation import compute_logps
-
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
+from plots import make_plots, markdown_table, model_order, score_table, similarity_table, write_report
+from stagnation import Z95, compute_logps  # Z95: the two-sided 95 % normal quantile (also ev.Z95)
 
 
 def is_run_dir(path) -> bool:
@@ -174,7 +171,7 @@ def score_models(target, args):
     """(models to score [(name, path)], every model of the target [(name, path)], max_new_tokens, out_dir)."""
     if is_run_dir(target):
         config_path = target / f"iter{iterations(target)[0]}" / "config.json"
-        config = data_read_json(config_path)  # an object, or a one-line ValueError naming the file
+        config = read_json(config_path)  # an object, or a one-line ValueError naming the file
         if not isinstance(config.get("base_model"), str) or not config["base_model"]:
             raise ValueError(f"{config_path}: field 'base_model' must be a model name or directory, got "
                              f"{config.get('base_model')!r}")
@@ -198,11 +195,10 @@ def run_score(args):
     result keyed by its weights' identity, the prompts' sha256 and the settings (a mismatch re-scores it)."""
     target = Path(args.target)
     models, found, max_new_tokens, out_dir = score_models(target, args)
-    def build_judge():
-        return make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
-                          cache_path=str(out_dir / "judge_cache.jsonl"), device=args.device)
+    def build_judge():  # every --judge-* setting (judge.add_judge_flags)
+        return judge_from_args(args, cache_path=str(out_dir / "judge_cache.jsonl"), device=args.device)
     if args.judge == "hf":  # HFJudge loads its model when built: only once a model is to be judged
-        judge_obj, judge_label = None, judge_name(f"hf:{args.judge_model}")
+        judge_obj, judge_label = None, judge_name(f"hf:{args.judge_model}", args.judge_scale)
     else:  # built now: its checks (an API key, the base URL) come before anything is written
         judge_obj = build_judge()
         judge_label = judge_obj.name
@@ -258,10 +254,11 @@ def run_score(args):
         policy, tokenizer = model_lib.load_model(path, device=args.device)
         rows = generate.generate_answers(policy, tokenizer, records, str(out_dir / f"{name}_generated.jsonl"),
                                          max_new_tokens=max_new_tokens, temperature=0.0, seed=args.seed,
-                                         batch_size=args.batch_size)
+                                         batch_size=args.gen_batch_size)
         del policy
         judge_obj = judge_obj or build_judge()
-        judged, _ = judge_records(rows, judge_obj, str(out_dir / f"{name}_judged.jsonl"))
+        judged, _ = judge_records(rows, judge_obj, str(out_dir / f"{name}_judged.jsonl"),
+                                  max_missing=args.judge_max_missing)
         scores["models"][name] = {"path": str(path), **score_row(judged), "key": key}
         started.pop(name)
         if scores["human"] is None:  # the eval prompts' human answers: a fixed reference line
@@ -590,10 +587,7 @@ def run_report(args):
     return path
 
 
-# flag types: each checked by argparse, before a model loads or a file is written (one line, see config.Parser)
-POSITIVE_INT, COUNT = number(int, 0, strict=True), number(int, 0)
-
-
+# flag types: each checked by argparse, before a model loads or a file is written (one line, see cli.Parser)
 def device_name(text):
     """cpu | cuda | cuda:N | mps, and only one this machine has."""
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
@@ -625,19 +619,16 @@ def parse_args(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="held-out mean score / accuracy per iteration (Fig. 6)")
     p.add_argument("target", help="a run directory (base model + every iter*/model) or one model dir / hub id")
-    p.add_argument("--judge", default="rule", choices=["rule", "openai", "hf", "rm"], help="who scores the answers")
-    p.add_argument("--judge-model", default=None, help="judge model name (openai) or dir/id (hf); unused by rule")
-    p.add_argument("--judge-base-url", default=None, help="OpenAI-compatible server URL (openai judge)")
     p.add_argument("--data", default=None, help="held-out prompts: 'demo' (the demo eval split, default) or a JSONL file")
     p.add_argument("--max-prompts", type=POSITIVE_INT, default=None, help="first N held-out prompts (default: all)")
-    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None,
-                   help="generation length in tokens (default: the run's)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="prompts per generation batch")
+    add_generation_flags(p, sampling=False, gen_batch_size=8, unset_max_new_tokens="the run's, else 256",
+                         gen_batch_size_alias="--batch-size")  # greedy (departure 1); train.py's names
     p.add_argument("--device", type=device_name, default=None, help="cpu|cuda (default: cuda if available)")
     p.add_argument("--seed", type=COUNT, default=0, help="seed for prompt sampling and generation")
     p.add_argument("--out-dir", default=None, help="where to write (default: RUN_DIR/eval, or ./eval-NAME for a model)")
     p.add_argument("--skip", nargs="*", type=model_name, default=[],
                    help="models not to score, e.g. base (scored in another run)")
+    add_judge_flags(p.add_argument_group("judge (the same --judge-* flags as train.py and judge.py)"))
     p.set_defaults(func=run_score)
     p = sub.add_parser("logps", help="log-probs of human answers vs each model's own fresh answers (Fig. 2/10)")
     p.add_argument("run_dir")
@@ -684,9 +675,11 @@ def parse_args(argv=None):
     p.add_argument("run_dir")
     p.set_defaults(func=run_report)
     args = parser.parse_args(argv)
-    if args.command == "score" and args.judge == "hf" and not args.judge_model:
-        raise SystemExit("eval.py score: --judge hf needs --judge-model (a Hugging Face id, a directory or "
-                         "smollm2-135m) (see --help)")
+    if args.command == "score":
+        try:
+            check_judge_args(args)  # --judge-model for hf and rm, pairwise for openai, 1..10 for rule
+        except ValueError as e:
+            raise SystemExit(f"eval.py score: {e} (see --help)") from None
     if args.command == "compare" and args.out and Path(args.out).is_dir():
         raise SystemExit(f"eval.py compare: --out {args.out} is a directory; name a file (see --help)")
     return args

@@ -2,8 +2,14 @@
 
     python judge.py --in generated.jsonl --out judged.jsonl --judge rule|openai|hf|rm
                     [--judge-model M] [--judge-base-url URL] [--judge-scale 10|100] [--judge-mode single|pairwise]
-                    [--concurrency C] [--cache FILE] [--judge-max-missing F]
+                    [--judge-concurrency C] [--cache FILE] [--judge-max-missing F] [--judge-* ...]
     python judge.py --flip-report runs/demo          # DSL flip rate per iteration
+
+The judge's settings (`--judge-*`: model, base URL, scale, mode, concurrency, timeout, retries, retry wait, reply
+length, API-key variable, batch size, allowed missing scores) are declared once, in `SETTINGS`, and added by
+`add_judge_flags` to train.py, judge.py and eval.py under the same names; `judge_from_args` hands them to
+`make_judge`. judge.py also accepts its older spellings (--concurrency, --timeout, --max-retries, --max-retry-wait,
+--max-tokens, --api-key-env, --max-missing, --batch-size), not shown by --help.
 
 The judges (higher is better; judge_base.py holds their interface, templates and scales):
 * `rule` (here; demo records, offline, deterministic), graded by `demo.grade_answer(response,
@@ -52,18 +58,102 @@ import os
 from tqdm import tqdm
 
 import demo
+import judge_http
+from cli import COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, Parser, default_help, hidden_alias
 from data import (answer_problem, append_jsonl, dsl_stats, iterations, open_append, read_jsonl, read_jsonl_tolerant,
                   write_jsonl)
-from errors import one_line
-from judge_base import DEFAULT_SCALE, MODES, SCALES, Judge, JudgeFatalError
+from errors import Refusal, one_line
+from judge_base import BATCH_SIZE, DEFAULT_SCALE, MODES, SCALES, Judge, JudgeFatalError
 from judge_hf import HFJudge
 from judge_rm import RewardModelJudge
-from judge_http import MAX_RETRY_WAIT, OpenAIJudge
+from judge_http import OpenAIJudge
 
+KINDS = ("rule", "openai", "hf", "rm")
 RULE_CORRECT, RULE_WRONG = 10.0, 1.0
 RULE_GRADES = {"correct": RULE_CORRECT, "attempt": 3.0, "none": RULE_WRONG}  # demo.grade_answer -> score
 REQUIRED = ("id", "prompt", "human", "generated")
 MAX_MISSING = 0.2  # judge_records stops above this fraction of missing scores (departure "Missing scores")
+
+
+def fraction(text):
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+# The judge's settings, declared once: (flag, make_judge keyword or None, help, argparse keywords, judge.py's older
+# spelling). add_judge_flags adds them to train.py, judge.py and eval.py; judge_from_args hands them to make_judge
+# (--judge-max-missing goes to judge_records). The defaults are the judges' own (judge_http.py, judge_base.py);
+# "unset" says what a None default means.
+SETTINGS = (
+    ("--judge", "kind", "which judge", dict(choices=KINDS, default="rule"), None),
+    ("--judge-model", "model", "openai: model name; hf: hub id, directory or smollm2-135m; rm: a reward model's "
+     "directory or hub id", dict(metavar="NAME", unset=f"{judge_http.MODEL} for openai; hf and rm need one"), None),
+    ("--judge-base-url", "base_url", "openai: OpenAI-compatible server URL",
+     dict(metavar="URL", unset=judge_http.BASE_URL), None),
+    ("--judge-scale", "scale", "openai, hf: rate each answer 1..10 or 1..100, most likely the paper's (judge_base.py)",
+     dict(type=int, choices=SCALES, default=DEFAULT_SCALE), None),
+    ("--judge-mode", "mode", "openai: single (each answer rated alone) or pairwise (both answers, both orders)",
+     dict(choices=MODES, default="single"), None),
+    ("--judge-concurrency", "concurrency", "openai: requests in flight at once",
+     dict(type=POSITIVE_INT, default=judge_http.CONCURRENCY, metavar="N"), "--concurrency"),
+    ("--judge-timeout", "timeout", "openai: one deadline per request over connect and every read",
+     dict(type=POSITIVE, default=judge_http.TIMEOUT, metavar="SECONDS"), "--timeout"),
+    ("--judge-max-retries", "max_retries", "openai: retries per answer on 429/408/5xx/timeouts/connection errors "
+     "(0 = none)", dict(type=COUNT, default=judge_http.MAX_RETRIES, metavar="N"), "--max-retries"),
+    ("--judge-max-retry-wait", "max_retry_wait", "openai: seconds of backoff in all per answer before the run stops",
+     dict(type=NONNEGATIVE, default=judge_http.MAX_RETRY_WAIT, metavar="SECONDS"), "--max-retry-wait"),
+    ("--judge-max-tokens", "max_tokens", "openai: reply length cap in tokens (more for models that think first)",
+     dict(type=POSITIVE_INT, default=judge_http.MAX_TOKENS, metavar="N"), "--max-tokens"),
+    ("--judge-api-key-env", "api_key_env", "openai: environment variable holding the API key (a local server "
+     "needs none)", dict(default=judge_http.API_KEY_ENV, metavar="VAR"), "--api-key-env"),
+    ("--judge-batch-size", "batch_size", "hf, rm: answers per forward pass",
+     dict(type=POSITIVE_INT, default=BATCH_SIZE, metavar="N"), "--batch-size"),
+    ("--judge-max-missing", None, "stop the judge stage when more than this fraction of its scores is missing "
+     "(1 = never)", dict(type=fraction, default=MAX_MISSING, metavar="F"), "--max-missing"),
+)
+
+
+def add_judge_flags(group, *, judge="rule", aliases=False):
+    """Every judge setting (SETTINGS) as a --judge-* flag of `group` (a parser or an argument group), with its
+    default and `%(default)s` help; `judge` is --judge's default (None: a preset sets it). aliases: also accept
+    judge.py's older spellings, hidden from --help."""
+    for flag, _, text, kw, old in SETTINGS:
+        kw = dict(kw, default=judge) if flag == "--judge" else dict(kw)
+        action = group.add_argument(flag, help=default_help(text, kw.pop("unset", None)), **kw)
+        if aliases and old:
+            hidden_alias(group, old, action)
+
+
+def judge_settings(args) -> dict:
+    """make_judge's keywords from the parsed --judge-* flags (all of them but --judge and --judge-max-missing)."""
+    return {kw: getattr(args, flag[2:].replace("-", "_")) for flag, kw, *_ in SETTINGS if kw not in (None, "kind")}
+
+
+def judge_from_args(args, *, cache_path=None, device=None) -> Judge:
+    """The judge the parsed --judge-* flags describe (add_judge_flags), every setting passed on."""
+    return make_judge(args.judge, cache_path=cache_path, device=device, **judge_settings(args))
+
+
+def check_judge_args(args) -> None:
+    """errors.Refusal (one line) for --judge-* combinations no judge can use, before anything is built or written
+    (make_judge raises the same when a judge is built)."""
+    problem = None
+    if args.judge in ("hf", "rm") and not args.judge_model:
+        problem = f"--judge {args.judge} needs --judge-model (a hub id or a directory)"
+    elif args.judge != "openai" and args.judge_mode != "single":
+        problem = "--judge-mode pairwise needs --judge openai"
+    elif args.judge == "rule" and args.judge_scale != DEFAULT_SCALE:
+        problem = "--judge rule scores 1..10 only (drop --judge-scale)"
+    elif args.judge == "rm" and args.judge_scale != DEFAULT_SCALE:
+        problem = "--judge rm scores are the reward model's own real numbers (drop --judge-scale)"
+    if problem:
+        raise Refusal(problem)
 
 
 class TooManyMissing(JudgeFatalError):
@@ -91,11 +181,16 @@ class RuleJudge(Judge):
         return out
 
 
-def make_judge(kind, *, model=None, base_url=None, cache_path=None, concurrency=8, api_key_env="OPENAI_API_KEY",
-               device=None, scale=DEFAULT_SCALE, mode="single", **options) -> Judge:
+def make_judge(kind, *, model=None, base_url=None, cache_path=None, device=None, scale=DEFAULT_SCALE, mode="single",
+               concurrency=judge_http.CONCURRENCY, api_key_env=judge_http.API_KEY_ENV, timeout=judge_http.TIMEOUT,
+               max_retries=judge_http.MAX_RETRIES, max_retry_wait=judge_http.MAX_RETRY_WAIT,
+               max_tokens=judge_http.MAX_TOKENS, batch_size=BATCH_SIZE, **options) -> Judge:
     """rule | openai (model default gpt-4o-mini, base_url default OpenAI) | hf | rm (model required). scale (10 or
-    100) and mode (single | pairwise) are the LLM judges' (judge_base.py); pairwise needs the openai judge."""
-    if kind not in ("rule", "openai", "hf", "rm"):
+    100) and mode (single | pairwise) are the LLM judges' (judge_base.py); pairwise needs the openai judge.
+    concurrency, api_key_env, timeout, max_retries, max_retry_wait and max_tokens are the openai judge's,
+    batch_size the hf and rm judges'; each judge ignores the others' (the --judge-* flags pass them all).
+    `options` go to the judge's class as they are (tests: backoff and sleep of the openai judge)."""
+    if kind not in KINDS:
         raise ValueError(f"unknown judge {kind!r} (rule, openai, hf or rm)")
     if kind != "openai" and mode != "single":
         raise ValueError(f"--judge-mode {mode} needs --judge openai (the {kind} judge grades each answer alone)")
@@ -105,19 +200,20 @@ def make_judge(kind, *, model=None, base_url=None, cache_path=None, concurrency=
                              f"(use --judge openai or hf)")
         return RuleJudge()
     if kind == "openai":
-        return OpenAIJudge(model=model or "gpt-4o-mini", base_url=base_url or "https://api.openai.com/v1",
+        return OpenAIJudge(model=model or judge_http.MODEL, base_url=base_url or judge_http.BASE_URL,
                            cache_path=cache_path, concurrency=concurrency, api_key_env=api_key_env, scale=scale,
-                           mode=mode, **options)
+                           mode=mode, timeout=timeout, max_retries=max_retries, max_retry_wait=max_retry_wait,
+                           max_tokens=max_tokens, **options)
     if kind == "rm":
         if not model:
             raise ValueError("--judge rm needs --judge-model (a reward model's directory or Hugging Face id)")
         if scale != DEFAULT_SCALE:
             raise ValueError(f"the rm judge's scores are the reward model's own real numbers, not a {scale}-point "
                              f"scale (drop --judge-scale)")
-        return RewardModelJudge(model, device=device, cache_path=cache_path, **options)
+        return RewardModelJudge(model, device=device, cache_path=cache_path, batch_size=batch_size, **options)
     if not model:
         raise ValueError("--judge hf needs --judge-model (a Hugging Face id, a directory or smollm2-135m)")
-    return HFJudge(model, device=device, scale=scale, **options)
+    return HFJudge(model, device=device, scale=scale, batch_size=batch_size, **options)
 
 
 # ---------------------------------------------------------------- judging records
@@ -246,33 +342,15 @@ def flip_rates_by_iteration(run_dir) -> list[dict]:
 
 # ---------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(prog="judge.py", description=__doc__.split("\n")[0])
     # --- files
     p.add_argument("--in", dest="inp", help="generated.jsonl: rows {id, prompt, human, generated[, answer]}")
     p.add_argument("--out", help="judged.jsonl to write (atomic; <out>.partial while running)")
     p.add_argument("--flip-report", metavar="RUN_DIR", help="print the DSL flip rate of RUN_DIR/iter*/judged.jsonl and exit")
-    # --- judge
-    p.add_argument("--judge", choices=("rule", "openai", "hf", "rm"), default="rule", help="which judge (default rule)")
-    p.add_argument("--judge-model", help="openai: model name (default gpt-4o-mini); hf: HF id, directory or "
-                                         "smollm2-135m; rm: a reward model's directory or HF id")
-    p.add_argument("--judge-base-url", help="openai: server base URL (default https://api.openai.com/v1)")
-    p.add_argument("--judge-scale", type=int, choices=SCALES, default=DEFAULT_SCALE,
-                   help="openai, hf: rate each answer on 1..10 (default) or 1..100 (most likely the paper's)")
-    p.add_argument("--judge-mode", choices=MODES, default="single",
-                   help="openai: single (each answer rated alone, default) or pairwise (both answers, both orders)")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (not needed for a local server)")
     p.add_argument("--cache", help="openai, rm: score cache JSONL (default <out>.cache.jsonl; 'off' = no cache)")
-    p.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at once")
-    p.add_argument("--timeout", type=float, default=60.0, help="openai: deadline in seconds per request (connect + reply)")
-    p.add_argument("--max-retries", type=int, default=6, help="openai: retries per answer on 429/5xx/timeouts (0 = none)")
-    p.add_argument("--max-tokens", type=int, default=16, help="openai: reply length cap in tokens")
-    p.add_argument("--max-retry-wait", type=float, default=MAX_RETRY_WAIT,
-                   help=f"openai: seconds of backoff in all per answer before the run stops (default {MAX_RETRY_WAIT:g})")
-    p.add_argument("--judge-max-missing", "--max-missing", dest="max_missing", type=float, default=MAX_MISSING,
-                   help="stop when more than this fraction of scores is missing (default 0.2; 1 = never)")
     p.add_argument("--device", help="hf, rm: torch device (default cuda if available)")
-    p.add_argument("--batch-size", type=int, default=8, help="hf, rm: answers per forward pass")
+    add_judge_flags(p.add_argument_group("judge (the same --judge-* flags as train.py and eval.py score)"),
+                    aliases=True)
     args = p.parse_args(argv)
     if not args.flip_report and not (args.inp and args.out):
         p.error("--in and --out are required (or --flip-report RUN_DIR)")
@@ -288,19 +366,12 @@ def main(argv=None) -> None:
                       f"| missing {s['missing']}")
             return
 
+        check_judge_args(args)
         records = read_jsonl(args.inp)
-        options = {}
-        if args.judge == "openai":
-            options = dict(timeout=args.timeout, max_retries=args.max_retries, max_tokens=args.max_tokens,
-                           max_retry_wait=args.max_retry_wait)
-        elif args.judge in ("hf", "rm"):
-            options = dict(batch_size=args.batch_size)
         cache = None if args.cache in (None, "off") else args.cache
-        judge = make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url, cache_path=cache,
-                           concurrency=args.concurrency, api_key_env=args.api_key_env, device=args.device,
-                           scale=args.judge_scale, mode=args.judge_mode, **options)
+        judge = judge_from_args(args, cache_path=cache, device=args.device)
         _, summary = judge_records(records, judge, args.out, default_cache=args.cache != "off",
-                                   max_missing=args.max_missing)
+                                   max_missing=args.judge_max_missing)
         print(format_summary(summary))
     except (ValueError, OSError) as e:  # JudgeFatalError and errors.Refusal are ValueErrors
         raise SystemExit(one_line("judge.py", e)) from None

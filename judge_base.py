@@ -31,6 +31,7 @@ import hashlib
 SCALES = (10, 100)
 DEFAULT_SCALE = 10
 MODES = ("single", "pairwise")
+BATCH_SIZE = 8               # answers per forward pass of the local judges (hf, rm)
 EMPTY_SCORE = 1.0            # an empty answer is the worst answer (departure "Empty answers")
 RATING_PREFIX = "Rating: [["  # the reply format; the hf judge reads the next token after it
 _SINGLE = (

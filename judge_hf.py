@@ -22,14 +22,14 @@ import copy
 import torch
 
 from data import pad_rows, render_chat
-from judge_base import DEFAULT_SCALE, RATING_PREFIX, Judge, build_prompt, check_scale_and_mode, judge_name
+from judge_base import BATCH_SIZE, DEFAULT_SCALE, RATING_PREFIX, Judge, build_prompt, check_scale_and_mode, judge_name
 from model import load_model
 
 
 class HFJudge(Judge):
     """Expected rating from a local causal LM's next-token probabilities after "Rating: [["."""
 
-    def __init__(self, model, tokenizer=None, device=None, batch_size=8, scale=DEFAULT_SCALE):
+    def __init__(self, model, tokenizer=None, device=None, batch_size=BATCH_SIZE, scale=DEFAULT_SCALE):
         super().__init__()
         check_scale_and_mode(scale)
         if tokenizer is None:

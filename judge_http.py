@@ -74,6 +74,7 @@ import zlib
 import httpx
 
 from data import append_jsonl, open_append, read_jsonl_tolerant, refuse_symlink
+from diskspace import size_text
 from judge_base import (DEFAULT_SCALE, PAIRWISE_VERSION, Judge, JudgeFatalError, build_pairwise_prompt,
                         build_prompt, check_scale_and_mode, judge_name, template_version)
 
@@ -193,13 +194,6 @@ class BadReply(ValueError):
     """A reply body refused: over the size cap, or in an encoding that cannot be decoded."""
 
 
-def size_text(n: int) -> str:
-    """1048576 -> "1 MiB", 65536 -> "64 KiB", 1000 -> "1000 bytes"."""
-    if n and n % (1 << 20) == 0:
-        return f"{n >> 20} MiB"
-    return f"{n >> 10} KiB" if n and n % 1024 == 0 else f"{n} bytes"
-
-
 def _decoder(encoding: str):
     """A zlib decompressor for the Content-Encoding, None for identity; BadReply for anything else."""
     if encoding in ("", "identity"):
@@ -309,6 +303,9 @@ PRICES_PER_MTOK = {"gpt-4o-mini": (0.15, 0.60), "gpt-4o": (2.50, 10.00)}
 FATAL_STATUS = {401: "check the API key", 403: "the key may not use this model", 404: "check the base URL and model"}
 RETRY_AFTER_MAX = 60.0       # seconds: a longer Retry-After is cut to this
 MAX_RETRY_WAIT = 300.0       # seconds of backoff in all per answer before the run stops
+# The defaults of the settings every command takes as --judge-* flags (judge.add_judge_flags)
+MODEL, BASE_URL, API_KEY_ENV = "gpt-4o-mini", "https://api.openai.com/v1", "OPENAI_API_KEY"
+CONCURRENCY, TIMEOUT, MAX_RETRIES, MAX_TOKENS = 8, 60.0, 6, 16
 
 
 # ---------------------------------------------------------------- reply parsers
@@ -398,9 +395,9 @@ def _json_rating(blob: str):
 class OpenAIJudge(Judge):
     """Scores answers with an OpenAI-compatible chat-completions server (see the module docstring)."""
 
-    def __init__(self, model="gpt-4o-mini", base_url="https://api.openai.com/v1", cache_path=None, concurrency=8,
-                 api_key_env="OPENAI_API_KEY", timeout=60.0, max_retries=6, backoff_base=1.0, backoff_max=60.0,
-                 retry_after_max=RETRY_AFTER_MAX, max_retry_wait=MAX_RETRY_WAIT, parse_retries=1, max_tokens=16,
+    def __init__(self, model=MODEL, base_url=BASE_URL, cache_path=None, concurrency=CONCURRENCY,
+                 api_key_env=API_KEY_ENV, timeout=TIMEOUT, max_retries=MAX_RETRIES, backoff_base=1.0, backoff_max=60.0,
+                 retry_after_max=RETRY_AFTER_MAX, max_retry_wait=MAX_RETRY_WAIT, parse_retries=1, max_tokens=MAX_TOKENS,
                  max_reply_bytes=MAX_REPLY_BYTES, sleep=asyncio.sleep, scale=DEFAULT_SCALE, mode="single"):
         super().__init__()
         check_scale_and_mode(scale, mode)
@@ -419,7 +416,7 @@ class OpenAIJudge(Judge):
         self.api_key_env = api_key_env  # the variable's name; its value is read per run and never stored
         if not self._api_key() and not is_local_url(self.base_url):
             raise JudgeFatalError(f"${api_key_env} is not set; the judge at {self.public} needs an API key "
-                                  f"(export it, or name another variable with --api-key-env)")
+                                  f"(export it, or name another variable with --judge-api-key-env)")
         self.cache = ScoreCache(cache_path) if cache_path else None
         self.concurrency, self.timeout, self.max_tokens = concurrency, timeout, max_tokens
         self.max_retries, self.parse_retries = max_retries, parse_retries
@@ -608,7 +605,7 @@ class OpenAIJudge(Judge):
             if waited + delay > self.max_retry_wait:
                 raise JudgeFatalError(f"judge {self.public} still failing ({reason}) after {transient - 1} retries and "
                                       f"{waited:.0f} s of waiting; the next wait ({delay:.0f} s) would pass "
-                                      f"--max-retry-wait {self.max_retry_wait:g} s for this answer")
+                                      f"--judge-max-retry-wait {self.max_retry_wait:g} s for this answer")
             waited += delay
             self.stats["retries"] += 1
             await self._sleep(delay)

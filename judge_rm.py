@@ -40,7 +40,7 @@ import torch
 
 import data
 import stages
-from judge_base import Judge
+from judge_base import BATCH_SIZE, Judge
 from judge_http import ScoreCache
 from model import _from_pretrained, pick_device, pick_dtype, resolve_model
 
@@ -82,8 +82,8 @@ def render_conversation(tokenizer, prompt, answer) -> list[int]:
 class RewardModelJudge(Judge):
     """score = the reward model's scalar logit for (prompt, answer); higher is better."""
 
-    def __init__(self, model, tokenizer=None, *, device=None, dtype=None, batch_size=8, max_length=DEFAULT_MAX_LENGTH,
-                 cache_path=None, trust_remote_code=False):
+    def __init__(self, model, tokenizer=None, *, device=None, dtype=None, batch_size=BATCH_SIZE,
+                 max_length=DEFAULT_MAX_LENGTH, cache_path=None, trust_remote_code=False):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1 or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"rm judge: batch_size must be ≥ 1 and max_length ≥ 2 (got {batch_size}, {max_length})")

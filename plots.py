@@ -42,8 +42,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data import atomic_open, iterations, read_jsonl  # noqa: E402
-from data import read_json as data_read_json  # noqa: E402
+from data import atomic_open, iterations, read_json, read_jsonl  # noqa: E402
 from judge import dsl_flip_rate  # noqa: E402
 from stagnation import read_summaries  # noqa: E402
 
@@ -374,11 +373,6 @@ def similarity_table(rows):
                           [[r["iter"], r["generated_by"], r["reference"], r["n"], r["bleu"], r["rougeL"], r["embedding"]] for r in rows])
 
 
-def read_json(path):
-    """A JSON file's document; ValueError naming the file when it is missing, unreadable or invalid."""
-    return data_read_json(path, kind=None)
-
-
 def iteration_rows(run_dir, scores=None):
     """One dict per iteration: summary.json numbers, observed flip rate (judged.jsonl), held-out score."""
     run_dir, rows = Path(run_dir), []
@@ -466,7 +460,7 @@ def write_report(run_dir) -> Path:
     if scores:
         out += ["", "## Held-out scores (`eval.py score`)", "", f"Settings: `{json.dumps(scores['settings'])}`.", "", score_table(scores)]
     if (sim := run_dir / "eval" / "similarity.json").is_file():
-        out += ["", "## Similarity to the previous chosen answers (`eval.py similarity`, App. F)", "", similarity_table(read_json(sim))]
+        out += ["", "## Similarity to the previous chosen answers (`eval.py similarity`, App. F)", "", similarity_table(read_json(sim, kind=list))]
     if (bench := run_dir / "eval" / "benchmarks.json").is_file():
         models = read_json(bench)["models"]
         columns = [c for c in next(iter(models.values()), {}) if c not in ("model", "identity")

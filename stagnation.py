@@ -23,7 +23,6 @@ Where this departs from, or fills a gap in, the paper:
 3. Answers are truncated by training's rule (the run's max_length / max_prompt_length), so the log-prob
    of a long answer covers its first tokens only, as in training.
 """
-import json
 import math
 import os
 import sys
@@ -38,11 +37,7 @@ import generate
 import model as model_lib
 from loss import IGNORE_INDEX, sequence_logps
 
-Z95 = 1.959963984540054
-
-
-def _read_json(path):
-    return json.loads(Path(path).read_text())
+Z95 = 1.959963984540054  # the two-sided 95 % normal quantile (eval.py's intervals too)
 
 
 def answer_logps(model, tokenizer, rows, max_length, max_prompt_length, batch_size=8):
@@ -75,7 +70,7 @@ def reusable_generations(run_dir, k, n):
     nxt = Path(run_dir) / f"iter{k + 1}"
     if not ((nxt / "config.json").is_file() and (nxt / "generated.jsonl").is_file()):
         return None
-    start = _read_json(nxt / "config.json").get("start_model")
+    start = data.read_json(nxt / "config.json").get("start_model")
     if not start or not _same_dir(start, Path(run_dir) / f"iter{k}" / "model"):
         return None
     rows = data.read_jsonl(nxt / "generated.jsonl")[:n]
@@ -92,7 +87,7 @@ def compute_logps(run_dir, n=64, device=None, batch_size=8):
     if n < 1:
         raise ValueError(f"--n must be ≥ 1, got {n}")
     settings_path = out_dir / "logps_settings.json"
-    settings = _read_json(settings_path) if settings_path.is_file() else {"n": n, "iterations": {}}
+    settings = data.read_json(settings_path) if settings_path.is_file() else {"n": n, "iterations": {}}
     if settings["n"] != n:
         raise ValueError(f"{out_dir}/logps_iter*.jsonl hold n={settings['n']} prompts, asked for {n}; "
                          f"pass --n {settings['n']} or delete {settings_path} and those files")
@@ -101,7 +96,7 @@ def compute_logps(run_dir, n=64, device=None, batch_size=8):
         if out.is_file() and str(k) in settings["iterations"]:
             print(f"iter{k}: {out} exists, skipped", file=sys.stderr)
             continue
-        config = _read_json(run_dir / f"iter{k}" / "config.json")
+        config = data.read_json(run_dir / f"iter{k}" / "config.json")
         policy, tokenizer = model_lib.load_model(str(model_dir), device=device)
         rows, source = reusable_generations(run_dir, k, n), f"iter{k + 1}/generated.jsonl"
         if rows is None:

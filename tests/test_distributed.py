@@ -113,7 +113,7 @@ def tiny_setup(seed=0):
     """A tiny policy sharded as train.py does (1 rank), a noise generator, one optimizer of two groups."""
     tokenizer = make_tiny_tokenizer()
     policy = make_tiny_model(tokenizer, seed=seed).float().train()
-    args = types.SimpleNamespace(precompute_ref=True, noise_chunk_size=16, dist="fsdp", dtype=None)
+    args = types.SimpleNamespace(precompute_ref=True, noise_chunk_size=16, dist="fsdp", dtype=None, fp32_head=True)
     module = distributed.prepare(policy, args, torch.device("cpu"))
     torch.manual_seed(seed + 1)
     generator = noises.NoiseGenerator(32, len(tokenizer), init_std=0.02)

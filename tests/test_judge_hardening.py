@@ -68,7 +68,7 @@ def test_retry_after_600_bounded(server, key_env):
     server.default = "429:600"
     sleeps = []
     j = fast_judge(server.url, sleeps, max_retries=6)  # default Retry-After cap and wait budget
-    with pytest.raises(judge_base.JudgeFatalError, match="--max-retry-wait") as e:
+    with pytest.raises(judge_base.JudgeFatalError, match="--judge-max-retry-wait") as e:
         j.score_many(one())
     assert "\n" not in str(e.value) and sleeps and max(sleeps) <= 60 and sum(sleeps) <= 300
     assert (judge_http.RETRY_AFTER_MAX, judge_http.MAX_RETRY_WAIT) == (60.0, 300.0)
@@ -109,7 +109,7 @@ def test_cli_max_missing_flag(server, key_env, tmp_path):
     inp = tmp_path / "generated.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in records(3)))
     argv = ["--in", str(inp), "--out", str(tmp_path / "judged.jsonl"), "--judge", "openai", "--judge-model", "m",
-            "--judge-base-url", server.url, "--max-retries", "0"]
+            "--judge-base-url", server.url, "--judge-max-retries", "0"]
     with pytest.raises(SystemExit) as e:
         judge.main(argv)
     assert str(e.value.code).startswith("judge.py: ") and "\n" not in str(e.value.code)

@@ -158,7 +158,7 @@ def test_401_stops_cli_and_key_never_written(server, key_env, tmp_path, capsys):
     inp.write_text("".join(json.dumps(r) + "\n" for r in records(5)))
     server.ok_budget = 4  # some answers scored and cached, then the key "expires"
     argv = ["--in", str(inp), "--out", str(tmp_path / "judged.jsonl"), "--judge", "openai", "--judge-model", "m",
-            "--judge-base-url", server.url, "--concurrency", "1"]
+            "--judge-base-url", server.url, "--judge-concurrency", "1"]
     with pytest.raises(SystemExit) as e:
         judge.main(argv)
     msg = str(e.value.code)
@@ -312,7 +312,7 @@ def test_scale_and_mode_flags_checked(server, key_env, tmp_path):
     judge.main(["--in", str(inp), "--out", str(tmp_path / "b.jsonl"), "--judge", "openai", "--judge-model", "m",
                 "--judge-base-url", server.url, "--judge-scale", "100"])
     assert data.read_jsonl(tmp_path / "b.jsonl")[0]["judge"] == "openai:m:scale100"
-    for argv, message in [(["--judge", "rule", "--judge-scale", "100"], "rule judge grades 10 / 3 / 1"),
+    for argv, message in [(["--judge", "rule", "--judge-scale", "100"], "--judge rule scores 1..10 only"),
                           (["--judge", "hf", "--judge-model", "x", "--judge-mode", "pairwise"], "needs --judge openai"),
                           (["--judge", "openai", "--judge-base-url", server.url, "--judge-mode", "pairwise",
                             "--judge-scale", "100"], "pairwise mode gives verdicts")]:
