@@ -139,10 +139,7 @@ def label_stage(it):
             print(f"[2/5] judge: {judged_path} exists, skipped")
             judged = data.read_jsonl(judged_path)
         else:
-            judge = judges.make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url,
-                                      scale=args.judge_scale, mode=args.judge_mode,
-                                      cache_path=it.run_dir / "judge_cache.jsonl", concurrency=args.judge_concurrency,
-                                      api_key_env=args.judge_api_key_env, device=args.device)
+            judge = judges.judge_from_args(args, cache_path=it.run_dir / "judge_cache.jsonl", device=args.device)
             judged, summary = judges.judge_records(data.read_jsonl(it_dir / "generated.jsonl"), judge, judged_path,
                                                    max_missing=args.judge_max_missing)
             print(judges.format_summary(summary))

@@ -112,9 +112,6 @@ def test_every_judge_setting_reaches_train_py_s_judge_check(seen):
     assert {k: seen[k] for k in EXPECTED} == EXPECTED and seen["kind"] == "openai"
 
 
-@pytest.mark.xfail(strict=True, reason="train.py's label_stage still builds its judge from five of the settings: "
-                                       "it should call judges.judge_from_args(args, cache_path=..., device=...) "
-                                       "(issue 27); remove this mark once it does")
 def test_every_judge_setting_reaches_train_py_s_judge_stage(seen, tmp_path):
     args = config.parse_args(["--iter", "1", "--run-dir", str(tmp_path), *ARGV])
     it_dir = tmp_path / "iter1"
