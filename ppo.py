@@ -48,8 +48,9 @@ Where this departs from, or fills a gap in, the paper:
 5. RLOO (Ahmadian et al. 2024) uses the same clipped objective and epochs, with its leave-one-out baseline in
    place of GAE and no value head; its k answers per prompt (--samples-per-prompt, default 4) come out of the
    same budget, so an iteration sees 64 / k prompts.
-6. A missing score stops the run in one line (the last rollout's checkpoint is kept): PPO needs a reward for
-   every answer, where DSL can keep SPIN's pairing for a record without one.
+6. An answer without a score (an HTTP judge's failure) has no reward: it is left out of its rollout's update
+   (with RLOO, its prompt's k answers), and the run stops in one line, the last rollout's checkpoint kept, once
+   more than --judge-max-missing of all answers so far lack one (DSL instead keeps SPIN's pairing for them).
 """
 import argparse
 import copy
@@ -75,9 +76,9 @@ from loss import _chunk_token_logps, answer_states
 ADVANTAGES = ("gae", "rloo")
 # the flags whose change would make a resumed run differ from an uninterrupted one (ppo_config.json, the checkpoint)
 TRAINING = ("base_model", "data", "max_prompts", "flaw_rate", "max_prompt_length", "max_new_tokens", "temperature",
-            "judge", "judge_model", "judge_base_url", "judge_scale", "advantage", "samples_per_prompt", "rollout_batch",
-            "ppo_epochs", "minibatch", "clip", "value_clip", "kl_coef", "gamma", "lam", "lr", "value_lr",
-            "max_grad_norm", "seed", "dtype")
+            "judge", "judge_model", "judge_base_url", "judge_scale", "judge_mode", "advantage", "samples_per_prompt",
+            "rollout_batch", "ppo_epochs", "minibatch", "clip", "value_clip", "kl_coef", "gamma", "lam", "lr",
+            "value_lr", "max_grad_norm", "seed", "dtype")
 
 
 # ----------------------------------------------------------------------------- the objective (pure functions)
@@ -268,7 +269,7 @@ def check_flags(run_dir, args):
     path, now = run_dir / "ppo_config.json", training_flags(args)
     if path.is_file():
         was = data.read_json(path)
-        changed = [k for k in TRAINING if was.get(k) != now[k]]
+        changed = [k for k in TRAINING if k in was and was[k] != now[k]]  # a key it lacks: an older ppo.py's run
         if changed:
             raise errors.Refusal(f"{run_dir} was run with " + ", ".join(f"--{k.replace('_', '-')} {was.get(k)}"
                                                                          for k in changed)
@@ -330,7 +331,7 @@ def run(args):
         return dict(stopped=False)
     state_path = run_dir / "checkpoint" / "state.pt"
     state = load_state(state_path)
-    if state is not None and state["args"] != training_flags(args):
+    if state is not None and any(state["args"].get(k, now) != now for k, now in training_flags(args).items()):
         raise errors.Refusal(f"{state_path} was written with other training flags; delete {state_path.parent}")
 
     device = models.pick_device(args.device)
@@ -342,16 +343,15 @@ def run(args):
     torch.nn.init.zeros_(value_head.weight), torch.nn.init.zeros_(value_head.bias)
     optimizer = torch.optim.AdamW([dict(params=list(policy.parameters()), lr=args.lr),
                                    dict(params=list(value_head.parameters()), lr=args.value_lr)], lr=args.lr)
-    judge = judges.make_judge(args.judge, model=args.judge_model, base_url=args.judge_base_url, scale=args.judge_scale,
-                              cache_path=run_dir / "judge_cache.jsonl", device=args.device)
-    counters = dict(rollout=0, generations=0, judge_calls=0, generate_s=0.0, judge_s=0.0, update_s=0.0)
+    judge = judges.judge_from_args(args, cache_path=run_dir / "judge_cache.jsonl", device=args.device)
+    counters = dict(rollout=0, generations=0, judge_calls=0, missing=0, generate_s=0.0, judge_s=0.0, update_s=0.0)
     scaler = RewardScaler()
     if state is not None:
         policy.load_state_dict(state["policy"])
         value_head.load_state_dict(state["value_head"])
         optimizer.load_state_dict(state["optimizer"])
         scaler = RewardScaler(state["rewards"])
-        counters = {key: state[key] for key in counters}
+        counters = {key: state.get(key, 0) for key in counters}  # "missing": not kept by an older ppo.py
         print(f"ppo.py: resuming {state_path} after rollout {counters['rollout']}")
     for name in ("metrics.jsonl", "rollouts.jsonl"):  # rows of rollouts after the checkpoint were not kept
         path = run_dir / name
@@ -385,37 +385,46 @@ def run(args):
         scored = judge.score_many([{"prompt": rec["prompt"], "answer": text, "record": rec}
                                    for rec, text in zip(items, texts)])
         missing = [(rec["id"], err) for rec, (s, err) in zip(items, scored) if s is None]
-        if missing:
-            raise errors.Refusal(f"the judge gave no score for {len(missing)} answer(s) of rollout {r} (first: "
-                                 f"{missing[0][0]}: {missing[0][1]}); PPO needs a reward for every answer; fix the "
-                                 f"judge and rerun (rollouts up to {r - 1} are kept)")
-        scores = [s for s, _ in scored]
+        if counters["missing"] + len(missing) > args.judge_max_missing * (counters["judge_calls"] + len(items)):
+            raise errors.Refusal(f"the judge gave no score for {counters['missing'] + len(missing)} of "
+                                 f"{counters['judge_calls'] + len(items)} answers so far (first in rollout {r}: "
+                                 f"{missing[0][0]}: {' '.join(str(missing[0][1]).split())[:200]}), more than "
+                                 f"--judge-max-missing {args.judge_max_missing:g}; fix the judge and rerun (rollouts "
+                                 f"up to {r - 1} are kept)")
+        keep = [g * k + j for g in range(len(items) // k) for j in range(k)  # a prompt's k answers, all scored
+                if all(scored[g * k + i][0] is not None for i in range(k))]
+        scores = [scored[i][0] for i in keep]
         t2 = time.time()
-        scaler.update(scores)
-        rows = list(zip(ids, answers))
-        with torch.no_grad():
-            ref_logps, _, _ = answer_logps_values(reference, rows, pad_id, autocast)
-        standardised = torch.tensor(scaler.standardise(scores), dtype=ref_logps.dtype, device=device)
-        metrics = train_on_rollout(policy, value_head, optimizer, rows, standardised, ref_logps, args, autocast, pad_id,
-                                   generator)
+        metrics = {}
+        if keep:  # a rollout without a scored answer (or prompt) changes nothing
+            scaler.update(scores)
+            rows = [(ids[i], answers[i]) for i in keep]
+            with torch.no_grad():
+                ref_logps, _, _ = answer_logps_values(reference, rows, pad_id, autocast)
+            standardised = torch.tensor(scaler.standardise(scores), dtype=ref_logps.dtype, device=device)
+            metrics = train_on_rollout(policy, value_head, optimizer, rows, standardised, ref_logps, args, autocast,
+                                       pad_id, generator)
         t3 = time.time()
         counters.update(rollout=r + 1, generations=counters["generations"] + len(answers),
-                        judge_calls=counters["judge_calls"] + len(answers),
+                        judge_calls=counters["judge_calls"] + len(answers), missing=counters["missing"] + len(missing),
                         generate_s=counters["generate_s"] + t1 - t0, judge_s=counters["judge_s"] + t2 - t1,
                         update_s=counters["update_s"] + t3 - t2)
-        row = dict(iter=iteration, rollout=r, score=sum(scores) / len(scores), score_mean_so_far=scaler.mean,
-                   answer_tokens=sum(map(len, answers)) / len(answers), **metrics, seconds=t3 - t0)
+        row = dict(iter=iteration, rollout=r, score=sum(scores) / len(scores) if scores else None,
+                   score_mean_so_far=scaler.mean, answer_tokens=sum(map(len, answers)) / len(answers),
+                   missing=len(missing), trained_on=len(keep), **metrics, seconds=t3 - t0)
         with data.open_append(run_dir / "rollouts.jsonl") as fh:
-            for rec, text, s in zip(items, texts, scores):
+            for rec, text, (s, err) in zip(items, texts, scored):
                 data.append_jsonl(fh, dict(rollout=r, iter=iteration, id=rec["id"], prompt=rec["prompt"],
-                                           generated=text, generated_score=s, judge=judge.name))
+                                           generated=text, generated_score=s, judge=judge.name,
+                                           **({"judge_error": err} if s is None else {})))
         with data.open_append(run_dir / "metrics.jsonl") as fh:
             data.append_jsonl(fh, row)
         save_state(state_path, policy, value_head, optimizer, scaler, counters, args)
-        tqdm.write(f"{args.advantage} iter {iteration} | rollout {r + 1}/{total} | score {row['score']:.3f} | "
-                   f"kl {row['kl']:.4f} | pg {row['policy_loss']:+.4f} | "
-                   + (f"vf {row['value_loss']:.4f} | " if "value_loss" in row else "")
-                   + f"clip {row['clip_frac']:.3f} | {row['seconds']:.1f} s")
+        tqdm.write(f"{args.advantage} iter {iteration} | rollout {r + 1}/{total} | "
+                   + (f"score {row['score']:.3f} | kl {row['kl']:.4f} | pg {row['policy_loss']:+.4f} | "
+                      + (f"vf {row['value_loss']:.4f} | " if "value_loss" in row else "")
+                      + f"clip {row['clip_frac']:.3f} | " if metrics else "no scored answer: no update | ")
+                   + (f"{len(missing)} missing | " if missing else "") + f"{row['seconds']:.1f} s")
         bar.update(1)
         if (r + 1) % per_iteration == 0 and not done(iteration):
             save_iteration(run_dir / f"iter{iteration}", policy, tokenizer, args, counters, run_dir)
@@ -434,11 +443,12 @@ def save_iteration(it_dir, policy, tokenizer, args, counters, run_dir):
     it_dir.mkdir(parents=True, exist_ok=True)
     data.write_json(it_dir / "config.json", dict(vars(args), iter=int(it_dir.name[4:]), method=args.advantage))
     models.save_model(policy, tokenizer, it_dir / "model")
-    rows = [r for r in data.read_jsonl(run_dir / "metrics.jsonl") if r["iter"] == int(it_dir.name[4:])]
+    rows = [r for r in data.read_jsonl(run_dir / "metrics.jsonl") if r["iter"] == int(it_dir.name[4:])
+            and r.get("score") is not None]
+    mean = lambda key: sum(r[key] for r in rows) / len(rows) if rows else None  # noqa: E731
     data.write_json(it_dir / "summary.json", dict(
         iter=int(it_dir.name[4:]), method=args.advantage, **counters, rollout_s=counters["generate_s"]
-        + counters["judge_s"] + counters["update_s"], mean_score=sum(r["score"] for r in rows) / len(rows),
-        mean_kl=sum(r["kl"] for r in rows) / len(rows)))
+        + counters["judge_s"] + counters["update_s"], mean_score=mean("score"), mean_kl=mean("kl")))
 
 
 # ----------------------------------------------------------------------------- flags
@@ -465,12 +475,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=config.POSITIVE_INT, default=demo["max_new_tokens"],
                    help="answer length in tokens (default %(default)s)")
     p.add_argument("--temperature", type=config.POSITIVE, default=1.0, help="sampling temperature (default 1)")
-    # --- reward
-    p.add_argument("--judge", choices=["rule", "openai", "hf", "rm"], default=demo["judge"],
-                   help="the reward: rule (demo), openai, hf or rm (default %(default)s)")
-    p.add_argument("--judge-model", default=demo["judge_model"], help="judge model (hf/rm: directory or hub id)")
-    p.add_argument("--judge-base-url", help="openai: server URL")
-    p.add_argument("--judge-scale", type=int, choices=[10, 100], default=10, help="openai, hf: 1..10 or 1..100")
+    # --- reward: the judge's settings, declared once for every command (judge.SETTINGS)
+    judges.add_judge_flags(p.add_argument_group("reward (the judge)"), judge=demo["judge"])
     # --- PPO
     p.add_argument("--advantage", choices=ADVANTAGES, default="gae",
                    help="gae: PPO with a value head; rloo: leave-one-out baseline, no value head (default gae)")
@@ -493,8 +499,9 @@ def parse_args(argv=None):
     args.samples_per_prompt = args.samples_per_prompt or (4 if args.advantage == "rloo" else 1)
     if args.gamma > 1 or args.lam > 1:
         p.error(f"--gamma and --lam must be ≤ 1 (got {args.gamma}, {args.lam})")
-    if args.judge in ("hf", "rm") and not args.judge_model:
-        p.error(f"--judge {args.judge} needs --judge-model (a directory or a hub id)")
+    judges.check_judge_args(args)  # errors.Refusal: one line from main
+    if args.judge_mode != "single":
+        p.error("--judge-mode pairwise compares two answers; PPO's reward is each answer's own score (single)")
     config.check_device(args.device)
     return args
 

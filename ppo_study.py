@@ -159,11 +159,12 @@ def collect(opts):
             for row in (*BASELINES, *opts.ppo_rows):
                 if row in ("dnpo", "alpha_spin") and k == 0:
                     continue  # = SPIN's iteration 0
-                path, dnpo = judged(opts, row, seed, k), judged(opts, "dnpo", seed, k)
+                path = judged(opts, row, seed, k)
+                dnpo = judged(opts, "dnpo" if k else "spin", seed, k)  # DNPO's iteration 0 is SPIN's
                 gens, calls, seconds = budget(opts, row, seed, k, times)
                 cell = dict(row=row, seed=seed, k=k, generations=gens, judge_calls=calls, seconds=seconds,
                             **(ablate.metric_cell(path) or {}))
-                if "value" in cell and row != "dnpo" and dnpo.is_file():
+                if "value" in cell and row not in ("dnpo", "spin" if k == 0 else "dnpo") and dnpo.is_file():
                     cell["vs_dnpo"] = ev.accuracy_vs(path, dnpo)
                 if "value" in cell and base.is_file():
                     cell["vs_base"] = ev.accuracy_vs(path, base)
@@ -187,8 +188,8 @@ def markdown(opts, result) -> str:
              f"PPO flags: `{shlex.join(opts.ppo_flags) or '(defaults)'}`; baselines: ablate.py's rows (demo preset, "
              f"`--chain spin`). Held-out accuracy on {opts.eval_max_prompts} prompts with its 95% Wilson interval; "
              "Δ = paired accuracy difference on the same prompts with its paired-bootstrap 95% interval "
-             "(`eval.accuracy_vs`). Budget behind each model: generations, judge calls and training seconds summed "
-             "over the iterations behind it.", "",
+             "(`eval.accuracy_vs`); at iteration 0, DNPO is SPIN. Budget behind each model: generations, judge calls and "
+             "the seconds of the training commands, summed over the iterations behind it.", "",
              f"Base model: {ablate.fmt_cell(result['base'])}; human answers: {ablate.fmt_cell(result['human'])}.", "",
              plots.markdown_table(["iter", "row", "seed", "accuracy [95% CI]", "Δ vs DNPO (same iter)", "Δ vs base",
                                    "generations", "judge calls", "train s"], rows)]

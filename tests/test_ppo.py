@@ -291,3 +291,40 @@ def test_study_plan_and_budget(tmp_path):
     data.write_json(summary, {"generations": 128, "judge_calls": 128})
     assert ppo_study.budget(opts, "ppo", 0, 1, times) == (128, 128, 11.0)
     assert ppo_study.budget(opts, "alpha_spin", 0, 1, times) == (None, None, None)
+
+
+def test_ppo_with_a_reward_model_as_the_reward(tmp_path, tiny_model_dir):
+    """ppo.py --judge rm: the reward model's real-valued scores are the rewards (rollouts.jsonl), under its name."""
+    from test_judge_rm import make_tiny_rm
+    rm_dir = tmp_path / "rm"
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_rm(tokenizer).save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    ppo.main(ppo_flags(tmp_path / "run", tiny_model_dir, "--iters", "0", "--judge", "rm", "--judge-model", str(rm_dir)))
+    rollouts = read_jsonl(tmp_path / "run" / "rollouts.jsonl")
+    scores = [r["generated_score"] for r in rollouts]
+    assert len(scores) == 4 and len(set(scores)) == 4 and {r["judge"] for r in rollouts} == {f"rm:{rm_dir}"}
+    assert (tmp_path / "run" / "iter0" / "model" / "config.json").is_file()
+
+
+def test_missing_scores_are_left_out_then_refused(tmp_path, tiny_model_dir, monkeypatch):
+    """An answer without a score is left out of its rollout's update and logged with its error; once more than
+    --judge-max-missing of the answers so far lack a score, the run stops in one line, earlier rollouts kept."""
+    import judge as judges
+    import judge_base
+
+    class Flaky(judge_base.Judge):
+        name = "flaky"
+
+        def _score(self, items):
+            return [(None, "server said 500") if i == 0 else (3.0 + i, None) for i, _ in enumerate(items)]
+    monkeypatch.setattr(judges, "judge_from_args", lambda *a, **k: Flaky())
+    ppo.main(ppo_flags(tmp_path / "ok", tiny_model_dir, "--iters", "0", "--judge-max-missing", "0.5"))
+    rows = read_jsonl(tmp_path / "ok" / "rollouts.jsonl")
+    assert [r["generated_score"] for r in rows] == [None, 4.0] * 2 and rows[0]["judge_error"] == "server said 500"
+    assert [m["trained_on"] for m in read_jsonl(tmp_path / "ok" / "metrics.jsonl")] == [1, 1]
+    assert json.loads((tmp_path / "ok" / "iter0" / "summary.json").read_text())["missing"] == 2
+    with pytest.raises(SystemExit) as e:
+        ppo.main(ppo_flags(tmp_path / "no", tiny_model_dir, "--iters", "0", "--judge-max-missing", "0.2"))
+    assert "--judge-max-missing 0.2" in str(e.value) and "server said 500" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "no" / "rollouts.jsonl").read_text()
