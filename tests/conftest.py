@@ -55,14 +55,18 @@ def tiny_tokenizer():
     return make_tiny_tokenizer()
 
 
+def save_tiny(path, make_model):
+    """make_model(tokenizer) saved with the tiny tokenizer into path (a from_pretrained directory); path as str."""
+    tokenizer = make_tiny_tokenizer()
+    make_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny model + tokenizer directory, loadable with from_pretrained (and model.load_model)."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny(tmp_path_factory.mktemp("tiny-model"), make_tiny_model)
 
 
 # ---------------------------------------------------------------- train.py runs on the tiny model

@@ -12,7 +12,7 @@ import data
 import judge
 import judge_rm
 import train
-from conftest import fresh_copy, make_tiny_tokenizer, read_jsonl, tiny_flags
+from conftest import fresh_copy, make_tiny_tokenizer, read_jsonl, save_tiny, tiny_flags
 
 
 def make_tiny_rm(tokenizer, seed=0, pad=True):
@@ -30,11 +30,7 @@ def make_tiny_rm(tokenizer, seed=0, pad=True):
 
 @pytest.fixture(scope="module")
 def tiny_rm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-rm")
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_rm(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny(tmp_path_factory.mktemp("tiny-rm"), make_tiny_rm)
 
 
 ITEMS = [{"prompt": "What is 2+3?", "answer": "5", "record": {}},
