@@ -340,11 +340,11 @@ class Loop:
     def order(self, epoch):
         """The epoch's data order over all ranks: a function of seed, iteration and epoch only (sampler.py)."""
         if epoch not in self._orders:
-            a, seed = self.args, self.args.seed + 7919 * self.args.iter
+            seed = self.args.seed + 7919 * self.args.iter
             order = sampler.epoch_order(len(self.examples), seed, epoch)
-            if a.group_by_length:
+            if self.args.group_by_length:
                 lengths = [packing.row_length(e, self.pack) for e in self.examples]
-                order = sampler.length_grouped_order(order, lengths, self.world * a.batch_size, seed, epoch)
+                order = sampler.length_grouped_order(order, lengths, self.world * self.args.batch_size, seed, epoch)
             self._orders = {epoch: order}
         return self._orders[epoch]
 
