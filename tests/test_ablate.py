@@ -241,6 +241,22 @@ def test_start_model_flag_recorded_and_checked_on_resume(tmp_path, tiny_model_di
     with pytest.raises(SystemExit, match=re.escape(f"start_model={tiny_model_dir}; rerun with those flags")) as err:
         train.main([*flags, "--start-model", str(other)])
     assert "\n" not in str(err.value)
+    linked = tmp_path / "link-to-model"  # the same directory spelled another way resumes (before: refused)
+    linked.symlink_to(tiny_model_dir)
+    train.main([*flags, "--start-model", str(linked)])
+    assert json.loads((run / "iter1" / "summary.json").read_text())["start_model"] == str(pathlib.Path(tiny_model_dir).resolve())
+
+
+def test_start_model_spelled_relative_or_absolute_is_one_model(tmp_path, tiny_model_dir, monkeypatch):
+    """ablate.py passed the SPIN model as an absolute path in one session and relative to the working directory
+    in the next: the killed iteration resumes (before: 'holds generate outputs made with start_model=/abs/...')."""
+    shutil.copytree(tiny_model_dir, tmp_path / "start")
+    monkeypatch.chdir(tmp_path)
+    flags = ["--iter", "1", "--run-dir", "run", *tiny_train_flags(tiny_model_dir)]
+    with pytest.raises(SystemExit, match="stopped after 1 steps"):
+        train.main([*flags, "--start-model", str(tmp_path / "start"), "--stop-after-steps", "1"])
+    train.main([*flags, "--start-model", "start"])  # relative: the same directory
+    assert (tmp_path / "run" / "iter1" / "model" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("k, start, message", [
