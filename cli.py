@@ -62,10 +62,11 @@ def default_help(text, unset=None):
 
 
 def add_generation_flags(group, *, max_new_tokens=None, gen_batch_size=8, sampling=True, unset_max_new_tokens=None,
-                         gen_batch_size_alias=None):
+                         gen_batch_size_alias=None, unset_gen_batch_size=None):
     """How answers are generated, under the same names in train.py and eval.py: --max-new-tokens and
     --gen-batch-size; with `sampling` (train.py) also --temperature, --top-p and --gen-backend (eval.py decodes
-    greedily, eval.py departure 1). `unset_max_new_tokens` says what a None --max-new-tokens means;
+    greedily, eval.py departure 1). `unset_max_new_tokens` (`unset_gen_batch_size`) says what a None
+    --max-new-tokens (--gen-batch-size) means;
     `gen_batch_size_alias` is a hidden older spelling of --gen-batch-size. Returns {dest: action}."""
     out = {}
     out["max_new_tokens"] = group.add_argument(
@@ -77,7 +78,8 @@ def add_generation_flags(group, *, max_new_tokens=None, gen_batch_size=8, sampli
         out["top_p"] = group.add_argument("--top-p", type=FINITE, default=1.0,
                                           help=default_help("nucleus sampling mass (1 = off)"))
     out["gen_batch_size"] = group.add_argument("--gen-batch-size", type=POSITIVE_INT, default=gen_batch_size,
-                                               metavar="N", help=default_help("prompts per generation batch"))
+                                               metavar="N", help=default_help("prompts per generation batch",
+                                                                                unset_gen_batch_size))
     if gen_batch_size_alias:
         hidden_alias(group, gen_batch_size_alias, out["gen_batch_size"])
     if sampling:

@@ -168,7 +168,8 @@ def answer_files(out_dir, name):
 
 
 def score_models(target, args):
-    """(models to score [(name, path)], every model of the target [(name, path)], max_new_tokens, out_dir)."""
+    """(models to score [(name, path)], every model of the target [(name, path)], max_new_tokens, out_dir,
+    prompts per generation batch): a run's --max-new-tokens and --gen-batch-size unless given."""
     if is_run_dir(target):
         config_path = target / f"iter{iterations(target)[0]}" / "config.json"
         config = read_json(config_path)  # an object, or a one-line ValueError naming the file
@@ -182,19 +183,20 @@ def score_models(target, args):
         if args.data is None and trained_on not in (None, "demo"):
             raise ValueError(f"{target} was trained on {trained_on}; pass --data HELD_OUT_FILE")
         max_new_tokens = args.max_new_tokens or config.get("max_new_tokens") or 256
+        batch_size = args.gen_batch_size or config.get("gen_batch_size") or 8
         out_dir = Path(args.out_dir or target / "eval")
     else:
         found = [("model", args.target)]
-        max_new_tokens = args.max_new_tokens or 256
+        max_new_tokens, batch_size = args.max_new_tokens or 256, args.gen_batch_size or 8
         out_dir = Path(args.out_dir or f"eval-{target.name or 'model'}")
-    return [(n, p) for n, p in found if n not in args.skip], found, max_new_tokens, out_dir
+    return [(n, p) for n, p in found if n not in args.skip], found, max_new_tokens, out_dir, batch_size
 
 
 def run_score(args):
     """`eval.py score`: evaluate a run's base + iter models (or one model); cache in eval/scores.json, each model's
     result keyed by its weights' identity, the prompts' sha256 and the settings (a mismatch re-scores it)."""
     target = Path(args.target)
-    models, found, max_new_tokens, out_dir = score_models(target, args)
+    models, found, max_new_tokens, out_dir, batch_size = score_models(target, args)
     def build_judge():  # every --judge-* setting (judge.add_judge_flags)
         return judge_from_args(args, cache_path=str(out_dir / "judge_cache.jsonl"), device=args.device)
     if args.judge == "hf":  # HFJudge loads its model when built: only once a model is to be judged
@@ -254,7 +256,7 @@ def run_score(args):
         policy, tokenizer = model_lib.load_model(path, device=args.device)
         rows = generate.generate_answers(policy, tokenizer, records, str(out_dir / f"{name}_generated.jsonl"),
                                          max_new_tokens=max_new_tokens, temperature=0.0, seed=args.seed,
-                                         batch_size=args.gen_batch_size)
+                                         batch_size=batch_size)
         del policy
         judge_obj = judge_obj or build_judge()
         judged, _ = judge_records(rows, judge_obj, str(out_dir / f"{name}_judged.jsonl"),
@@ -302,6 +304,29 @@ def check_scored_model(run, k, judged):
     key = row.get("key") if isinstance(row.get("key"), dict) else None
     if reason := stale_reason(key, {**(key or {}), "model": model_identity(model_dir)}):
         raise ValueError(f"{judged} was not made by the weights now in {model_dir} ({reason}); {rescore}")
+
+
+def check_scores_current(run_dir):
+    """ValueError naming every model row of run_dir/eval/scores.json whose weights are not those it was scored
+    with (an iteration retrained, or deleted, since `eval.py score`; a row without a recorded identity), so that
+    `report` and `plots` never show a retrained iteration's old numbers. Hashes each model (~1.5 s per GB)."""
+    path = Path(run_dir) / "eval" / "scores.json"
+    if not path.is_file():
+        return
+    stale = []
+    for name, row in (read_json(path).get("models") or {}).items():
+        if not isinstance(row, dict):
+            continue
+        key = row.get("key") if isinstance(row.get("key"), dict) else None
+        model = Path(run_dir) / name / "model" if re.fullmatch(r"iter\d+", name) else row.get("path")
+        if isinstance(model, Path) and not (model / "config.json").is_file():
+            reason = "its model no longer exists"
+        else:
+            reason = stale_reason(key, {**(key or {}), "model": model_identity(str(model))})
+        if reason:
+            stale.append(f"{name}: {reason}")
+    if stale:
+        raise ValueError(f"{path} is not current ({'; '.join(stale)}); rerun `python eval.py score {run_dir}` first")
 
 
 def judged_source(spec, k, source):
@@ -567,6 +592,8 @@ def run_plots(args):
     for directory in [Path(d) / "plots" for d in args.run_dirs if is_run_dir(d)] + [
             Path(args.out_dir) if args.out_dir else Path(args.run_dirs[0]) / "plots"]:
         runlock.hold(directory, "eval.py plots")  # every directory a figure goes to
+    for run_dir in args.run_dirs:
+        check_scores_current(run_dir)
     written = make_plots(args.run_dirs, args.out_dir)
     print("\n".join(map(str, written)) if written else "no plottable data (metrics.jsonl, logps.jsonl, eval/scores.json) found")
     return written
@@ -582,6 +609,7 @@ def run_harness(args):
 def run_report(args):
     run_dir = run_dir_arg(args.run_dir)
     runlock.hold(run_dir / "plots", "eval.py report")  # the figures it remakes; report.md is written atomically
+    check_scores_current(run_dir)
     path = write_report(run_dir)
     print(f"wrote {path}")
     return path
@@ -621,8 +649,8 @@ def parse_args(argv=None):
     p.add_argument("target", help="a run directory (base model + every iter*/model) or one model dir / hub id")
     p.add_argument("--data", default=None, help="held-out prompts: 'demo' (the demo eval split, default) or a JSONL file")
     p.add_argument("--max-prompts", type=POSITIVE_INT, default=None, help="first N held-out prompts (default: all)")
-    add_generation_flags(p, sampling=False, gen_batch_size=8, unset_max_new_tokens="the run's, else 256",
-                         gen_batch_size_alias="--batch-size")  # greedy (departure 1); train.py's names
+    add_generation_flags(p, sampling=False, gen_batch_size=None, unset_max_new_tokens="the run's, else 256",
+                         gen_batch_size_alias="--batch-size", unset_gen_batch_size="the run's, else 8")  # greedy (departure 1); train.py's names
     p.add_argument("--device", type=device_name, default=None, help="cpu|cuda (default: cuda if available)")
     p.add_argument("--seed", type=COUNT, default=0, help="seed for prompt sampling and generation")
     p.add_argument("--out-dir", default=None, help="where to write (default: RUN_DIR/eval, or ./eval-NAME for a model)")

@@ -53,9 +53,13 @@ def make_run(root, name="run"):
         write_jsonl(run / "eval" / f"logps_iter{k}.jsonl", [  # what `eval.py logps` writes
             {"id": i, "human_logp": float(rng.normal(-40, 5)), "human_tokens": 12, "generated_logp": float(rng.normal(-15, 3)),
              "generated_tokens": 9, "generated": "g"} for i in IDS * 5])
+        write_json(it / "model" / "config.json", {"stand_in": k})  # the weights the rows below were scored with
+    settings = {"data": "demo", "split": "eval", "max_prompts": 4, "max_new_tokens": 8, "judge": "rule", "seed": 0}
+    paths = {"base": "tiny", "iter0": str(run / "iter0" / "model"), "iter1": str(run / "iter1" / "model")}
     write_json(run / "eval" / "scores.json", {
-        "settings": {"data": "demo", "split": "eval", "max_prompts": 4, "max_new_tokens": 8, "judge": "rule", "seed": 0},
-        "models": {n: {"path": n, "n": 4, "missing": 0, "mean_score": m, "accuracy": a}
+        "settings": settings,
+        "models": {n: {"path": paths[n], "n": 4, "missing": 0, "mean_score": m, "accuracy": a,
+                       "key": {"model": ev.model_identity(paths[n]), "prompts_sha256": "p", "settings": settings}}
                    for n, m, a in [("base", 3.25, 0.25), ("iter0", 5.5, 0.5), ("iter1", 7.75, 0.75)]},
         "human": {"n": 4, "missing": 0, "mean_score": 7.75, "accuracy": 0.75}})
     return run
@@ -189,8 +193,10 @@ def is_png(path, min_bytes=10_000):
 def test_plots_written_and_non_empty(tmp_path):
     """Every figure is a PNG of more than 10 kB; scores.png overlays both runs and goes to the first run."""
     a, b = make_run(tmp_path, "dnpo"), make_run(tmp_path, "spin")
-    for k in (0, 1):
-        shutil.rmtree(b / f"iter{k}")  # run B contributes only its eval/scores.json (keeps the test fast)
+    for k in (0, 1):  # run B contributes only its eval/scores.json and the models it was made from (fast)
+        for path in (b / f"iter{k}").iterdir():
+            if path.name != "model":
+                path.unlink()
     written = ev.main(["plots", str(a), str(b)])
     names = sorted(p.name for p in written)
     assert names == sorted(["losses.png", "margins.png", "logps.png", "logps_per_token.png", "scores.png",
@@ -341,6 +347,27 @@ def test_score_run_dir_with_tiny_model(tmp_path, tiny_model_dir, monkeypatch, ca
     assert ev.main(["score", str(run), "--max-prompts", "3"]) == scores
     with pytest.raises(SystemExit, match="other settings"):
         ev.main(["score", str(run), "--max-prompts", "2"])
+
+
+def test_score_generates_in_the_runs_batch_size_unless_given(tmp_path, tiny_model_dir, monkeypatch):
+    """A run's held-out answers are generated --gen-batch-size prompts at a time as its training answers were
+    (iter0/config.json), a flag overrides it, and a single model defaults to 8."""
+    import generate
+
+    seen = []
+    real = generate.generate_answers
+    def spy(*args, batch_size, **kwargs):
+        seen.append(batch_size)
+        return real(*args, batch_size=batch_size, **kwargs)
+    monkeypatch.setattr(generate, "generate_answers", spy)
+    run = tmp_path / "run"
+    write_json(run / "iter0" / "config.json", {"iter": 0, "base_model": tiny_model_dir, "max_new_tokens": 2,
+                                               "gen_batch_size": 3, "data": None})
+    shutil.copytree(tiny_model_dir, run / "iter0" / "model")
+    ev.main(["score", str(run), "--max-prompts", "2", "--skip", "base"])
+    ev.main(["score", str(run), "--max-prompts", "2", "--out-dir", str(tmp_path / "flag"), "--gen-batch-size", "5"])
+    ev.main(["score", tiny_model_dir, "--max-prompts", "2", "--max-new-tokens", "2", "--out-dir", str(tmp_path / "one")])
+    assert seen == [3, 5, 5, 8]  # iter0; base and iter0 with the flag; the single model
 
 
 def test_every_subcommand_has_help(capsys):

@@ -81,6 +81,27 @@ def test_score_rescores_a_model_whose_weights_changed(tmp_path, tiny_model_dir, 
     assert "iter1: cached" in capsys.readouterr().err
 
 
+def test_report_and_plots_refuse_scores_of_a_retrained_iteration(tmp_path, tiny_model_dir, other_model_dir):
+    """Score R, retrain R/iter1: `report` and `plots` stop in one line naming iter1 and the rerun (before: the
+    report tabulated the old weights' numbers as iter1's); once `score` reran, both run; a deleted iteration
+    likewise."""
+    run = tiny_run(tmp_path, tiny_model_dir, {1: tiny_model_dir})
+    ev.main(["score", str(run), *SCORE])
+    ev.main(["report", str(run)])  # current: fine
+    retrain(run, 1, other_model_dir)
+    for command in (["report", str(run)], ["plots", str(run)]):
+        with pytest.raises(SystemExit) as err:
+            ev.main(command)
+        message = str(err.value)
+        assert "\n" not in message and "iter1: weights changed since cached" in message, message
+        assert f"python eval.py score {run}" in message and "base" not in message.split("(")[1]
+    ev.main(["score", str(run), *SCORE])
+    assert ev.main(["report", str(run)]).is_file()
+    shutil.rmtree(run / "iter1" / "model")
+    with pytest.raises(SystemExit, match="iter1: its model no longer exists"):
+        ev.main(["report", str(run)])
+
+
 def test_score_never_resumes_answers_of_unknown_origin(tmp_path, tiny_model_dir, capsys):
     """Answers left in eval/ without a recorded identity (an interrupted evaluation of an older model) are
     removed before generating (before: generate.py's resume took them as this model's answers)."""
@@ -337,6 +358,7 @@ def test_a_directory_in_use_is_refused_before_anything_is_written(command, held,
     holder's pid, having written nothing (before: eval.py took no lock; two `score` on one --out-dir, one
     died on a vanished .partial file)."""
     run = make_run(tmp_path)
+    shutil.rmtree(run / "iter1" / "model")  # make_run's stand-in
     shutil.copytree(tiny_model_dir, run / "iter1" / "model")
     write_json(run / "iter0" / "config.json", {**read_json(run / "iter0" / "config.json"), "base_model": tiny_model_dir})
     fake_lm_eval(monkeypatch, [])
