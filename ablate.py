@@ -57,10 +57,10 @@ import numpy as np
 import config
 import data
 import eval as ev
+import judge as judges
 import plots
 import study
 from demo import check_answer
-from study import has_keys, run_study, split_argv  # noqa: F401 (ppo_study.py's: see the end of the file)
 
 HERE = Path(__file__).resolve().parent
 ROWS = {"spin": ["--no-dsl", "--noise", "none"], "dsl": ["--noise", "none"], "npo": ["--no-dsl"], "dnpo": [],
@@ -324,14 +324,14 @@ def parse_args(argv=None):
     p.add_argument("--chain", choices=["spin", "own"], default="spin",
                    help="spin: iteration k of every row starts from SPIN's iter{k-1} (paper); own: each row chains")
     p.add_argument("--noise-sigma", type=config.POSITIVE, help="σ of the fixed row (default: train.py's)")
-    p.add_argument("--eval-judge", default="rule", choices=["rule", "openai", "hf"], help="eval.py score --judge")
+    p.add_argument("--eval-judge", default="rule", choices=judges.KINDS, help="eval.py score --judge")
     p.add_argument("--eval-judge-model", help="eval.py score --judge-model")
     p.add_argument("--eval-judge-base-url", help="eval.py score --judge-base-url")
     p.add_argument("--eval-data", help="eval.py score --data (held-out prompts; default: the demo eval split)")
     p.add_argument("--eval-max-prompts", type=config.POSITIVE_INT,
                    help="eval.py score --max-prompts (default: all 200)")
     p.add_argument("--eval-batch-size", type=config.POSITIVE_INT,
-                   help="eval.py score --batch-size (prompts per generation batch)")
+                   help="eval.py score --gen-batch-size (prompts per generation batch)")
     p.add_argument("--logps-n", type=config.POSITIVE_INT, default=64,
                    help="eval.py logps --n for the spin and dnpo rows")
     p.add_argument("--dry-run", action="store_true", help="print the commands (# done: finished) and exit")
@@ -374,7 +374,7 @@ def train_command(opts, row, seed, k):
 def eval_flags(opts):
     pairs = [("--judge", opts.eval_judge), ("--judge-model", opts.eval_judge_model),
              ("--judge-base-url", opts.eval_judge_base_url), ("--data", opts.eval_data),
-             ("--max-prompts", opts.eval_max_prompts), ("--batch-size", opts.eval_batch_size)]
+             ("--max-prompts", opts.eval_max_prompts), ("--gen-batch-size", opts.eval_batch_size)]
     return [str(x) for flag, value in pairs if value is not None for x in (flag, value)]
 
 
@@ -444,15 +444,6 @@ def cli(prog, main, argv=None):
         return main(argv)
     except (KeyboardInterrupt, ValueError, OSError) as e:
         raise SystemExit(study.exit_line(prog, e)) from None
-
-
-# ----------------------------------------------------------------------------- names ppo_study.py takes from here
-# until it takes them from study.py (and config.Parser); study.keep_settings has no `prog`: the command names itself
-Parser = config.Parser
-
-
-def keep_settings(path, now, write, prog=None):
-    study.keep_settings(path, now, write)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,10 @@ Where this departs from, or fills a gap in, the paper:
    an encoder-decoder model keeps one `model.generate` call per batch, as does
    `generate_answers(..., evict_finished=False)` (kept for comparison).
 """
-import argparse
 import functools
 import glob
 import importlib.util
 import inspect
-import math
 import os
 import sys
 import time
@@ -50,6 +48,7 @@ import torch
 from tqdm import tqdm
 
 import errors
+from cli import COUNT, POSITIVE_INT, Parser, add_generation_flags, hidden_alias, number
 
 from data import (append_jsonl, chat_prompt_ids, load_prompts, open_append, pad_rows, read_jsonl,
                   read_jsonl_tolerant, truncate_prompt, write_jsonl)
@@ -348,36 +347,36 @@ def generate_answers(model, tokenizer, records, out_path, *, max_new_tokens=256,
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="generate.py", description=__doc__.split("\n\n")[0])
     # --- data
     p.add_argument("--model", required=True, help="HF hub id, model directory, or smollm2-135m (embedded)")
     p.add_argument("--data", default="demo", help="dataset JSONL/parquet file, or 'demo' for the built-in task")
     p.add_argument("--split", default="train", choices=["train", "eval"], help="demo split (ignored for files)")
     p.add_argument("--out", required=True, help="output JSONL (rows id, prompt, human, generated)")
-    p.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts (default: all)")
+    p.add_argument("--max-prompts", type=POSITIVE_INT, default=None, help="use the first N prompts (default: all)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed dataset lines (default: fail)")
-    p.add_argument("--flaw-rate", type=float, default=0.3, help="demo: fraction of flawed human answers (0 = none)")
-    # --- decoding
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer")
-    p.add_argument("--max-prompt-length", type=int, default=512, help="keep the last N prompt tokens (default 512)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="demo data and sampling seed")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call")
+    p.add_argument("--flaw-rate", type=number(float, 0, high=1), default=0.3,
+                   help="demo: fraction of flawed human answers (0 = none; default %(default)s)")
+    p.add_argument("--seed", type=COUNT, default=0, help="demo data and sampling seed (default %(default)s)")
+    # --- decoding: train.py's and eval.py's names (cli.add_generation_flags); the older spellings stay hidden aliases
+    decoding = p.add_argument_group("generation")
+    flags = add_generation_flags(decoding, max_new_tokens=256)
+    hidden_alias(decoding, "--batch-size", flags["gen_batch_size"])
+    hidden_alias(decoding, "--backend", flags["gen_backend"])
+    decoding.add_argument("--max-prompt-length", type=POSITIVE_INT, default=512,
+                          help="keep the last N prompt tokens (default %(default)s)")
     # --- hardware
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="hf (transformers) or vllm if installed")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="bf16|fp16|fp32 (default: bf16 on capable CUDA, else fp32)")
-    return p.parse_args(argv)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="default: bf16 on capable CUDA, else fp32")
+    args = p.parse_args(argv)
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p:g}")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_prompt_length < 1:
-        raise SystemExit("generate.py: --max-new-tokens, --max-prompt-length and --batch-size must be >= 1")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0 and 0 < args.top_p <= 1):
-        raise SystemExit(f"generate.py: --temperature must be finite and >= 0 and --top-p in (0, 1], got "
-                         f"{args.temperature}, {args.top_p}")
     try:
         records = load_prompts(args.data, split=args.split, max_prompts=args.max_prompts, seed=args.seed,
                                flaw_rate=args.flaw_rate, skip_bad=args.skip_bad)
@@ -388,14 +387,14 @@ def main(argv=None):
             if cuda:
                 device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
                 torch.cuda.set_device(device)
-        if args.backend == "vllm":
+        if args.gen_backend == "vllm":
             model, tokenizer = resolve_model(args.model), None
         else:
             model, tokenizer = load_model(args.model, device=pick_device(device), dtype=args.dtype)
         stats = {}
         rows = generate_answers(model, tokenizer, records, args.out, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                batch_size=args.batch_size, backend=args.backend, stats=stats,
+                                batch_size=args.gen_batch_size, backend=args.gen_backend, stats=stats,
                                 max_prompt_length=args.max_prompt_length)
     except (ValueError, OSError) as e:  # bad input rejected by a library function (errors.Refusal too): one line
         raise SystemExit(errors.one_line("generate.py", e)) from None

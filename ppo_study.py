@@ -37,6 +37,8 @@ import data
 import eval as ev
 import plots
 import ppo
+import study
+from cli import Parser
 
 HERE = Path(__file__).resolve().parent
 PPO_ROWS = {"ppo": [], "rloo": ["--advantage", "rloo"]}
@@ -47,8 +49,8 @@ OWNED = {"--run-dir", "--iters", "--seed", "--advantage"}
 
 
 def parse_args(argv=None):
-    own, ppo_flags = ablate.split_argv(argv)
-    p = ablate.Parser(prog="ppo_study.py", description=__doc__.split("\n\n")[0])
+    own, ppo_flags = study.split_argv(argv)
+    p = Parser(prog="ppo_study.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/ablate", help="the ablation study's directory (default %(default)s)")
     p.add_argument("--iters", type=config.POSITIVE_INT, default=3, help="iterations 0..N (default %(default)s)")
     p.add_argument("--seeds", type=config.COUNT, nargs="+", default=[0], help="training seeds (default 0)")
@@ -99,7 +101,7 @@ def plan(opts):
                                        "--seed", str(seed), *PPO_ROWS[row], *opts.ppo_flags]))
                 names = [f"iter{j}" for j in range(k + 1)]
                 steps.append(dict(label=f"eval score {run.name} (to iter{k})",
-                                  done=lambda run=run, names=names: ablate.has_keys(run / "eval" / "scores.json",
+                                  done=lambda run=run, names=names: study.has_keys(run / "eval" / "scores.json",
                                                                                     "models", names),
                                   cmd=[sys.executable, str(HERE / "eval.py"), "score", str(run),
                                        *ablate.eval_flags(opts), "--skip", "base"]))
@@ -108,7 +110,7 @@ def plan(opts):
 
 def check_settings(opts, write):
     ablate.check_settings(opts, write)
-    ablate.keep_settings(Path(opts.out) / "ppo_study_config.json", {"ppo_flags": opts.ppo_flags}, write, "ppo_study.py")
+    study.keep_settings(Path(opts.out) / "ppo_study_config.json", {"ppo_flags": opts.ppo_flags}, write)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -212,7 +214,7 @@ def report(opts):
 def main(argv=None):
     opts = parse_args(argv)
     dirs = ablate.run_dirs(opts) + [ppo_dir(opts, r, s) for r in opts.ppo_rows for s in opts.seeds]
-    return ablate.run_study("ppo_study.py", opts, plan(opts), check_settings, ablate.execute, report,
+    return study.run_study("ppo_study.py", opts, plan(opts), check_settings, ablate.execute, report,
                             describe=lambda step: f"ln -s {step['link'][0]} {step['link'][1]}" if "link" in step
                             else shlex.join(step["cmd"]), table="ppo_study.md", run_dirs=dirs)
 
