@@ -602,6 +602,8 @@ def load_start_model(it):
     ckpt.seed_everything(args.seed + args.iter)
     it.say(f"iter {args.iter}: start {it.run.start_model} | dsl {args.dsl} | noise {args.noise} | world {it.world}")
     it.run.dist = memplan.preflight(it.settings(), it.world, it.device, it.say)  # refuses a plan that cannot fit
+    if note := models.slow_bf16_note(it.device, args.dtype):
+        it.say(note)
     policy, tokenizer = models.load_model(it.run.start_model, device=it.device, dtype="fp32",
                                           trust_remote_code=args.trust_remote_code)
     if not distributed.all_finite(policy.parameters()):  # e.g. the model of a diverged run saved before this check

@@ -386,14 +386,22 @@ def compile_timing(w):
 def bench_cpu_bf16(device, spec=None, agree_steps=3, compile=True):
     """`--dtype bf16` (bf16 body, fp32 lm_head and log-softmax: loss.py departure 7) against fp32, and the old
     all-bf16 mode (`--no-fp32-head`) beside it: step time (interleaved epochs) and lockstep agreement. The keys
-    without a prefix are those of the mode `--dtype bf16` means; `allbf16_` the old mode's."""
+    without a prefix are those of the mode `--dtype bf16` means; `allbf16_` the old mode's. On a CPU without
+    native bf16 (model.cpu_bf16_native: no AVX512-BF16/AMX) only the torch.mm rate ratio is measured and the
+    rest is skipped with its reason: the reference GEMM PyTorch falls back to there makes a bf16 step many
+    times slower than fp32 (minutes per step on 2 cores), which says nothing about bf16 on a machine that has it."""
+    if device.type == "cpu" and not models.cpu_bf16_native():
+        ratio = matmul_flops(device, torch.float32, 1024, repeats=3) / matmul_flops(device, torch.bfloat16, 1024, repeats=3)
+        print(f"cpu_bf16 | cpu | skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
+              f"matmul; torch.mm 1024² in bf16 takes {ratio:.1f}× the fp32 time here")
+        return {"cpu_native_bf16": 0, "time_ratio_bf16_mm_over_fp32_mm": ratio}
     w = workload(device, spec)
     t = _interleaved_epochs(w, {"fp32": dict(dtype="fp32"), "bf16": dict(dtype="bf16"),
                                 "allbf16": dict(dtype="bf16", fp32_head=False)})
     print(f"cpu_bf16 | {device.type} | {w.spec['model']} | fast-path SPIN step: fp32 {t['fp32'][0] * 1e3:.0f} ms, bf16 "
           f"body + fp32 head {t['bf16'][0] * 1e3:.0f} ms, all bf16 {t['allbf16'][0] * 1e3:.0f} ms | precompute fp32 "
           f"{t['fp32'][1]:.2f} s, bf16 {t['bf16'][1]:.2f} s, all bf16 {t['allbf16'][1]:.2f} s")
-    out = {"time_ratio_bf16_over_fp32": t["bf16"][0] / t["fp32"][0],
+    out = {"cpu_native_bf16": int(device.type == "cpu"), "time_ratio_bf16_over_fp32": t["bf16"][0] / t["fp32"][0],
            "time_ratio_allbf16_over_fp32": t["allbf16"][0] / t["fp32"][0]}
     for prefix, fp32_head in (("", True), ("allbf16_", False)):
         diff, scale = lockstep_agreement(w, agree_steps, fp32_head=fp32_head)

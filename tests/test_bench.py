@@ -11,6 +11,7 @@ import torch
 from bench import perf, training
 from bench import run as benches
 import data
+import model as models
 import train
 
 CPU = torch.device("cpu")
@@ -115,11 +116,21 @@ def test_benchmarks_return_their_keys(w):
     assert all(v > 0 for v in flops.values())
     gen = perf.bench_generation(CPU, w.spec, prompts=4, batch=2, new_tokens=3)
     assert set(gen) == {"tokens_per_s_batch2_over_batch1", "identical_answer_fraction"}
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_keys_with_and_without_native_bf16(w, native, monkeypatch):
+    """With native bf16 the step timing and agreement; without (an AVX2 CPU: PyTorch's reference GEMM) only
+    the mm ratio, the rest skipped. Either way decided by model.cpu_bf16_native, forced here."""
+    monkeypatch.setattr(models, "cpu_bf16_native", lambda: native)
     bf16 = perf.bench_cpu_bf16(CPU, w.spec, agree_steps=1, compile=False)
     agreement = {"max_abs_diff_reference_logps", "max_abs_diff_policy_logps", "max_abs_diff_margin",
                  "max_abs_diff_loss", "max_rel_diff_reference_logps", "max_rel_diff_policy_logps"}
-    assert set(bf16) == {"time_ratio_bf16_over_fp32", "time_ratio_allbf16_over_fp32", *agreement,
-                         *(f"allbf16_{k}" for k in agreement)}
+    if native:
+        assert set(bf16) == {"cpu_native_bf16", "time_ratio_bf16_over_fp32", "time_ratio_allbf16_over_fp32",
+                             *agreement, *(f"allbf16_{k}" for k in agreement)}
+    else:
+        assert set(bf16) == {"cpu_native_bf16", "time_ratio_bf16_mm_over_fp32_mm"} and bf16["cpu_native_bf16"] == 0
+        assert bf16["time_ratio_bf16_mm_over_fp32_mm"] > 0
 
 
 def test_compile_failure_is_reported_in_one_line(w, monkeypatch):
