@@ -44,8 +44,8 @@ import numpy as np
 
 import errors
 import runlock
-from data import atomic_open, iterations, load_prompts, write_json, write_jsonl
-from plots import markdown_table, read_json
+from data import atomic_open, iterations, load_prompts, read_json, write_json, write_jsonl
+from plots import markdown_table
 
 BENCHMARKS = [  # (Table 1 column, lm_eval tasks averaged into it, num_fewshot): App. C and Table 4
     ("ARC", ["arc_challenge", "arc_easy"], 25),
