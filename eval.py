@@ -650,7 +650,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="held-out prompts: 'demo' (the demo eval split, default) or a JSONL file")
     p.add_argument("--max-prompts", type=POSITIVE_INT, default=None, help="first N held-out prompts (default: all)")
     add_generation_flags(p, sampling=False, gen_batch_size=None, unset_max_new_tokens="the run's, else 256",
-                         gen_batch_size_alias="--batch-size", unset_gen_batch_size="the run's, else 8")  # greedy (departure 1); train.py's names
+                         gen_batch_size_alias="--batch-size",  # greedy (departure 1); train.py's names
+                         unset_gen_batch_size="the run's, else 8")
     p.add_argument("--device", type=device_name, default=None, help="cpu|cuda (default: cuda if available)")
     p.add_argument("--seed", type=COUNT, default=0, help="seed for prompt sampling and generation")
     p.add_argument("--out-dir", default=None, help="where to write (default: RUN_DIR/eval, or ./eval-NAME for a model)")
