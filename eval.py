@@ -291,6 +291,20 @@ def bootstrap_intervals(win, tie, loss, draws=2000, seed=0, level=0.95):
     return {k: tuple(float(x) for x in np.percentile(v, q)) for k, v in stats.items()}
 
 
+MODEL_GONE = "its model no longer exists"
+
+
+def scored_row_reason(run_dir, name, row):
+    """Why row `name` of run_dir/eval/scores.json was not made by the weights now on disk (an iteration retrained
+    or deleted since `eval.py score`, a row without a recorded identity: stale_reason, or MODEL_GONE), or None.
+    An iteration's weights are run_dir/iter{k}/model; the base model's, the path its row recorded."""
+    key = row.get("key") if isinstance(row.get("key"), dict) else None
+    model = Path(run_dir) / name / "model" if re.fullmatch(r"iter\d+", name) else row.get("path")
+    if isinstance(model, Path) and not (model / "config.json").is_file():
+        return MODEL_GONE
+    return stale_reason(key, {**(key or {}), "model": model_identity(str(model))})
+
+
 def check_scored_model(run, k, judged):
     """ValueError unless run/eval/iter{k}_judged.jsonl was made by the weights now in run/iter{k}/model (the key
     `eval.py score` recorded for it in eval/scores.json): an iteration retrained since it was scored is refused."""
@@ -299,32 +313,22 @@ def check_scored_model(run, k, judged):
     rescore = f"rerun `python eval.py score {run}`"
     if not isinstance(row, dict):
         raise ValueError(f"{judged} has no finished result in {scores_path}; {rescore}")
-    if not (model_dir / "config.json").is_file():
+    reason = scored_row_reason(run, f"iter{k}", row)
+    if reason == MODEL_GONE:
         raise ValueError(f"{judged} was made by {model_dir}, which no longer exists; {rescore} once it is retrained")
-    key = row.get("key") if isinstance(row.get("key"), dict) else None
-    if reason := stale_reason(key, {**(key or {}), "model": model_identity(model_dir)}):
+    if reason:
         raise ValueError(f"{judged} was not made by the weights now in {model_dir} ({reason}); {rescore}")
 
 
 def check_scores_current(run_dir):
     """ValueError naming every model row of run_dir/eval/scores.json whose weights are not those it was scored
-    with (an iteration retrained, or deleted, since `eval.py score`; a row without a recorded identity), so that
-    `report` and `plots` never show a retrained iteration's old numbers. Hashes each model (~1.5 s per GB)."""
+    with (scored_row_reason), so that `report` and `plots` never show a retrained iteration's old numbers.
+    Hashes each model (~1.5 s per GB)."""
     path = Path(run_dir) / "eval" / "scores.json"
     if not path.is_file():
         return
-    stale = []
-    for name, row in (read_json(path).get("models") or {}).items():
-        if not isinstance(row, dict):
-            continue
-        key = row.get("key") if isinstance(row.get("key"), dict) else None
-        model = Path(run_dir) / name / "model" if re.fullmatch(r"iter\d+", name) else row.get("path")
-        if isinstance(model, Path) and not (model / "config.json").is_file():
-            reason = "its model no longer exists"
-        else:
-            reason = stale_reason(key, {**(key or {}), "model": model_identity(str(model))})
-        if reason:
-            stale.append(f"{name}: {reason}")
+    stale = [f"{name}: {reason}" for name, row in (read_json(path).get("models") or {}).items()
+             if isinstance(row, dict) and (reason := scored_row_reason(run_dir, name, row))]
     if stale:
         raise ValueError(f"{path} is not current ({'; '.join(stale)}); rerun `python eval.py score {run_dir}` first")
 
