@@ -33,8 +33,8 @@ def number(kind, low=None, strict=False, high=None):
         if low is not None and (value <= low if strict else value < low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '≥'} {low}, got {text}")
         if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be ≤ {high:.4g} (the float32 range of the tensors it scales), "
-                                             f"got {text}")
+            why = " (the float32 range of the tensors it scales)" if high == FLOAT32_MAX else ""
+            raise argparse.ArgumentTypeError(f"must be ≤ {high:.4g}{why}, got {text}")
         return value
     parse.__name__ = kind.__name__
     return parse
