@@ -42,6 +42,17 @@ def number(kind, low=None, strict=False, high=None):
 
 POSITIVE_INT, POSITIVE, COUNT, NONNEGATIVE, FINITE = (number(int, 0, True), number(float, 0, True), number(int, 0),
                                                      number(float, 0), number(float))
+def fraction(text):
+    """An argparse type: a number in [0, 1] (a rate or a share)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 # Flags that multiply float32 tensors (learning rates, β, σ, weight decay): beyond float32's range they would
 # overflow in the first step, after generation and judging; refused when parsed instead.
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max

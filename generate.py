@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 import errors
-from cli import COUNT, POSITIVE_INT, Parser, add_generation_flags, hidden_alias, number
+from cli import COUNT, fraction, POSITIVE_INT, Parser, add_generation_flags, hidden_alias
 
 from data import (append_jsonl, chat_prompt_ids, load_prompts, open_append, pad_rows, read_jsonl,
                   read_jsonl_tolerant, truncate_prompt, write_jsonl)
@@ -355,7 +355,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output JSONL (rows id, prompt, human, generated)")
     p.add_argument("--max-prompts", type=POSITIVE_INT, default=None, help="use the first N prompts (default: all)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed dataset lines (default: fail)")
-    p.add_argument("--flaw-rate", type=number(float, 0, high=1), default=0.3,
+    p.add_argument("--flaw-rate", type=fraction, default=0.3,
                    help="demo: fraction of flawed human answers (0 = none; default %(default)s)")
     p.add_argument("--seed", type=COUNT, default=0, help="demo data and sampling seed (default %(default)s)")
     # --- decoding: train.py's and eval.py's names (cli.add_generation_flags); the older spellings stay hidden aliases

@@ -51,7 +51,6 @@ Where this departs from, or fills a gap in, the paper:
    run of plain SPIN pairs (DSL keeps SPIN's pairing for a record without both scores); the paper reports
    no missing scores. `--judge-max-missing 1` accepts any number of them.
 """
-import argparse
 import math
 import os
 
@@ -59,7 +58,7 @@ from tqdm import tqdm
 
 import demo
 import judge_http
-from cli import COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, Parser, default_help, hidden_alias
+from cli import COUNT, fraction, NONNEGATIVE, POSITIVE, POSITIVE_INT, Parser, default_help, hidden_alias
 from data import (answer_problem, append_jsonl, dsl_stats, iterations, open_append, read_jsonl, read_jsonl_tolerant,
                   write_jsonl)
 from errors import Refusal, one_line
@@ -73,17 +72,6 @@ RULE_CORRECT, RULE_WRONG = 10.0, 1.0
 RULE_GRADES = {"correct": RULE_CORRECT, "attempt": 3.0, "none": RULE_WRONG}  # demo.grade_answer -> score
 REQUIRED = ("id", "prompt", "human", "generated")
 MAX_MISSING = 0.2  # judge_records stops above this fraction of missing scores (departure "Missing scores")
-
-
-def fraction(text):
-    """An argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
 
 
 # The judge's settings, declared once: (flag, make_judge keyword or None, help, argparse keywords, judge.py's older

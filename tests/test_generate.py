@@ -325,5 +325,5 @@ def test_cli_passes_the_prompt_limit_and_checks_sampling_flags(tmp_path, tiny_mo
         with pytest.raises(SystemExit) as err:
             main(argv + bad)
         assert "\n" not in str(err.value) and bad[0] in str(err.value)
-    with pytest.raises(SystemExit, match=r"--flaw-rate must be ≤ 1, got 2 \(see --help\)$"):  # not "float32 range"
+    with pytest.raises(SystemExit, match=r"--flaw-rate must be in \[0, 1\], got 2 \(see --help\)$"):  # train.py's words
         main(argv + ["--flaw-rate", "2"])
