@@ -107,10 +107,18 @@ def load_checkpoint(path):
     return state
 
 
+def changed_flags(recorded, args, keys):
+    """The keys whose value a checkpoint recorded differs from this run's; the start model compared as one
+    directory however it was spelled (stages.canonical_model: an older checkpoint kept the spelling)."""
+    if isinstance(recorded.get("start_model"), str):
+        recorded = {**recorded, "start_model": stages.canonical_model(recorded["start_model"])}
+    return [k for k in keys if recorded.get(k) != getattr(args, k, None)]
+
+
 def restore(state, path, args, keys, rank, policy, noise_net, optimizer, scheduler, noise_rng):
     """Load a checkpoint dict into the live objects; refuse one written with other training flags."""
     state = {**state, "args": stages.with_legacy(state["args"], keys)}
-    changed = [k for k in keys if state["args"].get(k) != getattr(args, k, None)]
+    changed = changed_flags(state["args"], args, keys)
     if "pairs_sha256" in changed:
         was, now = str(state["args"].get("pairs_sha256"))[:12], str(getattr(args, "pairs_sha256", None))[:12]
         raise errors.Refusal(f"{path} trained on other pairs (sha256 {was}, now {now}); restore those pairs "

@@ -284,7 +284,7 @@ def load_meta(state_path):
 
 def restore_sharded(meta, args, keys, rank, module, noise_net, optimizer, scheduler, noise_rng):
     """Load a sharded checkpoint into the live objects (as checkpoint.restore); refuse other training flags."""
-    changed = [k for k in keys if meta["args"].get(k) != getattr(args, k, None)]
+    changed = ckpt.changed_flags(meta["args"], args, keys)
     if changed:
         was = ", ".join(f"{k}={meta['args'].get(k)}" for k in changed)
         raise errors.Refusal(f"{meta['dir']} was written with {was}; rerun with those flags or delete it")

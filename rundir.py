@@ -116,9 +116,7 @@ def print_summary(it_dir):
 
 def given_start_model(start_model, k):
     """train.py --start-model DIR (k ≥ 1): the model iteration k starts from instead of <run-dir>/iter{k-1}/model
-    (ablate.py starts every row's iteration k from the SPIN model of iteration k-1); None when not given. A
-    local directory is returned as its absolute path, so that one directory spelled two ways (relative to
-    another working directory, through a link) is one start model to the stage records and the checkpoint."""
+    (ablate.py starts every row's iteration k from the SPIN model of iteration k-1); None when not given."""
     if start_model is None:
         return None
     if k == 0:
@@ -128,7 +126,7 @@ def given_start_model(start_model, k):
     if local and not (path / "config.json").is_file():  # a hub id is "name" or "org/name"
         raise errors.Refusal(f"--start-model {start_model} has no config.json "
                              f"(expected a save_pretrained() directory or a hub id)")
-    return str(path.resolve()) if local else start_model
+    return start_model
 
 
 def finite_or_none(x):

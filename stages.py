@@ -94,11 +94,20 @@ def public_args(args):
     return {k: redact_url(v) if "url" in k else v for k, v in dict(args).items()}
 
 
+def canonical_model(name):
+    """A model as the records compare it: a local directory as its absolute, resolved path (one directory however
+    it is spelled: relative to another working directory, absolute, through a link); a hub id or the embedded
+    model's name as given."""
+    path = pathlib.Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def _model_name(name, run_dir):
-    """The start model's name, relative to the run directory when inside it (a run directory may move)."""
-    path = pathlib.Path(name)
+    """The start model's name, relative to the run directory when inside it (a run directory may move), else
+    canonical_model's."""
+    name = canonical_model(name)
     try:
-        return path.resolve().relative_to(pathlib.Path(run_dir).resolve()).as_posix()
+        return pathlib.Path(name).relative_to(pathlib.Path(run_dir).resolve()).as_posix()
     except ValueError:
         return name
 
@@ -180,6 +189,8 @@ def check(it_dir, stage, flags, inputs=None, records=None):
     if not produced:
         return None  # nothing on disk depends on the old record: it is replaced
     old, new = with_legacy(rec.get("flags", {}), flags), flags
+    if isinstance(old.get("start_model"), str):  # recorded as spelled then (an older record): compared as one model
+        old = {**old, "start_model": _model_name(old["start_model"], pathlib.Path(it_dir).parent)}
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
         raise errors.Refusal(f"{it_dir} holds {stage} outputs made with {_fmt({k: old.get(k) for k in diff})}; "

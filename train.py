@@ -573,6 +573,7 @@ def begin(args):
     it_dir = run_dir / f"iter{args.iter}"
     start = rundir.given_start_model(args.start_model, args.iter) or rundir.start_model_of(
         args.run_dir, args.iter, args.base_model, "" if args.preset == "demo" else f" --preset {args.preset}")
+    start = stages.canonical_model(start)  # one directory however spelled: the stage records and checkpoint compare it
     run = RunState(world_size=world, start_model=start, dist=args.dist)
     if rank == 0:  # one writer per run directory, until this process ends (runlock.py)
         runlock.hold(run_dir, "train.py")

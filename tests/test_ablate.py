@@ -259,6 +259,24 @@ def test_start_model_spelled_relative_or_absolute_is_one_model(tmp_path, tiny_mo
     assert (tmp_path / "run" / "iter1" / "model" / "config.json").is_file()
 
 
+def test_run_dir_spelled_another_way_resumes_a_killed_iteration(tmp_path, tiny_model_dir, monkeypatch):
+    """Iteration 1 starts from RUN/iter0/model: killed under --run-dir run, resumed under its absolute path, from
+    a checkpoint that kept the old relative spelling as older code wrote it (before: refused, 'was written with
+    start_model=run/iter0/model')."""
+    import torch
+    monkeypatch.chdir(tmp_path)
+    flags = tiny_train_flags(tiny_model_dir)
+    train.main(["--iter", "0", "--run-dir", "run", *flags])
+    with pytest.raises(SystemExit, match="stopped after 1 steps"):
+        train.main(["--iter", "1", "--run-dir", "run", *flags, "--stop-after-steps", "1"])
+    state_path = tmp_path / "run" / "iter1" / "checkpoint" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert state["args"]["start_model"] == str(tmp_path.resolve() / "run" / "iter0" / "model")
+    torch.save({**state, "args": {**state["args"], "start_model": "run/iter0/model"}}, state_path)
+    train.main(["--iter", "1", "--run-dir", str(tmp_path / "run"), *flags])
+    assert (tmp_path / "run" / "iter1" / "model" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("k, start, message", [
     ("1", "EMPTY", "has no config.json"), ("1", "./no/such/model", "has no config.json"),
     ("0", "EMPTY", "--start-model is for k ≥ 1"),
